@@ -1,0 +1,7 @@
+"""cdcl_ops: fused, memory-bounded pseudo-label-masked InfoNCE for cross-patch dense contrastive
+learning (CDCL). See README.md for the API."""
+from . import ops  # registers the torch.library custom ops
+from .infonce import BACKENDS, MaskedInfoNCE, available_backends, default_backend, masked_infonce
+
+__all__ = ["masked_infonce", "MaskedInfoNCE", "available_backends", "default_backend", "BACKENDS", "ops"]
+__version__ = "0.1.0"

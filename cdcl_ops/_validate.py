@@ -1,0 +1,130 @@
+"""Input checks and the canonical mask encoding shared by every backend.
+
+Every backend sees the same five tensors describing the mask J of SPEC 2.1:
+
+    q_lab (N,) int32, q_grp (N,) int32  -- q_grp < 0 marks an inactive query
+    k_lab (M,) int32, k_grp (M,) int32  -- k_grp < 0 marks an unusable bank row
+    table (G, G) bool
+
+so that "no groups" is just the 1 x 1 table [[True]] and one mask formula serves all of them.
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _fail(name: str, expected: str, got) -> None:
+    raise ValueError(f"{name}: expected {expected}, got {got}")
+
+
+def _check_features(name, t, n=None, d=None, device=None, dtype=None):
+    if not isinstance(t, torch.Tensor):
+        _fail(name, "a torch.Tensor", type(t).__name__)
+    if t.dim() != 2:
+        _fail(name, "a 2-D tensor (rows, D)", f"shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        _fail(name, "a float16/bfloat16/float32/float64 tensor", t.dtype)
+    if n is not None and t.shape[0] != n:
+        _fail(name, f"{n} rows", f"shape {tuple(t.shape)}")
+    if d is not None and t.shape[1] != d:
+        _fail(name, f"feature dim D={d} (as query)", f"shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        _fail(name, f"a tensor on {device} (as query)", t.device)
+    if dtype is not None and t.dtype != dtype:
+        _fail(name, f"dtype {dtype} (as query)", t.dtype)
+
+
+def _check_ids(name, t, n, device):
+    if not isinstance(t, torch.Tensor):
+        _fail(name, "a torch.Tensor", type(t).__name__)
+    if t.dtype not in INT_DTYPES:
+        _fail(name, "an integer tensor (int64/int32/int16/int8/uint8)", t.dtype)
+    if t.dim() != 1 or t.shape[0] != n:
+        _fail(name, f"a 1-D tensor of length {n}", f"shape {tuple(t.shape)}")
+    if t.device != device:
+        _fail(name, f"a tensor on {device} (as query)", t.device)
+
+
+def check_arguments(query, positive, bank, query_labels, bank_labels, query_groups, bank_groups,
+                    group_table, temperature, reduction):
+    """Shape/dtype/device checks that need no data from the device (safe under torch.compile)."""
+    _check_features("query", query)
+    n, d = query.shape
+    if d < 1:
+        _fail("query", "a feature dim D >= 1", f"shape {tuple(query.shape)}")
+    _check_features("positive", positive, n=n, d=d, device=query.device, dtype=query.dtype)
+    _check_features("bank", bank, d=d, device=query.device, dtype=query.dtype)
+    m = bank.shape[0]
+    _check_ids("query_labels", query_labels, n, query.device)
+    _check_ids("bank_labels", bank_labels, m, query.device)
+    given = [x is not None for x in (query_groups, bank_groups, group_table)]
+    if any(given) and not all(given):
+        raise ValueError("query_groups, bank_groups, group_table: expected all three or none, got "
+                         f"query_groups={'set' if given[0] else None}, "
+                         f"bank_groups={'set' if given[1] else None}, "
+                         f"group_table={'set' if given[2] else None}")
+    if all(given):
+        _check_ids("query_groups", query_groups, n, query.device)
+        _check_ids("bank_groups", bank_groups, m, query.device)
+        if not isinstance(group_table, torch.Tensor):
+            _fail("group_table", "a torch.Tensor", type(group_table).__name__)
+        if group_table.dim() != 2 or group_table.shape[0] != group_table.shape[1] \
+                or group_table.shape[0] == 0:
+            _fail("group_table", "a non-empty square (G, G) tensor", f"shape {tuple(group_table.shape)}")
+        if group_table.dtype != torch.bool and group_table.dtype not in INT_DTYPES:
+            _fail("group_table", "a bool or integer tensor", group_table.dtype)
+        if group_table.device != query.device:
+            _fail("group_table", f"a tensor on {query.device} (as query)", group_table.device)
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        _fail("temperature", "a number > 0", temperature)
+    if reduction not in REDUCTIONS:
+        _fail("reduction", f"one of {REDUCTIONS}", repr(reduction))
+
+
+def check_values(query, positive, bank, query_groups, bank_groups, group_table, check_finite):
+    """Checks that read device data: one host synchronisation for all of them together."""
+    flags = []
+    if group_table is not None:
+        g = group_table.shape[0]
+        flags.append(("query_groups", f"ids < G={g} (the group_table size)",
+                      (query_groups.long() >= g).any()))
+        flags.append(("bank_groups", f"ids < G={g} (the group_table size)",
+                      (bank_groups.long() >= g).any()))
+    if check_finite:
+        for name, t in (("query", query), ("positive", positive), ("bank", bank)):
+            flags.append((name, "finite values", ~torch.isfinite(t).all()))
+    if not flags:
+        return
+    bad = torch.stack([f[2] for f in flags]).cpu()
+    for (name, expected, _), b in zip(flags, bad.tolist()):
+        if b:
+            _fail(name, expected, "values outside that")
+
+
+def canonical_masks(query_labels, bank_labels, query_groups, bank_groups, group_table):
+    """Return (q_lab, q_grp, k_lab, k_grp, table) in the encoding described in the module doc."""
+    ql = query_labels.to(torch.int32)
+    kl = bank_labels.to(torch.int32)
+    if group_table is None:
+        qg = torch.zeros_like(ql)
+        kg = torch.zeros_like(kl)
+        table = torch.ones(1, 1, dtype=torch.bool, device=ql.device)
+    else:
+        qg = query_groups.to(torch.int32)
+        kg = bank_groups.to(torch.int32)
+        table = group_table.to(torch.bool)
+    minus_one = torch.full((), -1, dtype=torch.int32, device=ql.device)
+    qg = torch.where(ql < 0, minus_one, qg).contiguous()
+    kg = torch.where(kl < 0, minus_one, kg).contiguous()
+    return ql.contiguous(), qg, kl.contiguous(), kg, table.contiguous()
+
+
+def negative_mask(q_lab, q_grp, k_lab, k_grp, table):
+    """The dense mask J (rows x cols) for the PyTorch backends."""
+    ok = (q_grp[:, None] >= 0) & (k_grp[None, :] >= 0) & (q_lab[:, None] != k_lab[None, :])
+    allowed = table[q_grp.clamp(min=0)][:, k_grp.clamp(min=0)]
+    return ok & allowed

@@ -1,0 +1,68 @@
+"""Pure-PyTorch streaming backend: tiles of queries x bank chunks, online log-sum-exp.
+
+Peak memory is a few (query tile x bank chunk) buffers; only LSE (N) and O (N, D) are kept for
+backward, as in SPEC 2.2. Works on any device and dtype (fp64 included, used by gradcheck).
+"""
+import torch
+
+from .._validate import negative_mask
+
+QUERY_TILE = 4096
+DEFAULT_CHUNK = 2048
+
+
+def _acc_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _tiles(n, size):
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def forward(q, p, k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o, chunk_size, precision):
+    acc = _acc_dtype(q)
+    n, d = q.shape
+    chunk = chunk_size if chunk_size > 0 else DEFAULT_CHUNK
+    loss = torch.empty(n, dtype=acc, device=q.device)
+    lse = torch.empty(n, dtype=acc, device=q.device)
+    o = torch.empty((n if need_o else 0, d), dtype=acc, device=q.device)
+    for a, b in _tiles(n, QUERY_TILE):
+        qt = q[a:b].to(acc)
+        s_pos = (qt * p[a:b].to(acc)).sum(-1) * inv_tau
+        m_run = s_pos.clone()  # seeding the max with s+ keeps empty rows finite
+        l_run = torch.ones_like(s_pos)
+        o_run = torch.zeros_like(qt) if need_o else None
+        for c0, c1 in _tiles(k.shape[0], chunk):
+            kc = k[c0:c1].to(acc)
+            s = (qt @ kc.T) * inv_tau
+            s.masked_fill_(~negative_mask(q_lab[a:b], q_grp[a:b], k_lab[c0:c1], k_grp[c0:c1], table),
+                           float("-inf"))
+            m_new = torch.maximum(m_run, s.amax(dim=1))
+            alpha = torch.exp(m_run - m_new)
+            e = torch.exp(s - m_new[:, None])
+            l_run = l_run * alpha + e.sum(dim=1)
+            if need_o:
+                o_run = o_run * alpha[:, None] + e @ kc
+            m_run = m_new
+        log_l = torch.log(l_run)
+        loss[a:b] = (m_run - s_pos) + log_l
+        lse[a:b] = m_run + log_l
+        if need_o:
+            o[a:b] = o_run / l_run[:, None]
+    return loss, lse, o
+
+
+def bank_grad(q, k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, chunk_size, precision):
+    acc = _acc_dtype(q)
+    chunk = chunk_size if chunk_size > 0 else DEFAULT_CHUNK
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    # fixed loop order and no atomics: the result is bit-identical run to run
+    for a, b in _tiles(q.shape[0], QUERY_TILE):
+        qt = q[a:b].to(acc)
+        for c0, c1 in _tiles(k.shape[0], chunk):
+            kc = k[c0:c1].to(acc)
+            s = (qt @ kc.T) * inv_tau
+            w = torch.exp(s - lse[a:b, None]) * gs[a:b, None]
+            w.masked_fill_(~negative_mask(q_lab[a:b], q_grp[a:b], k_lab[c0:c1], k_grp[c0:c1], table), 0)
+            dk[c0:c1] += w.T @ qt
+    return dk.to(k.dtype)

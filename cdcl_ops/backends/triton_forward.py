@@ -1,0 +1,94 @@
+"""Triton forward: per query tile, one streaming pass over bank tiles (online LSE and O_i)."""
+import torch
+import triton
+import triton.language as tl
+
+from .tl_utils import LN2, LOG2E, block_d, dot_precision, interpreting, negative_mask, query_codes
+
+
+@triton.jit
+def _forward_kernel(Q, P, K, Q_LAB, Q_CODE, K_LAB, K_GRP, TABLE, LOSS, LSE, O,
+                    N, M, D, G, scale,  # scale = log2(e) / tau: exponentials run in base 2
+                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                    USE_BITS: tl.constexpr, NEED_O: tl.constexpr, PRECISION: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rd = tl.arange(0, BLOCK_D)
+    n_ok = rn < N
+    d_ok = rd < D
+    q_off = rn.to(tl.int64)[:, None] * D + rd[None, :]
+    q = tl.load(Q + q_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    p = tl.load(P + q_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:  # the interpreter mis-handles 16-bit dots
+        q = q.to(tl.float32)
+    s_pos = tl.sum(q.to(tl.float32) * p.to(tl.float32), axis=1) * scale
+    q_lab = tl.load(Q_LAB + rn, mask=n_ok, other=0)
+    q_code = tl.load(Q_CODE + rn, mask=n_ok, other=0)  # 0 (no allowed group) for padding rows
+
+    m_i = s_pos                      # the positive seeds the running max: an empty row stays finite
+    l_i = tl.full([BLOCK_N], 1.0, tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start in range(0, M, BLOCK_M):
+        rm = start + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        k = tl.load(K + rm.to(tl.int64)[:, None] * D + rd[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        k_lab = tl.load(K_LAB + rm, mask=m_ok, other=-1)
+        k_grp = tl.load(K_GRP + rm, mask=m_ok, other=-1)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        j = negative_mask(q_lab[:, None], q_code[:, None], k_lab[None, :], k_grp[None, :],
+                          TABLE, G, USE_BITS)
+        s = tl.where(j, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        e = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(e, axis=1)
+        if NEED_O:
+            acc = acc * alpha[:, None] + tl.dot(e.to(k.dtype), k, input_precision=PRECISION)
+        m_i = m_new
+
+    log_l = tl.log(l_i)
+    # (m_i - s_pos) is exactly 0 and log_l exactly 0 for a row without negatives: loss exactly 0
+    tl.store(LOSS + rn, (m_i - s_pos) * LN2 + log_l, mask=n_ok)
+    tl.store(LSE + rn, m_i * LN2 + log_l, mask=n_ok)
+    if NEED_O:
+        tl.store(O + q_off, acc / l_i[:, None], mask=n_ok[:, None] & d_ok[None, :])
+
+
+def forward_config(bd: int, dtype) -> dict:
+    if interpreting():
+        return dict(BLOCK_N=16, BLOCK_M=32, num_warps=4, num_stages=1)
+    wide = dtype == torch.float32
+    if bd <= 64:
+        return dict(BLOCK_N=128, BLOCK_M=64, num_warps=4, num_stages=3)
+    if bd <= 128:
+        return dict(BLOCK_N=128 if not wide else 64, BLOCK_M=64, num_warps=8, num_stages=3)
+    if bd <= 256:
+        return dict(BLOCK_N=64, BLOCK_M=32, num_warps=8, num_stages=2)
+    return dict(BLOCK_N=32, BLOCK_M=32, num_warps=8, num_stages=1)
+
+
+def forward(q, p, k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o, chunk_size, precision):
+    n, d = q.shape
+    m = k.shape[0]
+    loss = torch.empty(n, dtype=torch.float32, device=q.device)
+    lse = torch.empty(n, dtype=torch.float32, device=q.device)
+    o = torch.empty((n if need_o else 0, d), dtype=torch.float32, device=q.device)
+    if n == 0:
+        return loss, lse, o
+    codes, use_bits = query_codes(q_grp, table)
+    table = table.to(torch.uint8)  # a bool pointer would load as i1
+    bd = block_d(d)
+    cfg = forward_config(bd, q.dtype)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+    _forward_kernel[grid](
+        q, p, k, q_lab, codes, k_lab, k_grp, table, loss, lse, o,
+        n, m, d, table.shape[0], inv_tau * LOG2E,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=bd,
+        USE_BITS=use_bits, NEED_O=need_o, PRECISION=dot_precision(q.dtype, precision),
+        UPCAST=interpreting() and q.dtype != torch.float32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return loss, lse, o
