@@ -1,0 +1,115 @@
+"""Each streaming backend against the float64 reference on fresh random inputs."""
+import pytest
+import torch
+
+import cdcl_ops
+from helpers import loss_and_grads, make_inputs
+
+# (N, M, D): N, M not multiples of any block size; D over 1, 3, 64, 96, 128, 200
+SHAPES = [(37, 53, 1), (29, 45, 3), (21, 70, 64), (19, 41, 96), (33, 17, 128), (23, 39, 200)]
+TOL = {torch.float64: (1e-9, 1e-10), torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 2e-2),
+       torch.float16: (1e-2, 1e-2)}
+
+
+def assert_close_to_reference(inputs, backend, dtype, bank_grad, **kw):
+    ref_loss, ref_grads = loss_and_grads(inputs, "reference", bank_grad=bank_grad)
+    loss, grads = loss_and_grads(inputs, backend, dtype=dtype, bank_grad=bank_grad, **kw)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
+    for name, g, r in zip(("query", "positive", "bank"), grads, ref_grads):
+        if r is None:
+            assert g is None, name
+            continue
+        # normalisation amplifies rounding by 1/|x| (e.g. D = 1, where the exact gradient is 0):
+        # compare |x| * grad, the gradient with respect to the unit vector, relative to its scale
+        norm = inputs[name].double().norm(dim=1, keepdim=True)
+        g, r = g.double() * norm, r * norm
+        scale = r.abs().max().clamp(min=1.0)
+        torch.testing.assert_close(g / scale, r / scale, rtol=rtol, atol=atol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("groups", [True, False])
+@pytest.mark.parametrize("bank_grad", [True, False])
+def test_chunked_float64(shape, groups, bank_grad):
+    inputs = make_inputs(*shape, groups=groups)
+    assert_close_to_reference(inputs, "chunked", torch.float64, bank_grad, chunk_size=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_chunked_low_precision(dtype):
+    assert_close_to_reference(make_inputs(31, 47, 24), "chunked", dtype, True, chunk_size=10)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("groups", [True, False])
+def test_triton_float32(shape, groups):
+    inputs = make_inputs(*shape, groups=groups)
+    assert_close_to_reference(inputs, "triton", torch.float32, True, precision="ieee")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_low_precision(dtype):
+    assert_close_to_reference(make_inputs(35, 50, 40), "triton", dtype, True)
+
+
+def test_triton_bank_detached():
+    assert_close_to_reference(make_inputs(35, 50, 12), "triton", torch.float32, False, precision="ieee")
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_many_groups_table(backend):
+    # G > 32 takes the kernels' table-gather path instead of the per-query bit set
+    inputs = make_inputs(40, 61, 8, n_groups=45)
+    dtype = torch.float64 if backend == "chunked" else torch.float32
+    assert_close_to_reference(inputs, backend, dtype, True, precision="ieee")
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_group_31_sets_sign_bit(backend):
+    # a query allowed to see group 31 has the int32 sign bit set in its bit set
+    table = torch.zeros(32, 32, dtype=torch.bool)
+    table[:, 31] = True
+    inputs = make_inputs(20, 30, 5, n_groups=32, table=table)
+    inputs["bank_groups"][::2] = 31
+    dtype = torch.float64 if backend == "chunked" else torch.float32
+    assert_close_to_reference(inputs, backend, dtype, True, precision="ieee")
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "triton"])
+def test_reductions_agree(backend):
+    inputs = make_inputs(26, 33, 7, dtype=torch.float32)
+    per_q = cdcl_ops.masked_infonce(**inputs, backend=backend, reduction="none")
+    active = (inputs["query_labels"] >= 0) & (inputs["query_groups"] >= 0)
+    assert torch.all(per_q[~active] == 0)
+    total = cdcl_ops.masked_infonce(**inputs, backend=backend, reduction="sum")
+    mean = cdcl_ops.masked_infonce(**inputs, backend=backend, reduction="mean")
+    torch.testing.assert_close(total, per_q.sum())
+    torch.testing.assert_close(mean, per_q.sum() / active.sum())
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_non_contiguous_and_label_dtypes(backend):
+    base = make_inputs(18, 27, 10, dtype=torch.float32, seed=3)
+    strided = dict(base)
+    for name in ("query", "positive", "bank"):
+        wide = torch.zeros(base[name].shape[0], 2 * base[name].shape[1])
+        wide[:, ::2] = base[name]
+        strided[name] = wide[:, ::2]
+        assert not strided[name].is_contiguous()
+    strided["query_labels"] = base["query_labels"].to(torch.int32)
+    strided["bank_labels"] = base["bank_labels"].to(torch.int32)
+    strided["group_table"] = base["group_table"].to(torch.uint8)
+    expect = cdcl_ops.masked_infonce(**base, backend="reference", reduction="none")
+    got = cdcl_ops.masked_infonce(**strided, backend=backend, reduction="none")
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_bank_gradient_deterministic(backend):
+    inputs = make_inputs(40, 50, 16, dtype=torch.float32)
+    _, g1 = loss_and_grads(inputs, backend)
+    _, g2 = loss_and_grads(inputs, backend)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
