@@ -7,7 +7,7 @@ from helpers import loss_and_grads, make_inputs
 
 # (N, M, D): N, M not multiples of any block size; D over 1, 3, 64, 96, 128, 200
 SHAPES = [(37, 53, 1), (29, 45, 3), (21, 70, 64), (19, 41, 96), (33, 17, 128), (23, 39, 200)]
-TOL = {torch.float64: (1e-9, 1e-10), torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 2e-2),
+TOL = {torch.float64: (1e-9, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2),
        torch.float16: (1e-2, 1e-2)}
 
 
