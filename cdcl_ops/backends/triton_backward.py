@@ -44,7 +44,12 @@ def _bank_grad_kernel(Q, K, Q_LAB, Q_CODE, K_LAB, K_GRP, TABLE, LSE, GS, DK,
     tl.store(DK + k_off, acc.to(DK.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
+CONFIG_OVERRIDE = None  # set by benchmarks/triton_configs.py to sweep launch configs
+
+
 def bank_grad_config(bd: int) -> dict:
+    if CONFIG_OVERRIDE is not None:
+        return CONFIG_OVERRIDE
     if interpreting():
         return dict(BLOCK_N=32, BLOCK_M=16, num_warps=4, num_stages=1)
     if bd <= 64:

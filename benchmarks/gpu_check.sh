@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One prepared check for a lent GPU machine (bare, no network), in under 8 minutes:
+# build, GPU tests (Triton/CUDA against the reference), a Triton launch-config sweep, the
+# benchmark at `paper` and `large`, and a compact table printed last. Files go into $OUT if set.
+#   bash benchmarks/gpu_check.sh            # everything
+#   SKIP_SWEEP=1 bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+start=$(date +%s)
+stamp() { echo "[gpu_check +$(( $(date +%s) - start ))s] $*"; }
+
+stamp "device"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+
+stamp "build"
+if ! $PY -m pip install -q --no-build-isolation --no-deps --no-index -e . >"$OUT/build.log" 2>&1; then
+    echo "pip install -e . failed (see build.log); using the source tree"; tail -5 "$OUT/build.log"
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+stamp "GPU tests"
+timeout 150 $PY -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+
+if [ -z "${SKIP_SWEEP:-}" ]; then
+    stamp "Triton launch-config sweep"
+    timeout 120 $PY -m benchmarks.triton_configs --sizes paper,large --dtypes bfloat16,tf32 2>&1 \
+        | tee "$OUT/triton_configs.log"
+fi
+
+stamp "benchmark"
+timeout 180 $PY -m benchmarks.run --sizes paper,large --device cuda --out "$OUT" --time-limit 5 \
+    --contenders "${CONTENDERS:-reference,released-ckpt,chunked-ckpt,chunked,triton,triton-tf32,triton-bf16}" \
+    2>&1 | tee "$OUT/bench.log" | tail -40
+stamp "done"

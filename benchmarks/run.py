@@ -1,0 +1,157 @@
+"""Benchmark entry point (SPEC 5): memory and time of the masked InfoNCE contenders.
+
+    python -m benchmarks.run --sizes paper,large --device cuda
+    python -m benchmarks.run --sizes paper --device cpu --contenders reference,chunked
+
+GPU runs happen in this process (peak memory from torch.cuda.max_memory_allocated); each CPU run
+happens in a fresh subprocess so that its peak RSS is its own. Writes a CSV (with device, versions
+and date) and a Markdown table into --out, and prints the table last.
+"""
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from .contenders import SIZES, contenders
+from .measure import matrix_rates, max_rel_error, measure
+
+FIELDS = ["date", "device", "torch", "triton", "size", "N", "M", "D", "bank_grad", "contender",
+          "dtype", "status", "time_ms", "peak_extra_mb", "tflops", "pct_matrix_rate",
+          "max_rel_err", "repeats"]
+
+
+def _device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} x{os.cpu_count()} cores (CPU)"
+
+
+def _versions():
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = "-"
+    return torch.__version__, tv
+
+
+def _run_worker(spec):
+    name, size_name, bank_grad, out_file, repeats, time_limit = spec.split("|")
+    torch.set_num_threads(os.cpu_count())
+    result, outputs = measure(name, SIZES[size_name], bank_grad == "1", torch.device("cpu"),
+                              int(repeats), float(time_limit))
+    torch.save(dict(result=result, outputs=outputs), out_file)
+
+
+def _run_cpu(name, size_name, bank_grad, repeats, time_limit, tmp):
+    out_file = os.path.join(tmp, f"{name}-{size_name}-{int(bank_grad)}.pt".replace("(", "_").replace(")", "_"))
+    spec = "|".join([name, size_name, str(int(bank_grad)), out_file, str(repeats), str(time_limit)])
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--worker", spec],
+                              capture_output=True, text=True, timeout=time_limit * 3 + 120)
+    except subprocess.TimeoutExpired:
+        return dict(status="timeout"), None
+    if proc.returncode != 0:
+        oom = proc.returncode in (-9, 137) or "MemoryError" in proc.stderr
+        return dict(status="oom" if oom else "error: " + proc.stderr.strip().splitlines()[-1][:80]), None
+    saved = torch.load(out_file)
+    return saved["result"], saved["outputs"]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="paper", help=f"comma list of {list(SIZES)}")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--contenders", default="all", help="comma list, or 'all'")
+    ap.add_argument("--bank-grad", default="both", choices=["both", "yes", "no"])
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs (default: 10 GPU, 3 CPU)")
+    ap.add_argument("--time-limit", type=float, default=120.0, help="seconds of timed runs per contender")
+    ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return _run_worker(args.worker)
+
+    from tqdm import tqdm
+
+    device = torch.device(args.device)
+    names = list(contenders(device.type)) if args.contenders == "all" else args.contenders.split(",")
+    unknown = set(names) - set(contenders(device.type))
+    if unknown:
+        ap.error(f"unknown contenders on {device.type}: {sorted(unknown)}")
+    if "reference" in names:  # the reference runs first: every other contender is compared with it
+        names = ["reference"] + [n for n in names if n != "reference"]
+    sizes = args.sizes.split(",")
+    grads = {"both": [False, True], "yes": [True], "no": [False]}[args.bank_grad]
+    repeats = args.repeats or (10 if device.type == "cuda" else 3)
+    os.makedirs(args.out, exist_ok=True)
+    tv, trv = _versions()
+    date = datetime.date.today().isoformat()
+    dev_name = _device_name(device)
+    rates = matrix_rates(device) if device.type == "cuda" else {}
+    if rates:
+        print("measured matrix rates (TFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
+    rows = []
+    jobs = [(s, g, n) for s in sizes for g in grads for n in names]
+    ref_out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size_name, bank_grad, name in tqdm(jobs, desc="benchmark", unit="run"):
+            n, m, d, _ = SIZES[size_name]
+            if device.type == "cuda":
+                result, outputs = measure(name, SIZES[size_name], bank_grad, device, repeats,
+                                          args.time_limit)
+            else:
+                result, outputs = _run_cpu(name, size_name, bank_grad, repeats, args.time_limit, tmp)
+            if name == "reference":
+                ref_out[(size_name, bank_grad)] = outputs
+            dtype = result.get("dtype", "")
+            rate = rates.get("bf16" if dtype == "bfloat16" else "tf32" if "tf32" in name else "fp32")
+            row = dict(date=date, device=dev_name, torch=tv, triton=trv, size=size_name, N=n, M=m,
+                       D=d, bank_grad=int(bank_grad), contender=name, **result)
+            if rate and "tflops" in row:
+                row["pct_matrix_rate"] = 100 * row["tflops"] / rate
+            if name != "reference":
+                row["max_rel_err"] = max_rel_error(outputs, ref_out.get((size_name, bank_grad)))
+            rows.append(row)
+    tag = f"{device.type}-{date}"
+    csv_path = os.path.join(args.out, f"bench-{tag}.csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    table = markdown_table(rows, rates)
+    with open(os.path.join(args.out, f"bench-{tag}.md"), "w") as f:
+        f.write(f"{dev_name}, torch {tv}, triton {trv}, {date}\n\n{table}\n")
+    print(f"\nCSV: {csv_path}")
+    print(f"{dev_name}, torch {tv}, triton {trv}, {date}")
+    print(table)
+
+
+def _fmt(x, spec):
+    return "-" if x is None or x != x else format(x, spec)
+
+
+def markdown_table(rows, rates=None):
+    head = "| size | bank grad | contender | dtype | fwd+bwd ms | peak extra MB | TFLOP/s | % matrix rate | max rel err |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['size']} | {'yes' if r['bank_grad'] else 'no'} | {r['contender']} | - | "
+                         f"{r.get('status')} | - | - | - | - |")
+            continue
+        lines.append(
+            f"| {r['size']} | {'yes' if r['bank_grad'] else 'no'} | {r['contender']} | {r['dtype']} | "
+            f"{_fmt(r['time_ms'], '.1f')} | {_fmt(r['peak_extra_mb'], '.1f')} | {_fmt(r.get('tflops'), '.2f')} | "
+            f"{_fmt(r.get('pct_matrix_rate'), '.1f')} | {_fmt(r.get('max_rel_err'), '.1e')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""GPU tests (marker `gpu`): the Triton kernels compiled for the device, against the float64
+reference computed on the same device. Run by benchmarks/gpu_check.sh on a lent GPU."""
+import pytest
+import torch
+
+import cdcl_ops
+from cdcl_ops._validate import canonical_masks
+from helpers import loss_and_grads, make_inputs
+from test_backends import TOL
+
+pytestmark = pytest.mark.gpu
+CUDA = "cuda"
+
+
+def _compare(inputs, dtype, bank_grad=True, **kw):
+    ref_loss, ref_grads = loss_and_grads(inputs, "reference", bank_grad=bank_grad)
+    loss, grads = loss_and_grads(inputs, "triton", dtype=dtype, bank_grad=bank_grad, **kw)
+    rtol, atol = TOL[dtype] if kw.get("precision") != "tf32" else (5e-3, 5e-3)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
+    for name, g, r in zip(("query", "positive", "bank"), grads, ref_grads):
+        if r is None:
+            assert g is None
+            continue
+        norm = inputs[name].double().norm(dim=1, keepdim=True)
+        g, r = g.double() * norm, r * norm
+        scale = r.abs().max().clamp(min=1.0)
+        torch.testing.assert_close(g / scale, r / scale, rtol=rtol, atol=atol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("d", [1, 3, 96, 128, 200, 512])
+def test_triton_fp32_ieee(d):
+    _compare(make_inputs(1000, 3001, d, device=CUDA), torch.float32, precision="ieee")
+
+
+@pytest.mark.parametrize("d", [3, 128, 200])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_16bit(d, dtype):
+    _compare(make_inputs(777, 2049, d, device=CUDA), dtype)
+
+
+def test_triton_tf32():
+    _compare(make_inputs(1000, 3001, 128, device=CUDA), torch.float32, precision="tf32")
+
+
+def test_triton_bank_detached_and_many_groups():
+    _compare(make_inputs(513, 1025, 64, device=CUDA, n_groups=40), torch.float32, bank_grad=False,
+             precision="ieee")
+
+
+@pytest.mark.parametrize("n,m", [(0, 100), (100, 0)])
+def test_triton_empty(n, m):
+    loss, grads = loss_and_grads(make_inputs(n, m, 16, device=CUDA, dtype=torch.float32), "triton")
+    assert torch.all(loss == 0) and all(torch.all(g == 0) for g in grads)
+
+
+def test_chunked_on_cuda():
+    inputs = make_inputs(600, 1500, 32, device=CUDA)
+    ref, _ = loss_and_grads(inputs, "reference")
+    got, _ = loss_and_grads(inputs, "chunked", chunk_size=256)
+    torch.testing.assert_close(got, ref)
+
+
+def test_compile_fullgraph_triton_cuda():
+    torch._dynamo.reset()
+    inputs = make_inputs(300, 500, 64, dtype=torch.bfloat16, device=CUDA, seed=1)
+    fn = torch.compile(lambda **a: cdcl_ops.masked_infonce(**a, backend="triton"), fullgraph=True)
+    torch.testing.assert_close(fn(**inputs), cdcl_ops.masked_infonce(**inputs, backend="triton"))
+
+
+def test_deterministic_bank_grad_cuda():
+    inputs = make_inputs(3000, 5000, 128, device=CUDA, dtype=torch.bfloat16)
+    _, g1 = loss_and_grads(inputs, "triton")
+    _, g2 = loss_and_grads(inputs, "triton")
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_64bit_offsets_queries():
+    # N * D > 2**31 elements: row offsets must be 64-bit in the forward kernel
+    n, m, d = 2**24 + 5, 40, 128
+    inputs = make_inputs(m, m, d, device=CUDA, dtype=torch.bfloat16, seed=3)
+    gen = torch.Generator(device=CUDA).manual_seed(0)
+    q = torch.randn(n, d, device=CUDA, dtype=torch.bfloat16, generator=gen)
+    p = torch.randn(n, d, device=CUDA, dtype=torch.bfloat16, generator=gen)
+    q_lab = torch.randint(0, 2, (n,), device=CUDA, generator=gen)
+    q_grp = torch.randint(0, 2, (n,), device=CUDA, generator=gen)
+    args = dict(bank=inputs["bank"], bank_labels=inputs["bank_labels"],
+                bank_groups=inputs["bank_groups"], group_table=inputs["group_table"])
+    with torch.no_grad():
+        got = cdcl_ops.masked_infonce(q, p, query_labels=q_lab, query_groups=q_grp, backend="triton",
+                                      reduction="none", **args)
+        tail = slice(n - 300, n)
+        want = cdcl_ops.masked_infonce(q[tail].double(), p[tail].double(), query_labels=q_lab[tail],
+                                       query_groups=q_grp[tail], backend="reference",
+                                       reduction="none", **{k: (v.double() if v.is_floating_point() else v)
+                                                            for k, v in args.items()})
+    torch.testing.assert_close(got[tail].double(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_64bit_offsets_bank_grad():
+    # M * D > 2**31 elements: the bank-gradient kernel's row offsets must be 64-bit
+    n, m, d = 64, 2**24 + 5, 128
+    gen = torch.Generator(device=CUDA).manual_seed(0)
+    k = torch.nn.functional.normalize(torch.randn(m, d, device=CUDA, generator=gen), dim=1).bfloat16()
+    q = torch.nn.functional.normalize(torch.randn(n, d, device=CUDA, generator=gen), dim=1).bfloat16()
+    q_lab = torch.randint(0, 2, (n,), device=CUDA, generator=gen)
+    k_lab = torch.randint(0, 2, (m,), device=CUDA, generator=gen)
+    ql, qg, kl, kg, table = canonical_masks(q_lab, k_lab, None, None, None)
+    lse = torch.full((n,), 12.0, device=CUDA)
+    gs = torch.rand(n, device=CUDA, generator=gen)
+    dk = torch.ops.cdcl_ops.masked_infonce_bank_grad(q, k, ql, qg, kl, kg, table, lse, gs, 10.0,
+                                                     "triton", 0, "auto")
+    tail = slice(m - 256, m)
+    s = q.double() @ k[tail].double().T * 10.0
+    w = torch.exp(s - lse.double()[:, None]) * gs.double()[:, None]
+    w = w * (ql[:, None] != kl[tail][None, :])
+    want = w.T @ q.double()
+    torch.testing.assert_close(dk[tail].double(), want, rtol=2e-2, atol=2e-3)
