@@ -34,6 +34,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="paper")
     ap.add_argument("--dtypes", default="bfloat16,tf32")
+    ap.add_argument("--kernels", default="fwd,bank_grad")
     args = ap.parse_args()
     for size_name, dt in itertools.product(args.sizes.split(","), args.dtypes.split(",")):
         n, m, d, patch = SIZES[size_name]
@@ -51,6 +52,8 @@ def main():
                  lambda: triton_forward.forward(q, p, k, *masks, 10.0, True, 0, prec)),
                 ("bank_grad", triton_backward, BWD,
                  lambda: triton_backward.bank_grad(q, k, *masks, lse, gs, 10.0, 0, prec))):
+            if label not in args.kernels.split(","):
+                continue
             module.CONFIG_OVERRIDE = None
             default_ms = _time(call)
             results = []

@@ -15,15 +15,15 @@ BACKENDS = ("reference", "chunked", "triton")
 TRITON_MAX_D = 512
 
 
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# decided once at import: torch.compile cannot trace importlib
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def available_backends(device="cpu") -> list[str]:
     """Backends that can run on `device` in this process."""
     device = torch.device(device)
     names = ["reference", "chunked"]
-    if _triton_installed() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+    if TRITON_INSTALLED and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         names.append("triton")
     return names
 

@@ -5,8 +5,9 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# kernels may only read constexpr globals; LOG2E is also used on the host
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 MAX_BITS_GROUPS = 32  # up to 32 groups a query's allowed bank groups fit one int32 bit set
 MAX_D = 512
 

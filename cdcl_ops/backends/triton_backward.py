@@ -74,7 +74,7 @@ def bank_grad(q, k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, chunk_s
     grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
     _bank_grad_kernel[grid](
         q, k, q_lab, codes, k_lab, k_grp, table, lse, gs.to(torch.float32).contiguous(), dk,
-        n, m, d, table.shape[0], inv_tau * LOG2E,
+        n, m, d, table.shape[0], inv_tau * LOG2E.value,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=bd,
         USE_BITS=use_bits, PRECISION=dot_precision(q.dtype, precision),
         UPCAST=interpreting() and q.dtype != torch.float32,

@@ -66,11 +66,11 @@ def forward_config(bd: int, dtype) -> dict:
         return CONFIG_OVERRIDE
     if interpreting():
         return dict(BLOCK_N=16, BLOCK_M=32, num_warps=4, num_stages=1)
-    wide = dtype == torch.float32
-    if bd <= 64:
-        return dict(BLOCK_N=128, BLOCK_M=64, num_warps=4, num_stages=3)
+    # measured on an H200 (benchmarks/triton_configs.py, paper and large sizes, D = 128)
     if bd <= 128:
-        return dict(BLOCK_N=128 if not wide else 64, BLOCK_M=64, num_warps=8, num_stages=3)
+        if dtype == torch.float32:
+            return dict(BLOCK_N=128, BLOCK_M=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_N=64, BLOCK_M=64, num_warps=4, num_stages=3)
     if bd <= 256:
         return dict(BLOCK_N=64, BLOCK_M=32, num_warps=8, num_stages=2)
     return dict(BLOCK_N=32, BLOCK_M=32, num_warps=8, num_stages=1)
@@ -91,7 +91,7 @@ def forward(q, p, k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o, chunk_s
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     _forward_kernel[grid](
         q, p, k, q_lab, codes, k_lab, k_grp, table, loss, lse, o,
-        n, m, d, table.shape[0], inv_tau * LOG2E,
+        n, m, d, table.shape[0], inv_tau * LOG2E.value,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=bd,
         USE_BITS=use_bits, NEED_O=need_o, PRECISION=dot_precision(q.dtype, precision),
         UPCAST=interpreting() and q.dtype != torch.float32,
