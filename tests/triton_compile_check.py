@@ -38,7 +38,7 @@ def main():
                            dict(Q=t, P=t, K=t, **MASKS, LOSS="*fp32", LSE="*fp32", O="*fp32"),
                            dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=bd,
                                 USE_BITS=use_bits, NEED_O=True, PRECISION=prec, UPCAST=False), arch, cfg)
-            cfg = triton_backward.bank_grad_config(bd)
+            cfg = triton_backward.bank_grad_config(bd, dtype)
             bwd = _compile(triton_backward._bank_grad_kernel,
                            dict(Q=t, K=t, **MASKS, LSE="*fp32", GS="*fp32", DK=t),
                            dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=bd,

@@ -47,15 +47,18 @@ def _bank_grad_kernel(Q, K, Q_LAB, Q_CODE, K_LAB, K_GRP, TABLE, LSE, GS, DK,
 CONFIG_OVERRIDE = None  # set by benchmarks/triton_configs.py to sweep launch configs
 
 
-def bank_grad_config(bd: int) -> dict:
+def bank_grad_config(bd: int, dtype) -> dict:
     if CONFIG_OVERRIDE is not None:
         return CONFIG_OVERRIDE
     if interpreting():
         return dict(BLOCK_N=32, BLOCK_M=16, num_warps=4, num_stages=1)
     if bd <= 64:
         return dict(BLOCK_N=64, BLOCK_M=128, num_warps=4, num_stages=3)
+    # measured on an H200 (benchmarks/triton_configs.py, paper and large sizes, D = 128)
     if bd <= 128:
-        return dict(BLOCK_N=64, BLOCK_M=128, num_warps=8, num_stages=3)
+        if dtype == torch.float32:
+            return dict(BLOCK_N=64, BLOCK_M=128, num_warps=8, num_stages=3)
+        return dict(BLOCK_N=32, BLOCK_M=64, num_warps=4, num_stages=3)
     if bd <= 256:
         return dict(BLOCK_N=32, BLOCK_M=64, num_warps=8, num_stages=2)
     return dict(BLOCK_N=32, BLOCK_M=32, num_warps=8, num_stages=1)
@@ -70,7 +73,7 @@ def bank_grad(q, k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, chunk_s
     codes, use_bits = query_codes(q_grp, table)
     table = table.to(torch.uint8)  # a bool pointer would load as i1
     bd = block_d(d)
-    cfg = bank_grad_config(bd)
+    cfg = bank_grad_config(bd, q.dtype)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
     _bank_grad_kernel[grid](
         q, k, q_lab, codes, k_lab, k_grp, table, lse, gs.to(torch.float32).contiguous(), dk,
