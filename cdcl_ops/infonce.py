@@ -5,10 +5,10 @@ import importlib.util
 import os
 
 import torch
-import torch.nn.functional as F
 
 from . import ops
 from ._validate import canonical_masks, check_arguments, check_values
+from .normalize import unit_rows
 from .backends import reference
 
 BACKENDS = ("reference", "chunked", "triton")
@@ -52,12 +52,6 @@ def _resolve_backend(backend, query):
         if query.shape[1] > TRITON_MAX_D:
             raise ValueError(f"query: the triton backend takes D <= {TRITON_MAX_D}, got D={query.shape[1]}")
     return backend
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    # normalise in at least fp32, then hand the kernel the input dtype (16-bit tensor-core operands)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return F.normalize(x.to(acc), dim=-1).to(x.dtype).contiguous()
 
 
 def masked_infonce(query, positive, bank, query_labels, bank_labels, query_groups=None,
@@ -104,7 +98,7 @@ def masked_infonce(query, positive, bank, query_labels, bank_labels, query_group
     else:
         need_o = torch.is_grad_enabled() and query.requires_grad
         per_query, _, _ = ops.masked_infonce_fwd(
-            _unit(query), _unit(positive), _unit(bank), q_lab, q_grp, k_lab, k_grp, table,
+            unit_rows(query), unit_rows(positive), unit_rows(bank), q_lab, q_grp, k_lab, k_grp, table,
             1.0 / temperature, backend, chunk_size, precision, need_o)
     if reduction == "none":
         return per_query

@@ -61,7 +61,11 @@ def _(q, k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, backend, chunk_
 def _setup_context(ctx, inputs, output):
     q, p, k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, backend, chunk_size, precision, _ = inputs
     loss, lse, o = output
-    ctx.save_for_backward(q, p, k, q_lab, q_grp, k_lab, k_grp, table, loss, lse, o)
+    # keep only what the gradients that will be asked for need (a detached bank is not kept)
+    need_q, need_p, need_k = ctx.needs_input_grad[:3]
+    ctx.save_for_backward(q if (need_p or need_k) else None, p if need_q else None,
+                          k if need_k else None, q_lab, q_grp, k_lab, k_grp, table, loss, lse,
+                          o if need_q else None)
     ctx.options = (inv_tau, backend, chunk_size, precision)
     ctx.mark_non_differentiable(lse, o)
 
@@ -75,12 +79,12 @@ def _backward(ctx, g_loss, g_lse, g_o):
     coef = (torch.exp(-loss) - 1.0) * gs
     dq = dp = dk = None
     if ctx.needs_input_grad[0]:
-        if o.shape[0] != q.shape[0]:
+        if o.shape[0] != p.shape[0]:
             raise RuntimeError("masked_infonce_fwd was called with need_o=False, so the query "
                                "gradient is unavailable; call it with need_o=True")
-        dq = (coef[:, None] * p.to(acc) + gs[:, None] * o).to(q.dtype)
+        dq = torch.addcmul(o * gs[:, None], p, coef[:, None]).to(p.dtype)
     if ctx.needs_input_grad[1]:
-        dp = (coef[:, None] * q.to(acc)).to(p.dtype)
+        dp = (q * coef[:, None]).to(q.dtype)
     if ctx.needs_input_grad[2]:
         dk = masked_infonce_bank_grad(q, k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau,
                                       backend, chunk_size, precision)
