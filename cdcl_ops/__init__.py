@@ -2,6 +2,11 @@
 learning (CDCL). See README.md for the API."""
 from . import ops  # registers the torch.library custom ops
 from .infonce import BACKENDS, MaskedInfoNCE, available_backends, default_backend, masked_infonce
+from .bank import FeatureBank
+from .cross_patch import CrossPatchInfoNCE, cross_patch_infonce
+from .patches import classify_patches, patch_foreground_scores
 
-__all__ = ["masked_infonce", "MaskedInfoNCE", "available_backends", "default_backend", "BACKENDS", "ops"]
+__all__ = ["masked_infonce", "MaskedInfoNCE", "available_backends", "default_backend", "BACKENDS", "ops",
+           "FeatureBank", "CrossPatchInfoNCE", "cross_patch_infonce", "classify_patches",
+           "patch_foreground_scores"]
 __version__ = "0.1.0"

@@ -1,0 +1,219 @@
+"""The cross-patch dense contrastive loss of CDCL (SPEC 2), as a function and as a module.
+
+Every student pixel is a row of `masked_infonce` (inactive rows are flagged, never removed), so
+the shapes depend only on the input shapes: no host synchronisation, and torch.compile traces it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .bank import FeatureBank
+from .infonce import masked_infonce
+from .patches import BDP, FDP, check_grid, check_thresholds, classify_patches, patch_foreground_scores, per_pixel
+
+SEMANTICS = ("paper", "official")
+SAMPLINGS = ("pixel-patch", "pixel", "random")
+
+
+def _check_features(student_feats, teacher_feats):
+    for name, t in (("student_feats", student_feats), ("teacher_feats", teacher_feats)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
+            got = f"{t.dtype} shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: expected floating features (B, D, H, W), got {got}")
+    if teacher_feats.shape != student_feats.shape:
+        raise ValueError(f"teacher_feats: expected shape {tuple(student_feats.shape)} (as student_feats),"
+                         f" got {tuple(teacher_feats.shape)}")
+    if teacher_feats.device != student_feats.device:
+        raise ValueError(f"teacher_feats: expected a tensor on {student_feats.device} (as "
+                         f"student_feats), got {teacher_feats.device}")
+    return student_feats.shape
+
+
+def pseudo_labels(pred, b, h, w, name):
+    """(B, H, W) labels from logits (B, C, kh*H, kw*W) or from integer labels (B, H, W).
+
+    Larger logits are brought to (H, W) by average-pooling the softmax, then argmax (SPEC 2).
+    """
+    if not isinstance(pred, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(pred).__name__}")
+    if pred.is_floating_point():
+        if pred.dim() != 4 or pred.shape[0] != b or pred.shape[1] < 1:
+            raise ValueError(f"{name}: expected logits (B={b}, C, h, w), got shape {tuple(pred.shape)}")
+        ph, pw = pred.shape[-2:]
+        if ph < h or pw < w or ph % h or pw % w:
+            raise ValueError(f"{name}: expected a spatial size that is an integer multiple of the "
+                             f"features' (H, W) = ({h}, {w}), got shape {tuple(pred.shape)}")
+        pred = pred.detach()
+        if (ph, pw) == (h, w):
+            return pred.argmax(dim=1)
+        probs = F.avg_pool2d(pred.float().softmax(dim=1), kernel_size=(ph // h, pw // w))
+        return probs.argmax(dim=1)
+    if pred.is_floating_point() or pred.is_complex() or tuple(pred.shape) != (b, h, w):
+        raise ValueError(f"{name}: expected floating logits (B, C, h, w) or integer labels of the "
+                         f"features' size (B, H, W) = ({b}, {h}, {w}), got a {pred.dtype} tensor of "
+                         f"shape {tuple(pred.shape)}")
+    return pred
+
+
+def _check_options(grid, fdp, bdp, semantics, sampling, fg_class):
+    check_thresholds(fdp, bdp)
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"grid: expected an int >= 1, got {grid!r}")
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics: expected one of {SEMANTICS}, got {semantics!r}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling: expected one of {SAMPLINGS}, got {sampling!r}")
+    if semantics == "official" and sampling != "pixel-patch":
+        raise ValueError(f"sampling: semantics='official' has only 'pixel-patch' sampling, got {sampling!r}")
+    if isinstance(fg_class, bool) or not isinstance(fg_class, int):
+        raise ValueError(f"fg_class: expected an int, got {fg_class!r}")
+
+
+def _check_bank(bank, d, device):
+    if not isinstance(bank, FeatureBank):
+        raise ValueError(f"bank: expected None or a cdcl_ops.FeatureBank, got {type(bank).__name__}")
+    if bank.dim is not None and bank.dim != d:
+        raise ValueError(f"bank: expected feature dim D={d} (as student_feats), got a bank of D={bank.dim}")
+    if (bank.capacity is not None or bank._device_fixed) and bank.feats.device != device:
+        raise ValueError(f"bank: expected a bank on {device} (as student_feats), got one on "
+                         f"{bank.feats.device}")
+
+
+def official_group_table(pixels, fdp, bdp, device):
+    """group_table[a, b] of the released code: patch foreground counts a + b <= (bdp + fdp) * pixels."""
+    limit = int((bdp + fdp) * pixels + 1e-9)  # counts are integers: compare exactly
+    a = torch.arange(pixels + 1, device=device)
+    return (a[:, None] + a[None, :]) <= limit
+
+
+def cross_patch_infonce(student_feats, teacher_feats, student_pred, teacher_pred, bank=None, grid=8,
+                        fdp=0.7, bdp=0.3, temperature=0.1, fg_class=1, semantics="paper",
+                        sampling="pixel-patch", backend=None, return_stats=False):
+    """Cross-patch dense contrastive loss L_contr of CDCL (SPEC 2, paper Eqs. 3-12).
+
+    Args:
+        student_feats: (B, D, H, W) projector features of the strongly augmented view (gradients
+            flow into them).
+        teacher_feats: (B, D, H, W) teacher features of the weakly augmented view, pixel-aligned;
+            used as constants (detached).
+        student_pred, teacher_pred: logits (B, C, h, w) with h, w integer multiples of H, W
+            (softmax average-pooled to (H, W), then argmax), or integer labels (B, H, W).
+        bank: a FeatureBank (this batch is pushed into it first), or None: the current batch only.
+        grid: patches per side (must divide H and W). fdp, bdp: FDP / BDP thresholds on the
+            foreground score. temperature: tau. fg_class: the foreground label.
+        semantics: "paper" (SPEC 2) or "official" (the released code's rule, SPEC 2.1).
+        sampling: "pixel-patch" (the paper's), "pixel" (Table 2 Scheme 2: every student pixel
+            against one merged bank, negatives = different pseudo label) or "random" (Scheme 1:
+            every other bank pixel is a negative, no pseudo labels).
+        backend: masked_infonce backend (None: the fastest for the device).
+        return_stats: also return a dict of device tensors: "queries" (active queries),
+            "fdp_patches", "bdp_patches" (student patches), "positive_prob" (mean e^{s+} / denominator).
+
+    Returns:
+        The scalar loss (float32; float64 for float64 features), or (loss, stats).
+    """
+    b, d, h, w = _check_features(student_feats, teacher_feats)
+    _check_options(grid, fdp, bdp, semantics, sampling, fg_class)
+    check_grid(grid, h, w, "student_feats")
+    if bank is not None:
+        _check_bank(bank, d, student_feats.device)
+    ys = pseudo_labels(student_pred, b, h, w, "student_pred")
+    yt = pseudo_labels(teacher_pred, b, h, w, "teacher_pred")
+    if ys.device != student_feats.device or yt.device != student_feats.device:
+        raise ValueError(f"student_pred, teacher_pred: expected tensors on {student_feats.device} "
+                         f"(as student_feats), got {student_pred.device} and {teacher_pred.device}")
+    pixels = (h // grid) * (w // grid)
+    _, count_s = patch_foreground_scores(ys, grid, fg_class)
+    _, count_t = patch_foreground_scores(yt, grid, fg_class)
+    kind_s = classify_patches(count_s.double() / pixels, fdp, bdp)
+    kind_t = classify_patches(count_t.double() / pixels, fdp, bdp)
+
+    q = student_feats.permute(0, 2, 3, 1).reshape(-1, d)
+    p = teacher_feats.detach().permute(0, 2, 3, 1).reshape(-1, d).to(q.dtype)
+    q_lab = ys.reshape(-1).long()
+    t_lab = yt.reshape(-1).long()
+    q_grp = k_grp = table = None
+
+    if semantics == "official":
+        cs_pix, ct_pix = per_pixel(count_s.long(), h, w), per_pixel(count_t.long(), h, w)
+        anchor = per_pixel(kind_s, h, w) >= 0
+        q_grp = torch.where(anchor, cs_pix, torch.full_like(cs_pix, -1))
+        table = official_group_table(pixels, fdp, bdp, q.device)
+        k_lab, k_grp = torch.cat([q_lab, t_lab]), torch.cat([cs_pix, ct_pix])
+        if bank is None:
+            k = torch.cat([q, p])
+        else:
+            rows = bank.push(torch.cat([q.detach(), p]), k_lab, k_grp)
+            k, k_lab, k_grp = bank.tensors()
+            # this rank's student rows of the current batch take part with their gradient
+            k = torch.index_copy(k.to(q.dtype), 0, rows[: q.shape[0]], q)
+        active = anchor
+    elif sampling == "pixel-patch":
+        q_grp = per_pixel(kind_s, h, w)
+        t_grp = per_pixel(kind_t, h, w)
+        table = torch.tensor([[False, True], [True, False]], device=q.device)
+        k, k_lab, k_grp = p, t_lab, t_grp
+        if bank is not None:
+            bank.push(p, t_lab, t_grp)
+            k, k_lab, k_grp = bank.tensors()
+        active = q_grp >= 0
+    elif sampling == "pixel":
+        k, k_lab = p, t_lab
+        if bank is not None:
+            bank.push(p, t_lab)
+            k, k_lab, _ = bank.tensors()
+        active = q_lab >= 0
+    else:  # random: each query's only non-negative is its own positive (unique ids)
+        if bank is None:
+            q_lab = torch.arange(q.shape[0], device=q.device)
+            k, k_lab = p, q_lab
+        else:
+            q_lab = bank.push(p)
+            k, k_lab, _ = bank.tensors()
+        active = torch.ones_like(q_lab, dtype=torch.bool)
+
+    per = masked_infonce(q, p, k.to(q.dtype), q_lab, k_lab, q_grp, k_grp, table,
+                         temperature=temperature, reduction="none", backend=backend,
+                         check_inputs=False)
+    n_active = active.sum()
+    denom = n_active.clamp(min=1).to(per.dtype)
+    loss = per.sum() / denom
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        stats = {"queries": n_active,
+                 "fdp_patches": (kind_s == FDP).sum(),
+                 "bdp_patches": (kind_s == BDP).sum(),
+                 "positive_prob": (torch.exp(-per) * active).sum() / denom}
+    return loss, stats
+
+
+class CrossPatchInfoNCE(torch.nn.Module):
+    """`cross_patch_infonce` owning its FeatureBank (sized on the first call, saved in state_dict).
+
+    `memory` previous batches are kept besides the current one (the paper: 1).
+    """
+
+    def __init__(self, grid=8, fdp=0.7, bdp=0.3, temperature=0.1, fg_class=1, memory=1,
+                 semantics="paper", sampling="pixel-patch", backend=None):
+        super().__init__()
+        _check_options(grid, fdp, bdp, semantics, sampling, fg_class)
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+            raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
+        self.grid, self.fdp, self.bdp = grid, fdp, bdp
+        self.temperature, self.fg_class = temperature, fg_class
+        self.semantics, self.sampling, self.backend = semantics, sampling, backend
+        self.bank = FeatureBank(dim=None, capacity=None, memory=memory)
+
+    def forward(self, student_feats, teacher_feats, student_pred, teacher_pred, return_stats=False):
+        return cross_patch_infonce(student_feats, teacher_feats, student_pred, teacher_pred,
+                                   bank=self.bank, grid=self.grid, fdp=self.fdp, bdp=self.bdp,
+                                   temperature=self.temperature, fg_class=self.fg_class,
+                                   semantics=self.semantics, sampling=self.sampling,
+                                   backend=self.backend, return_stats=return_stats)
+
+    def extra_repr(self):
+        return (f"grid={self.grid}, fdp={self.fdp}, bdp={self.bdp}, temperature={self.temperature}, "
+                f"fg_class={self.fg_class}, memory={self.bank.memory}, semantics={self.semantics!r}, "
+                f"sampling={self.sampling!r}, backend={self.backend!r}")

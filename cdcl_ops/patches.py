@@ -1,0 +1,136 @@
+"""Patch foreground scores (SPEC 2.3), patch kinds and the per-pixel group ids built from them.
+
+The feature map is cut into a grid x grid array of equal patches; a patch's foreground score is the
+fraction of its pixels whose label is `fg_class`. Everything stays on the device.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+PATCH_BACKENDS = ("triton", "cpu", "cuda", "torch")
+BDP, FDP, MP = 0, 1, -1  # patch kinds, also the paper-mode group ids (MP pixels are inactive)
+
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def _native_available() -> bool:
+    return hasattr(torch.ops, "cdcl_ops_C") and hasattr(torch.ops.cdcl_ops_C, "patch_fg_counts")
+
+
+def _triton_available(device) -> bool:
+    return TRITON_INSTALLED and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def check_grid(grid, h, w, what="labels_or_logits"):
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"grid: expected an int >= 1, got {grid!r}")
+    if h % grid or w % grid:
+        raise ValueError(f"grid: expected a divisor of both H={h} and W={w} of {what} "
+                         f"(equal patches), got {grid}")
+
+
+def _check_input(x):
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"labels_or_logits: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 4 and x.is_floating_point():
+        if x.shape[1] < 1:
+            raise ValueError(f"labels_or_logits: expected C >= 1 classes, got shape {tuple(x.shape)}")
+        return
+    if x.dim() == 3 and not x.is_floating_point() and not x.is_complex():
+        return
+    raise ValueError("labels_or_logits: expected integer labels (B, H, W) or floating logits "
+                     f"(B, C, H, W), got a {x.dtype} tensor of shape {tuple(x.shape)}")
+
+
+def _torch_counts(x, grid, fg_class):
+    labels = x.argmax(dim=1) if x.dim() == 4 else x
+    b, h, w = labels.shape
+    fg = (labels == fg_class).view(b, grid, h // grid, grid, w // grid)
+    return fg.sum(dim=(2, 4), dtype=torch.int32)
+
+
+def _pick_backend(backend, x):
+    if backend is None:
+        if torch.compiler.is_compiling():
+            return "torch"  # plain ops trace into the graph; the other kernels are opaque launches
+        if x.device.type == "cuda" and _triton_available(x.device):
+            return "triton"
+        if x.device.type in ("cpu", "cuda") and _native_available():
+            return x.device.type
+        return "torch"
+    if backend not in PATCH_BACKENDS:
+        raise ValueError(f"backend: expected None or one of {PATCH_BACKENDS}, got {backend!r}")
+    if backend == "triton" and not _triton_available(x.device):
+        raise ValueError(f"backend: 'triton' cannot run on {x.device} here (needs CUDA tensors, or "
+                         "TRITON_INTERPRET=1 set before importing triton)")
+    if backend in ("cpu", "cuda"):
+        if not _native_available():
+            raise ValueError(f"backend: {backend!r} needs the compiled extension "
+                             "(torch.ops.cdcl_ops_C.patch_fg_counts), which is not loaded")
+        if x.device.type != backend:
+            raise ValueError(f"backend: {backend!r} runs on {backend} tensors, got a tensor on {x.device}")
+    return backend
+
+
+def patch_foreground_scores(labels_or_logits, grid, fg_class=1, backend=None):
+    """Foreground fraction and count of each patch of a grid x grid split.
+
+    Args:
+        labels_or_logits: integer labels (B, H, W), or floating logits / probabilities (B, C, H, W)
+            whose argmax over C (first maximum on ties, as torch.argmax) gives the labels.
+        grid: patches per side; must divide H and W.
+        fg_class: the foreground label.
+        backend: None (triton on CUDA, else the compiled extension when loaded, else torch),
+            "triton", "cpu" / "cuda" (the compiled extension), or "torch".
+
+    Returns:
+        (scores, counts): (B, grid, grid) float32 fractions and int32 foreground pixel counts.
+    """
+    _check_input(labels_or_logits)
+    h, w = labels_or_logits.shape[-2:]
+    check_grid(grid, h, w)
+    if isinstance(fg_class, bool) or not isinstance(fg_class, int):
+        raise ValueError(f"fg_class: expected an int, got {fg_class!r}")
+    backend = _pick_backend(backend, labels_or_logits)
+    if backend == "torch":
+        counts = _torch_counts(labels_or_logits, grid, fg_class)
+    elif backend == "triton":
+        from .backends import triton_patches
+        counts = triton_patches.patch_fg_counts(labels_or_logits, grid, fg_class)
+    else:
+        counts = torch.ops.cdcl_ops_C.patch_fg_counts(labels_or_logits, grid, fg_class).to(torch.int32)
+    pixels = (h // grid) * (w // grid)
+    return counts.to(torch.float32) / max(pixels, 1), counts
+
+
+def check_thresholds(fdp, bdp):
+    for name, v in (("fdp", fdp), ("bdp", bdp)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name}: expected a number in [0, 1], got {v!r}")
+    if not bdp < fdp:
+        raise ValueError(f"bdp, fdp: expected bdp < fdp (background- below foreground-dominated "
+                         f"threshold), got bdp={bdp}, fdp={fdp}")
+
+
+def classify_patches(scores, fdp=0.7, bdp=0.3):
+    """Patch kinds from foreground scores: 1 = FDP (>= fdp), 0 = BDP (<= bdp), -1 = MP (between).
+
+    Returns an int64 tensor of the shape of `scores` (the paper-mode group ids of SPEC 2.1).
+    """
+    check_thresholds(fdp, bdp)
+    if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
+        raise ValueError(f"scores: expected a floating tensor of foreground fractions, got "
+                         f"{type(scores).__name__ if not isinstance(scores, torch.Tensor) else scores.dtype}")
+    kinds = torch.full(scores.shape, MP, dtype=torch.int64, device=scores.device)
+    kinds = torch.where(scores <= bdp, torch.full_like(kinds, BDP), kinds)
+    return torch.where(scores >= fdp, torch.full_like(kinds, FDP), kinds)
+
+
+def per_pixel(patch_values, h, w):
+    """Broadcast (B, grid, grid) patch values to (B * H * W,) pixels in (b, h, w) row-major order."""
+    b, g, _ = patch_values.shape
+    ph, pw = h // g, w // g
+    return patch_values[:, :, None, :, None].expand(b, g, ph, g, pw).reshape(-1)
