@@ -137,7 +137,8 @@ def contenders(device_type):
         "chunked": (lambda: ours("chunked"), torch.float32),
     }
     if "triton" in cdcl_ops.available_backends(device_type) and device_type == "cuda":
-        table["triton"] = (lambda: ours("triton", precision="ieee"), torch.float32)
+        table["triton"] = (lambda: ours("triton", precision="tf32x3"), torch.float32)
+        table["triton-ieee"] = (lambda: ours("triton", precision="ieee"), torch.float32)
         table["triton-tf32"] = (lambda: ours("triton", precision="tf32"), torch.float32)
         table["triton-bf16"] = (lambda: ours("triton"), torch.bfloat16)
     return table

@@ -42,17 +42,39 @@ def _versions():
     return torch.__version__, tv
 
 
+def _size(name):
+    """A named size of SIZES, or a sweep point 'N<n>xM<m>' (D 128, patches of 25 pixels)."""
+    if name in SIZES:
+        return SIZES[name]
+    try:
+        n, m = name[1:].split("xM")
+        return int(n), int(m), 128, 25
+    except ValueError:
+        raise SystemExit(f"unknown size {name!r}: one of {list(SIZES)} or N<n>xM<m>")
+
+
 def _run_worker(spec):
-    name, size_name, bank_grad, out_file, repeats, time_limit = spec.split("|")
+    name, size_name, bank_grad, out_file, repeats, time_limit, mem_gb = spec.split("|")
+    import resource
+    # a CPU contender that would need more than this gets a MemoryError (recorded as oom)
+    # instead of waking the kernel's OOM killer on a shared machine
+    limit = int(float(mem_gb) * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     torch.set_num_threads(os.cpu_count())
-    result, outputs = measure(name, SIZES[size_name], bank_grad == "1", torch.device("cpu"),
-                              int(repeats), float(time_limit))
+    try:
+        result, outputs = measure(name, _size(size_name), bank_grad == "1", torch.device("cpu"),
+                                  int(repeats), float(time_limit))
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "alloc" not in str(e).lower():
+            raise
+        result, outputs = dict(status="oom"), None
     torch.save(dict(result=result, outputs=outputs), out_file)
 
 
-def _run_cpu(name, size_name, bank_grad, repeats, time_limit, tmp):
+def _run_cpu(name, size_name, bank_grad, repeats, time_limit, tmp, mem_gb):
     out_file = os.path.join(tmp, f"{name}-{size_name}-{int(bank_grad)}.pt".replace("(", "_").replace(")", "_"))
-    spec = "|".join([name, size_name, str(int(bank_grad)), out_file, str(repeats), str(time_limit)])
+    spec = "|".join([name, size_name, str(int(bank_grad)), out_file, str(repeats), str(time_limit),
+                     str(mem_gb)])
     try:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--worker", spec],
                               capture_output=True, text=True, timeout=time_limit * 3 + 120)
@@ -67,7 +89,12 @@ def _run_cpu(name, size_name, bank_grad, repeats, time_limit, tmp):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="paper", help=f"comma list of {list(SIZES)}")
+    ap.add_argument("--sizes", default="paper",
+                    help=f"comma list of {list(SIZES)} or sweep points N<n>xM<m>")
+    ap.add_argument("--sweep", choices=["M", "N"],
+                    help="scaling sweep instead of --sizes: N 3200 and M 4k..1M, or the reverse")
+    ap.add_argument("--mem-limit-gb", type=float, default=16.0,
+                    help="address-space limit of each CPU worker (beyond it: recorded as oom)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--contenders", default="all", help="comma list, or 'all'")
     ap.add_argument("--bank-grad", default="both", choices=["both", "yes", "no"])
@@ -89,6 +116,9 @@ def main(argv=None):
     if "reference" in names:  # the reference runs first: every other contender is compared with it
         names = ["reference"] + [n for n in names if n != "reference"]
     sizes = args.sizes.split(",")
+    if args.sweep:
+        points = [4096, 16384, 65536, 262144, 1048576]
+        sizes = [f"N3200xM{m}" if args.sweep == "M" else f"N{m}xM3200" for m in points]
     grads = {"both": [False, True], "yes": [True], "no": [False]}[args.bank_grad]
     repeats = args.repeats or (10 if device.type == "cuda" else 3)
     os.makedirs(args.out, exist_ok=True)
@@ -103,12 +133,16 @@ def main(argv=None):
     ref_out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for size_name, bank_grad, name in tqdm(jobs, desc="benchmark", unit="run"):
-            n, m, d, _ = SIZES[size_name]
+            n, m, d, _ = _size(size_name)
             if device.type == "cuda":
-                result, outputs = measure(name, SIZES[size_name], bank_grad, device, repeats,
-                                          args.time_limit)
+                try:
+                    result, outputs = measure(name, (n, m, d, _), bank_grad, device, repeats,
+                                              args.time_limit)
+                except torch.OutOfMemoryError:
+                    result, outputs = dict(status="oom"), None
             else:
-                result, outputs = _run_cpu(name, size_name, bank_grad, repeats, args.time_limit, tmp)
+                result, outputs = _run_cpu(name, size_name, bank_grad, repeats, args.time_limit, tmp,
+                                           args.mem_limit_gb)
             if name == "reference":
                 ref_out[(size_name, bank_grad)] = outputs
             dtype = result.get("dtype", "")
@@ -120,7 +154,7 @@ def main(argv=None):
             if name != "reference":
                 row["max_rel_err"] = max_rel_error(outputs, ref_out.get((size_name, bank_grad)))
             rows.append(row)
-    tag = f"{device.type}-{date}"
+    tag = f"{device.type}-{'sweep' + args.sweep if args.sweep else '-'.join(sizes)}-{date}"
     csv_path = os.path.join(args.out, f"bench-{tag}.csv")
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")

@@ -13,6 +13,7 @@ from .backends import reference
 
 BACKENDS = ("reference", "chunked", "triton")
 TRITON_MAX_D = 512
+PRECISIONS = ("auto", "tf32x3", "tf32", "ieee")
 
 
 # decided once at import: torch.compile cannot trace importlib
@@ -72,8 +73,9 @@ def masked_infonce(query, positive, bank, query_labels, bank_labels, query_group
         reduction: "mean" over active queries (0 when there is none), "sum", or "none" (N,).
         backend: None (fastest for the device), "reference", "chunked" or "triton".
         chunk_size: bank rows per chunk for the "chunked" backend (0: its default).
-        precision: fp32 tensor-core mode for "triton": "auto" (TF32 only where
-            torch.backends.cuda.matmul.allow_tf32), "ieee" or "tf32".
+        precision: how "triton" multiplies fp32 features: "auto" (TF32 where
+            torch.backends.cuda.matmul.allow_tf32 allows it, else "tf32x3"), "tf32x3" (three TF32
+            products, fp32 accuracy on tensor cores), "tf32", or "ieee" (FMA units, slow).
         check_inputs: check group ids against the table (one host sync; skipped under
             torch.compile). check_finite: also reject NaN/Inf features.
 
@@ -83,8 +85,8 @@ def masked_infonce(query, positive, bank, query_labels, bank_labels, query_group
     """
     check_arguments(query, positive, bank, query_labels, bank_labels, query_groups, bank_groups,
                     group_table, temperature, reduction)
-    if precision not in ("auto", "ieee", "tf32"):
-        raise ValueError(f"precision: expected 'auto', 'ieee' or 'tf32', got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     if not isinstance(chunk_size, int) or chunk_size < 0:
         raise ValueError(f"chunk_size: expected an int >= 0, got {chunk_size!r}")
     backend = _resolve_backend(backend, query)

@@ -15,7 +15,7 @@ CUDA = "cuda"
 def _compare(inputs, dtype, bank_grad=True, **kw):
     ref_loss, ref_grads = loss_and_grads(inputs, "reference", bank_grad=bank_grad)
     loss, grads = loss_and_grads(inputs, "triton", dtype=dtype, bank_grad=bank_grad, **kw)
-    rtol, atol = TOL[dtype] if kw.get("precision") != "tf32" else (5e-3, 5e-3)
+    rtol, atol = {"tf32": (5e-3, 5e-3), "tf32x3": (5e-5, 5e-5)}.get(kw.get("precision"), TOL[dtype])
     torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
     for name, g, r in zip(("query", "positive", "bank"), grads, ref_grads):
         if r is None:
@@ -37,6 +37,13 @@ def test_triton_fp32_ieee(d):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_16bit(d, dtype):
     _compare(make_inputs(777, 2049, d, device=CUDA), dtype)
+
+
+def test_triton_fp32_default_is_tf32x3():
+    from cdcl_ops.backends.tl_utils import dot_precision
+    assert not torch.backends.cuda.matmul.allow_tf32
+    assert dot_precision(torch.float32, "auto") == "tf32x3"
+    _compare(make_inputs(1000, 3001, 128, device=CUDA), torch.float32, precision="tf32x3")
 
 
 def test_triton_tf32():

@@ -12,8 +12,11 @@ from cdcl_ops.backends import triton_backward, triton_forward
 PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 INTS = {"N": "i32", "M": "i32", "D": "i32", "G": "i32", "scale": "fp32"}
 MASKS = {"Q_LAB": "*i32", "Q_CODE": "*i32", "K_LAB": "*i32", "K_GRP": "*i32", "TABLE": "*u8"}
-CASES = [(torch.bfloat16, 128, True), (torch.float32, 128, True), (torch.float16, 200, False),
-         (torch.bfloat16, 512, True), (torch.float32, 3, True)]
+CASES = [(torch.bfloat16, 128, True, "ieee"), (torch.float32, 128, True, "tf32x3"),
+         (torch.float32, 128, True, "tf32"), (torch.float16, 200, False, "ieee"),
+         (torch.bfloat16, 512, True, "ieee"), (torch.float32, 3, True, "ieee"),
+         (torch.float32, 128, True, "ieee"), (torch.float32, 200, True, "tf32x3"),
+         (torch.float32, 512, False, "tf32x3")]
 
 
 def _compile(fn, signature, constexprs, arch, cfg):
@@ -29,21 +32,20 @@ def _compile(fn, signature, constexprs, arch, cfg):
 
 def main():
     for arch in (80, 90):
-        for dtype, d, use_bits in CASES:
+        for dtype, d, use_bits, prec in CASES:
             bd = max(16, triton.next_power_of_2(d))
-            prec = "tf32" if dtype == torch.float32 else "ieee"
             t = PTR[dtype]
-            cfg = triton_forward.forward_config(bd, dtype)
+            cfg = triton_forward.forward_config(bd, dtype, prec)
             fwd = _compile(triton_forward._forward_kernel,
                            dict(Q=t, P=t, K=t, **MASKS, LOSS="*fp32", LSE="*fp32", O="*fp32"),
                            dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=bd,
                                 USE_BITS=use_bits, NEED_O=True, PRECISION=prec, UPCAST=False), arch, cfg)
-            cfg = triton_backward.bank_grad_config(bd, dtype)
+            cfg = triton_backward.bank_grad_config(bd, dtype, prec)
             bwd = _compile(triton_backward._bank_grad_kernel,
                            dict(Q=t, K=t, **MASKS, LSE="*fp32", GS="*fp32", DK=t),
                            dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=bd,
                                 USE_BITS=use_bits, PRECISION=prec, UPCAST=False), arch, cfg)
-            print(f"sm_{arch} {dtype} D={d}: shared memory fwd {fwd} B, bank_grad {bwd} B")
+            print(f"sm_{arch} {dtype} {prec} D={d}: shared memory fwd {fwd} B, bank_grad {bwd} B")
     return 0
 
 

@@ -47,7 +47,7 @@ def _bank_grad_kernel(Q, K, Q_LAB, Q_CODE, K_LAB, K_GRP, TABLE, LSE, GS, DK,
 CONFIG_OVERRIDE = None  # set by benchmarks/triton_configs.py to sweep launch configs
 
 
-def bank_grad_config(bd: int, dtype) -> dict:
+def bank_grad_config(bd: int, dtype, precision: str) -> dict:
     if CONFIG_OVERRIDE is not None:
         return CONFIG_OVERRIDE
     if interpreting():
@@ -57,10 +57,13 @@ def bank_grad_config(bd: int, dtype) -> dict:
     # measured on an H200 (benchmarks/triton_configs.py, paper and large sizes, D = 128)
     if bd <= 128:
         if dtype == torch.float32:
-            return dict(BLOCK_N=64, BLOCK_M=128, num_warps=8, num_stages=3)
+            return dict(BLOCK_N=32 if precision == "tf32x3" else 64, BLOCK_M=128, num_warps=8,
+                        num_stages=3)
         return dict(BLOCK_N=32, BLOCK_M=64, num_warps=4, num_stages=3)
     if bd <= 256:
         return dict(BLOCK_N=32, BLOCK_M=64, num_warps=8, num_stages=2)
+    if dtype == torch.float32:  # sized to fit sm_80's 163 KB of shared memory
+        return dict(BLOCK_N=32, BLOCK_M=16, num_warps=4, num_stages=1)
     return dict(BLOCK_N=32, BLOCK_M=32, num_warps=8, num_stages=1)
 
 
@@ -73,13 +76,14 @@ def bank_grad(q, k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, chunk_s
     codes, use_bits = query_codes(q_grp, table)
     table = table.to(torch.uint8)  # a bool pointer would load as i1
     bd = block_d(d)
-    cfg = bank_grad_config(bd, q.dtype)
+    precision = dot_precision(q.dtype, precision)
+    cfg = bank_grad_config(bd, q.dtype, precision)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
     _bank_grad_kernel[grid](
         q, k, q_lab, codes, k_lab, k_grp, table, lse, gs.to(torch.float32).contiguous(), dk,
         n, m, d, table.shape[0], inv_tau * LOG2E.value,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=bd,
-        USE_BITS=use_bits, PRECISION=dot_precision(q.dtype, precision),
+        USE_BITS=use_bits, PRECISION=precision,
         UPCAST=interpreting() and q.dtype != torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dk

@@ -61,7 +61,7 @@ def _forward_kernel(Q, P, K, Q_LAB, Q_CODE, K_LAB, K_GRP, TABLE, LOSS, LSE, O,
 CONFIG_OVERRIDE = None  # set by benchmarks/triton_configs.py to sweep launch configs
 
 
-def forward_config(bd: int, dtype) -> dict:
+def forward_config(bd: int, dtype, precision: str) -> dict:
     if CONFIG_OVERRIDE is not None:
         return CONFIG_OVERRIDE
     if interpreting():
@@ -69,10 +69,14 @@ def forward_config(bd: int, dtype) -> dict:
     # measured on an H200 (benchmarks/triton_configs.py, paper and large sizes, D = 128)
     if bd <= 128:
         if dtype == torch.float32:
-            return dict(BLOCK_N=128, BLOCK_M=64, num_warps=8, num_stages=3)
+            # tf32x3 splits each operand in two: half the bank tile keeps it in shared memory
+            return dict(BLOCK_N=128, BLOCK_M=32 if precision == "tf32x3" else 64, num_warps=8,
+                        num_stages=3)
         return dict(BLOCK_N=64, BLOCK_M=64, num_warps=4, num_stages=3)
     if bd <= 256:
         return dict(BLOCK_N=64, BLOCK_M=32, num_warps=8, num_stages=2)
+    if dtype == torch.float32:  # sized to fit sm_80's 163 KB of shared memory
+        return dict(BLOCK_N=16, BLOCK_M=32, num_warps=4, num_stages=1)
     return dict(BLOCK_N=32, BLOCK_M=32, num_warps=8, num_stages=1)
 
 
@@ -87,13 +91,14 @@ def forward(q, p, k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o, chunk_s
     codes, use_bits = query_codes(q_grp, table)
     table = table.to(torch.uint8)  # a bool pointer would load as i1
     bd = block_d(d)
-    cfg = forward_config(bd, q.dtype)
+    precision = dot_precision(q.dtype, precision)
+    cfg = forward_config(bd, q.dtype, precision)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     _forward_kernel[grid](
         q, p, k, q_lab, codes, k_lab, k_grp, table, loss, lse, o,
         n, m, d, table.shape[0], inv_tau * LOG2E.value,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=bd,
-        USE_BITS=use_bits, NEED_O=need_o, PRECISION=dot_precision(q.dtype, precision),
+        USE_BITS=use_bits, NEED_O=need_o, PRECISION=precision,
         UPCAST=interpreting() and q.dtype != torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return loss, lse, o
