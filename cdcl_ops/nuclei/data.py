@@ -1,0 +1,340 @@
+"""Nuclei data: readers for three on-disk formats, seeded splits, MoNuSeg tiles, resizing and the
+labeled subset (SPEC 6).
+
+Formats (``detect_format`` tells them apart):
+  * ``layout``  -- ``<root>/images/<id>.png`` + ``<root>/labels/<id>.png`` (uint16 instance map), as in
+    ``../shared/nuclei`` and the bundled ``data/dsb2018_sample``;
+  * ``dsb``     -- the original DSB2018 folders ``<root>/<id>/images/<id>.png`` + ``<root>/<id>/masks/*.png``
+    (one binary mask per nucleus; where masks overlap the later file name wins);
+  * ``monuseg`` -- the original MoNuSeg ``<id>.tif`` images with ``<id>.xml`` polygon annotations
+    (anywhere below ``root``), rasterised here.
+
+Every reader returns ``Entry`` objects that load lazily, so a split of a large set can be resized one
+image at a time. Any missing, unreadable or mismatched file raises ``DataError`` naming the file.
+"""
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import partial
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+LABELED_FRACTIONS = ("1/32", "1/16", "1/8", "1")
+
+
+class DataError(ValueError):
+    """A data file is missing, unreadable or does not match its partner."""
+
+
+@dataclass
+class Sample:
+    id: str
+    image: np.ndarray   # uint8 (H, W, 3)
+    labels: np.ndarray  # int32 (H, W), 0 = background, 1..N = nuclei
+
+
+@dataclass
+class Entry:
+    id: str
+    load: Callable[[], Sample]
+
+
+# ---------------------------------------------------------------- files
+
+def _open(path):
+    try:
+        im = Image.open(path)
+        im.load()
+        return im
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except Exception as e:  # PIL raises many types for truncated or foreign files
+        raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
+
+
+def read_image(path) -> np.ndarray:
+    """uint8 RGB (H, W, 3); grey images are repeated, an alpha channel is dropped, 16-bit is rescaled."""
+    im = _open(path)
+    a = np.asarray(im)
+    if a.dtype != np.uint8:
+        a = a.astype(np.float64)
+        top = a.max()
+        a = (a * (255.0 / top) if top > 0 else a).round().astype(np.uint8)
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    elif a.ndim == 3 and a.shape[2] in (3, 4):
+        a = a[:, :, :3]
+    elif a.ndim == 3 and a.shape[2] in (1, 2):
+        a = np.repeat(a[:, :, :1], 3, axis=2)
+    else:
+        raise DataError(f"{path}: expected a grey or RGB(A) image, got an array of shape {a.shape}")
+    return np.ascontiguousarray(a)
+
+
+def read_labels(path) -> np.ndarray:
+    """int32 (H, W) instance map from a single-channel integer image."""
+    a = np.asarray(_open(path))
+    if a.ndim != 2 or not np.issubdtype(a.dtype, np.integer):
+        raise DataError(f"{path}: expected a single-channel integer instance label map, "
+                        f"got {a.dtype} of shape {a.shape}")
+    return a.astype(np.int32)
+
+
+def _check_same_size(image, labels, image_path, label_path):
+    if image.shape[:2] != labels.shape:
+        raise DataError(f"{label_path}: size {labels.shape[1]}x{labels.shape[0]} does not match the image "
+                        f"{image_path} ({image.shape[1]}x{image.shape[0]})")
+
+
+# ---------------------------------------------------------------- formats
+
+def _load_layout(image_path, label_path, sid):
+    image, labels = read_image(image_path), read_labels(label_path)
+    _check_same_size(image, labels, image_path, label_path)
+    return Sample(sid, image, labels)
+
+
+def read_layout(root) -> list[Entry]:
+    img_dir, lab_dir = os.path.join(root, "images"), os.path.join(root, "labels")
+    for d in (img_dir, lab_dir):
+        if not os.path.isdir(d):
+            raise DataError(f"{d}: folder not found (expected <root>/images and <root>/labels)")
+    entries = []
+    for name in sorted(os.listdir(img_dir)):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() not in IMAGE_EXTS:
+            continue
+        label_path = os.path.join(lab_dir, stem + ".png")
+        if not os.path.isfile(label_path):
+            raise DataError(f"{label_path}: label file not found for image {os.path.join(img_dir, name)}")
+        entries.append(Entry(stem, partial(_load_layout, os.path.join(img_dir, name), label_path, stem)))
+    if not entries:
+        raise DataError(f"{img_dir}: no images found")
+    return entries
+
+
+def _load_dsb(folder, sid):
+    image_path = os.path.join(folder, "images", sid + ".png")
+    image = read_image(image_path)
+    mask_dir = os.path.join(folder, "masks")
+    if not os.path.isdir(mask_dir):
+        raise DataError(f"{mask_dir}: masks folder not found")
+    labels = np.zeros(image.shape[:2], dtype=np.int32)
+    names = sorted(n for n in os.listdir(mask_dir) if os.path.splitext(n)[1].lower() in IMAGE_EXTS)
+    for k, name in enumerate(names, start=1):
+        path = os.path.join(mask_dir, name)
+        m = np.asarray(_open(path))
+        if m.ndim == 3:
+            m = m[..., 0]
+        if m.shape != labels.shape:
+            raise DataError(f"{path}: mask size {m.shape[1]}x{m.shape[0]} does not match the image "
+                            f"{image_path} ({image.shape[1]}x{image.shape[0]})")
+        labels[m > 0] = k
+    return Sample(sid, image, labels)
+
+
+def read_dsb(root) -> list[Entry]:
+    entries = []
+    for sid in sorted(os.listdir(root)):
+        folder = os.path.join(root, sid)
+        if not os.path.isdir(folder):
+            continue
+        image_path = os.path.join(folder, "images", sid + ".png")
+        if not os.path.isfile(image_path):
+            raise DataError(f"{image_path}: image not found (DSB2018 layout <id>/images/<id>.png)")
+        entries.append(Entry(sid, partial(_load_dsb, folder, sid)))
+    if not entries:
+        raise DataError(f"{root}: no DSB2018 sample folders found")
+    return entries
+
+
+def rasterize_monuseg_xml(path, height, width) -> np.ndarray:
+    """Instance map from a MoNuSeg XML file: one polygon (Region/Vertices/Vertex X,Y) per nucleus."""
+    try:
+        tree = ET.parse(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: annotation file not found") from None
+    except ET.ParseError as e:
+        raise DataError(f"{path}: cannot parse the XML annotation ({e})") from None
+    canvas = Image.new("I", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    k = 0
+    for region in tree.getroot().iter("Region"):
+        try:
+            pts = [(float(v.get("X")), float(v.get("Y"))) for v in region.iter("Vertex")]
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: a Vertex without numeric X and Y in Region {region.get('Id')}") from None
+        if len(pts) < 3:
+            continue  # a degenerate polygon has no area
+        k += 1
+        draw.polygon(pts, fill=k, outline=k)
+    return np.asarray(canvas, dtype=np.int32).copy()
+
+
+def _load_monuseg(image_path, xml_path, sid):
+    image = read_image(image_path)
+    labels = rasterize_monuseg_xml(xml_path, *image.shape[:2])
+    return Sample(sid, image, labels)
+
+
+def read_monuseg(root) -> list[Entry]:
+    images, xmls = {}, {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            stem, ext = os.path.splitext(n)
+            if ext.lower() in (".tif", ".tiff"):
+                images[stem] = os.path.join(dirpath, n)
+            elif ext.lower() == ".xml":
+                xmls[stem] = os.path.join(dirpath, n)
+    if not images:
+        raise DataError(f"{root}: no .tif images found")
+    entries = []
+    for sid in sorted(images):
+        if sid not in xmls:
+            raise DataError(f"{images[sid]}: no annotation file {sid}.xml found under {root}")
+        entries.append(Entry(sid, partial(_load_monuseg, images[sid], xmls[sid], sid)))
+    return entries
+
+
+def detect_format(root) -> str:
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: data folder not found")
+    if os.path.isdir(os.path.join(root, "images")) and os.path.isdir(os.path.join(root, "labels")):
+        return "layout"
+    for dirpath, _, names in os.walk(root):
+        if any(n.lower().endswith(".xml") for n in names):
+            return "monuseg"
+    for sid in sorted(os.listdir(root)):
+        if os.path.isdir(os.path.join(root, sid, "images")):
+            return "dsb"
+    raise DataError(f"{root}: not a known layout (images/+labels/, DSB2018 <id>/images+masks, "
+                    "or MoNuSeg .tif+.xml)")
+
+
+READERS = {"layout": read_layout, "dsb": read_dsb, "monuseg": read_monuseg}
+
+
+def read_folder(root, fmt: str = "auto") -> list[Entry]:
+    fmt = detect_format(root) if fmt == "auto" else fmt
+    if fmt not in READERS:
+        raise ValueError(f"fmt: expected 'auto' or one of {sorted(READERS)}, got {fmt!r}")
+    return READERS[fmt](root)
+
+
+# ---------------------------------------------------------------- splits and subsets
+
+def split_counts(n, ratios):
+    total = float(sum(ratios))
+    counts = [int(round(n * r / total)) for r in ratios[:-1]]
+    counts.append(n - sum(counts))
+    if min(counts) < 0:
+        raise ValueError(f"ratios: {ratios} cannot split {n} items")
+    return counts
+
+
+def seeded_split(items, ratios, seed):
+    """Shuffle with a seeded generator and cut by ratios (e.g. 7:1:2)."""
+    perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    out, start = [], 0
+    for c in split_counts(len(items), ratios):
+        out.append([items[i] for i in perm[start:start + c]])
+        start += c
+    return out
+
+
+def parse_fraction(value) -> Fraction:
+    try:
+        f = Fraction(str(value))
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"labeled_fraction: expected a fraction like 1/8 or 0.125, got {value!r}") from None
+    if not 0 < f <= 1:
+        raise ValueError(f"labeled_fraction: expected a value in (0, 1], got {value!r}")
+    return f
+
+
+def labeled_indices(n, fraction, seed):
+    """Sorted indices of the labeled subset: max(1, round(n * fraction)) items of a seeded shuffle."""
+    f = parse_fraction(fraction)
+    if n == 0:
+        return []
+    k = max(1, int(round(n * f)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    return sorted(perm[:k])
+
+
+def dataset_splits(dataset, root, seed=0, fmt="auto", max_images=None):
+    """{'train', 'val', 'test'} lists of Entry.
+
+    dsb: one folder split 7:1:2 by a seeded shuffle. monuseg: ``root/train`` split 80/20 (train/val)
+    by whole tiles, ``root/test`` is the official test set; use ``tile_samples`` after loading.
+    """
+    if dataset == "dsb":
+        entries = read_folder(root, fmt)
+        if max_images:
+            entries = seeded_split(entries, (1,), seed)[0][:max_images]
+        train, val, test = seeded_split(entries, (7, 1, 2), seed)
+        return {"train": train, "val": val, "test": test}
+    if dataset == "monuseg":
+        train_all = read_folder(os.path.join(root, "train"), fmt)
+        test = read_folder(os.path.join(root, "test"), fmt)
+        if max_images:
+            train_all, test = train_all[:max_images], test[:max_images]
+        train, val = seeded_split(train_all, (8, 2), seed)
+        return {"train": train, "val": val, "test": test}
+    raise ValueError(f"dataset: expected 'dsb' or 'monuseg', got {dataset!r}")
+
+
+# ---------------------------------------------------------------- tiles and resizing
+
+def tile_sample(sample: Sample, size=250) -> list[Sample]:
+    """Non-overlapping size x size crops (row-major); a remainder narrower than `size` is dropped."""
+    h, w = sample.labels.shape
+    if h < size or w < size:
+        raise DataError(f"{sample.id}: image {w}x{h} is smaller than the {size}x{size} tile")
+    return [Sample(f"{sample.id}_r{r}_c{c}", sample.image[r:r + size, c:c + size].copy(),
+                   sample.labels[r:r + size, c:c + size].copy())
+            for r in range(0, h - size + 1, size) for c in range(0, w - size + 1, size)]
+
+
+def resize_sample(sample: Sample, size: int):
+    """(image uint8 (3, S, S), labels int32 (S, S)) tensors: bilinear with antialiasing for the image,
+    nearest for the labels."""
+    img = torch.from_numpy(np.array(sample.image)).permute(2, 0, 1)[None].float()
+    img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    lab = torch.from_numpy(np.array(sample.labels))[None, None].float()
+    lab = F.interpolate(lab, size=(size, size), mode="nearest-exact")
+    return img[0].round().clamp(0, 255).to(torch.uint8), lab[0, 0].to(torch.int32)
+
+
+def load_resized(entries, size, tile=None, desc="loading"):
+    """Stack of resized images (N, 3, S, S) uint8 and labels (N, S, S) int32, and the sample ids."""
+    from tqdm import tqdm
+
+    images, labels, ids = [], [], []
+    for e in tqdm(entries, desc=desc, leave=False, disable=len(entries) < 50):
+        s = e.load()
+        for part in (tile_sample(s, tile) if tile else [s]):
+            i, l = resize_sample(part, size)
+            images.append(i)
+            labels.append(l)
+            ids.append(part.id)
+    if not images:
+        return torch.zeros(0, 3, size, size, dtype=torch.uint8), torch.zeros(0, size, size, dtype=torch.int32), ids
+    return torch.stack(images), torch.stack(labels), ids
+
+
+def load_full(entries, tile=None):
+    """Samples at their original resolution (tiled when asked), for evaluation."""
+    out = []
+    for e in entries:
+        s = e.load()
+        out.extend(tile_sample(s, tile) if tile else [s])
+    return out

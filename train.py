@@ -1,0 +1,420 @@
+"""Semi-supervised nuclei segmentation with mean teacher and the CDCL loss (SPEC 4).
+
+    python train.py --data data/dsb2018_sample --preset small --method cdcl --out runs/demo
+    torchrun --nproc_per_node 2 train.py ...            # DDP (gloo on CPU, nccl on CUDA)
+
+Methods: suponly (labeled part only), fullsup (every training image labeled), meanteacher
+(L_sup + w_cons L_cons), cdcl (L_sup + 0.1 L_contr + w_cons L_cons + 0.01 L_ent). --no-contr,
+--no-cons, --no-ent, --sampling give the ablations. One epoch is ceil(training images / batch)
+iterations for every method (--iters-per-epoch overrides), so budgets compare across methods.
+Outputs in --out: config.json, splits.json, log.csv, last.pt, best.pt, metrics.json/.md (test set at
+the original resolution), overlays/.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cdcl_ops import CrossPatchInfoNCE
+from cdcl_ops.nuclei import augment, data, models, schedules
+from cdcl_ops.nuclei.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_into, save_checkpoint
+from cdcl_ops.nuclei.evaluate import batch_dice, evaluate_samples, write_report
+
+METHODS = ("suponly", "fullsup", "meanteacher", "cdcl")
+# losses on by default per method: (cons, contr, ent)
+DEFAULT_LOSSES = {"suponly": (False, False, False), "fullsup": (False, False, False),
+                  "meanteacher": (True, False, False), "cdcl": (True, True, True)}
+# settings a resumed run must share with its checkpoint
+RESUME_KEYS = ("method", "dataset", "seed", "labeled_fraction", "batch_size", "unlabeled_batch_size",
+               "iters_per_epoch", "model", "cons", "contr", "ent", "sampling", "max_images")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--data", default="data/dsb2018_sample", help="dataset folder (dsb: one folder, split 7:1:2; "
+      "monuseg: a folder with train/ and test/)")
+    a("--dataset", default="dsb", choices=("dsb", "monuseg"))
+    a("--format", default="auto", choices=("auto", "layout", "dsb", "monuseg"), help="on-disk format")
+    a("--max-images", type=int, default=None, help="use a seeded subset of this many images")
+    a("--out", default="runs/train")
+    a("--method", default="cdcl", choices=METHODS)
+    a("--labeled-fraction", default="1/8", help="1/32, 1/16, 1/8, 1 or any fraction")
+    a("--preset", default="small", choices=sorted(models.PRESETS))
+    a("--input-size", type=int, default=None, help="model input side (default: the preset's)")
+    a("--pretrained", default=None, help="local torchvision DenseNet state dict for the encoder")
+    a("--epochs", type=int, default=80)
+    a("--iters-per-epoch", type=int, default=None)
+    a("--batch-size", type=int, default=8, help="labeled images per step (all ranks together)")
+    a("--unlabeled-batch-size", type=int, default=8, help="unlabeled images per step (all ranks)")
+    a("--lr", type=float, default=1e-4)
+    a("--poly-power", type=float, default=0.9)
+    a("--ema-alpha", type=float, default=0.999)
+    a("--unsup-start-epoch", type=int, default=6, help="first epoch (1-based) of the unlabeled branch")
+    a("--rampup-epochs", type=float, default=None, help="length T of the w_cons ramp (default: --epochs)")
+    a("--w-contr", type=float, default=0.1)
+    a("--w-cons", type=float, default=1.0, help="final consistency weight")
+    a("--w-ent", type=float, default=0.01)
+    for name in ("cons", "contr", "ent"):
+        a(f"--{name}", action=argparse.BooleanOptionalAction, default=None,
+          help=f"L_{name} on/off (default: per method)")
+    a("--sampling", default="pixel-patch", choices=("pixel-patch", "pixel", "random"))
+    a("--semantics", default="paper", choices=("paper", "official"))
+    a("--grid", type=int, default=8)
+    a("--fdp", type=float, default=0.7)
+    a("--bdp", type=float, default=0.3)
+    a("--temperature", type=float, default=0.1)
+    a("--memory", type=int, default=1)
+    a("--loss-backend", default=None)
+    a("--seed", type=int, default=0)
+    a("--device", default="auto")
+    a("--threads", type=int, default=None)
+    a("--resume", default=None, help="checkpoint to continue from ('auto': OUT/last.pt if present)")
+    a("--overlays", type=int, default=8, help="test images to draw overlays for")
+    a("--no-test", action="store_true", help="skip the final test evaluation")
+    a("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def resolve(args):
+    args.labeled_fraction = str(data.parse_fraction("1" if args.method == "fullsup" else args.labeled_fraction))
+    d_cons, d_contr, d_ent = DEFAULT_LOSSES[args.method]
+    supervised = args.method in ("suponly", "fullsup")
+    for name, default in (("cons", d_cons), ("contr", d_contr), ("ent", d_ent)):
+        v = getattr(args, name)
+        if supervised and v:
+            raise ValueError(f"--{name}: method {args.method} trains on labeled images only")
+        setattr(args, name, default if v is None else v)
+    cfg = models.model_config(args.preset, input_size=args.input_size)
+    if cfg.input_size % 64:
+        raise ValueError(f"--input-size: expected a multiple of 64 (stride-8 features cut into the "
+                         f"grid), got {cfg.input_size}")
+    args.model = cfg
+    if args.rampup_epochs is None:
+        args.rampup_epochs = float(args.epochs)
+    return args
+
+
+def run_config(args):
+    d = {k: v for k, v in vars(args).items() if k not in ("model",)}
+    d["model"] = models.asdict(args.model)
+    return d
+
+
+# ---------------------------------------------------------------- distributed
+
+def setup_distributed(device_arg):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_arg)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world, rank, device
+
+
+def all_mean(x: float, world: int) -> float:
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / world
+
+
+# ---------------------------------------------------------------- data
+
+class IndexStream:
+    """Endless stream of indices: seeded permutations of `pool` one after another."""
+
+    def __init__(self, pool, g):
+        self.pool, self.g, self.buf = list(pool), g, []
+
+    def take(self, n):
+        while len(self.buf) < n:
+            self.buf += [self.pool[i] for i in torch.randperm(len(self.pool), generator=self.g).tolist()]
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+
+def load_data(args, rank):
+    splits = data.dataset_splits(args.dataset, args.data, seed=args.seed, fmt=args.format,
+                                 max_images=args.max_images)
+    tile = 250 if args.dataset == "monuseg" else None
+    size = args.model.input_size
+    show = rank == 0
+    train_x, train_y, train_ids = data.load_resized(splits["train"], size, tile, "train images" if show else "")
+    val_x, val_y, _ = data.load_resized(splits["val"], size, tile, "val images" if show else "")
+    labeled = data.labeled_indices(len(train_ids), args.labeled_fraction, args.seed)
+    lab_set = set(labeled)
+    unlabeled = [i for i in range(len(train_ids)) if i not in lab_set]
+    split_ids = {"train_labeled": [train_ids[i] for i in labeled],
+                 "train_unlabeled": [train_ids[i] for i in unlabeled],
+                 "val": [e.id for e in splits["val"]], "test": [e.id for e in splits["test"]]}
+    return dict(train_x=train_x, train_y=train_y, labeled=labeled, unlabeled=unlabeled,
+                val_x=val_x, val_y=val_y, test_entries=splits["test"], tile=tile, split_ids=split_ids)
+
+
+# ---------------------------------------------------------------- losses
+
+def entropy(logits):
+    p = logits.float().softmax(dim=1)
+    return -(p * torch.log(p.clamp_min(1e-8))).sum(dim=1).mean()
+
+
+def epoch_seed(seed, epoch, rank):
+    return (seed * 1_000_003 + epoch * 9_973 + rank * 101) % (2 ** 63)
+
+
+class Trainer:
+    def __init__(self, args, world, rank, device):
+        self.args, self.world, self.rank, self.device = args, world, rank, device
+        self.main = rank == 0
+        for name, total in (("--batch-size", args.batch_size), ("--unlabeled-batch-size", args.unlabeled_batch_size)):
+            if total % world:
+                raise ValueError(f"{name}: expected a multiple of the {world} processes, got {total}")
+        self.bl, self.bu = args.batch_size // world, args.unlabeled_batch_size // world
+        torch.manual_seed(args.seed)
+        self.d = load_data(args, rank)
+        self.semi = args.method in ("meanteacher", "cdcl")
+        if self.semi and not self.d["unlabeled"]:
+            raise ValueError(f"--labeled-fraction: {args.labeled_fraction} leaves no unlabeled image for {args.method}")
+        n_train = self.d["train_x"].shape[0]
+        self.iters = args.iters_per_epoch or max(1, math.ceil(n_train / args.batch_size))
+        args.iters_per_epoch = self.iters
+        self.student = models.build_model(args.model, args.pretrained).to(device)
+        self.teacher = copy.deepcopy(self.student).eval() if self.semi else None
+        if self.teacher is not None:
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        self.net = self.student
+        if world > 1:
+            # the projector is idle before the unlabeled branch starts
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=True)
+        self.contr = CrossPatchInfoNCE(grid=args.grid, fdp=args.fdp, bdp=args.bdp, temperature=args.temperature,
+                                       memory=args.memory, semantics=args.semantics, sampling=args.sampling,
+                                       backend=args.loss_backend).to(device) if args.contr else None
+        self.opt = torch.optim.Adam(self.student.parameters(), lr=args.lr)
+        self.sched = schedules.poly_scheduler(self.opt, args.epochs * self.iters, args.poly_power)
+        self.aug = augment.AugmentConfig()
+        self.epoch, self.step, self.best = 0, 0, -1.0
+
+    # -- checkpoints
+    def state(self):
+        return {"epoch": self.epoch, "step": self.step, "best_dice": self.best,
+                "config": run_config(self.args), "student": self.student.state_dict(),
+                "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "loss": self.contr.state_dict() if self.contr is not None else None,
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+
+    def resume(self, path):
+        st = load_checkpoint(path, map_location=self.device)
+        check_compatible(path, st["config"], run_config(self.args), RESUME_KEYS)
+        load_into(self.student, st["student"], path, "student")
+        if self.teacher is not None:
+            load_into(self.teacher, st["teacher"], path, "teacher")
+        if self.contr is not None:
+            load_into(self.contr, st["loss"], path, "loss (feature bank)")
+        try:
+            self.opt.load_state_dict(st["optimizer"])
+            self.sched.load_state_dict(st["scheduler"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: optimizer or scheduler state does not fit ({e})") from None
+        torch.set_rng_state(st["rng"]["torch"].cpu())
+        if torch.cuda.is_available() and st["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+        self.epoch, self.step, self.best = st["epoch"], st["step"], st["best_dice"]
+
+    def save(self, name):
+        if self.main:
+            save_checkpoint(os.path.join(self.args.out, name), self.state())
+
+    # -- one step
+    def batch(self, idx, g, labeled):
+        x = self.d["train_x"][idx]
+        if labeled:
+            xs, y = augment.labeled_view(x, self.d["train_y"][idx], self.aug, g)
+            return augment.normalize(xs).to(self.device), (y > 0).long().to(self.device)
+        weak, strong = augment.weak_strong_pair(x, self.aug, g)
+        return augment.normalize(weak).to(self.device), augment.normalize(strong).to(self.device)
+
+    def train_step(self, lab_stream, unl_stream, g, t_epoch, unsup):
+        a = self.args
+        xl, yl = self.batch(lab_stream.take(self.bl), g, True)
+        parts = {}
+        if unsup:
+            weak, strong = self.batch(unl_stream.take(self.bu), g, False)
+            out = self.net(torch.cat([xl, strong]), features=a.contr)
+        else:
+            out = self.net(xl, features=False)
+        logits = out["logits"]
+        loss = parts["sup"] = F.cross_entropy(logits[:self.bl].float(), yl)
+        w_cons = a.w_cons * schedules.sigmoid_rampup(t_epoch, a.rampup_epochs)
+        if unsup:
+            s_logits = logits[self.bl:]
+            with torch.no_grad():
+                t_out = self.teacher(weak, features=a.contr)
+            if a.cons:
+                parts["cons"] = F.cross_entropy(s_logits.float(), t_out["logits"].argmax(dim=1))
+                loss = loss + w_cons * parts["cons"]
+            if a.ent:
+                parts["ent"] = entropy(s_logits)
+                loss = loss + a.w_ent * parts["ent"]
+            if a.contr:
+                parts["contr"] = self.contr(out["proj"][self.bl:], t_out["proj"],
+                                            out["logits_s4"][self.bl:], t_out["logits_s4"])
+                loss = loss + a.w_contr * parts["contr"]
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        if self.teacher is not None:
+            schedules.ema_update(self.teacher, self.student, schedules.ema_alpha(self.step, a.ema_alpha))
+        self.step += 1
+        parts = {k: float(v.detach()) for k, v in parts.items()}
+        parts["loss"] = float(loss.detach())
+        parts["w_cons"] = w_cons if unsup and a.cons else 0.0
+        return parts
+
+    def train_epoch(self):
+        a, e = self.args, self.epoch
+        seed = epoch_seed(a.seed, e, self.rank)
+        torch.manual_seed(seed)  # dropout: each epoch's randomness depends only on (seed, epoch, rank)
+        g = torch.Generator().manual_seed(seed)
+        lab = IndexStream(self.d["labeled"], g)
+        unl = IndexStream(self.d["unlabeled"], g) if self.semi else None
+        unsup = self.semi and (e + 1) >= a.unsup_start_epoch
+        self.student.train()
+        sums, n = {}, 0
+        bar = tqdm(range(self.iters), desc=f"epoch {e + 1}/{a.epochs}", leave=False,
+                   disable=a.no_progress or not self.main, dynamic_ncols=True)
+        for it in bar:
+            parts = self.train_step(lab, unl, g, e + it / self.iters, unsup)
+            n += 1
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix({k: f"{v / n:.3f}" for k, v in sums.items() if k != "w_cons"})
+        bar.close()
+        return {k: all_mean(v / n, self.world) for k, v in sums.items()}
+
+    def fit(self, log_path, tb):
+        a = self.args
+        fields = ["epoch", "step", "lr", "loss", "sup", "cons", "contr", "ent", "w_cons", "val_dice", "seconds"]
+        if self.main and not os.path.exists(log_path):
+            with open(log_path, "w", newline="") as f:
+                csv.writer(f).writerow(fields)
+        while self.epoch < a.epochs:
+            t0 = time.time()
+            stats = self.train_epoch()
+            self.epoch += 1
+            dice = batch_dice(self.student.eval(), self.d["val_x"], self.d["val_y"], self.device) \
+                if self.d["val_x"].shape[0] else float("nan")
+            self.student.train()
+            row = {"epoch": self.epoch, "step": self.step, "lr": self.opt.param_groups[0]["lr"],
+                   **stats, "val_dice": dice, "seconds": round(time.time() - t0, 2)}
+            if self.main:
+                with open(log_path, "a", newline="") as f:
+                    csv.writer(f).writerow([row.get(k, "") for k in fields])
+                msg = " ".join(f"{k}={row[k]:.4f}" for k in ("loss", "sup", "cons", "contr", "ent") if k in row)
+                print(f"epoch {self.epoch}/{a.epochs} {msg} val_dice={dice:.4f} ({row['seconds']}s)", flush=True)
+                if tb is not None:
+                    for k, v in row.items():
+                        if k not in ("epoch", "step"):
+                            tb.add_scalar(k, v, self.epoch)
+                    preview(tb, self.student, self.d["val_x"], self.device, self.epoch)
+            improved = not math.isnan(dice) and dice > self.best
+            if improved:
+                self.best = dice
+            self.save("last.pt")
+            if improved:
+                self.save("best.pt")
+
+
+@torch.no_grad()
+def preview(tb, model, images, device, epoch, n=4):
+    if not images.shape[0]:
+        return
+    model.eval()
+    x = images[:n].float() / 255.0
+    pred = model(augment.normalize(x).to(device))["logits"].argmax(dim=1).cpu().float()
+    model.train()
+    tb.add_images("val/images", x, epoch)
+    tb.add_images("val/prediction", pred[:, None], epoch)
+
+
+def tensorboard_writer(out):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(os.path.join(out, "tb"))
+
+
+def main(argv=None):
+    args = resolve(parse_args(argv))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    world, rank, device = setup_distributed(args.device)
+    try:
+        trainer = Trainer(args, world, rank, device)
+        if args.resume == "auto":
+            args.resume = os.path.join(args.out, "last.pt") if os.path.exists(os.path.join(args.out, "last.pt")) else None
+        if args.resume:
+            trainer.resume(args.resume)
+        if rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "config.json"), "w") as f:
+                json.dump(run_config(args), f, indent=2)
+            with open(os.path.join(args.out, "splits.json"), "w") as f:
+                json.dump(trainer.d["split_ids"], f, indent=1)
+            print(f"{args.method}: {len(trainer.d['labeled'])} labeled + {len(trainer.d['unlabeled'])} unlabeled "
+                  f"training images, {trainer.d['val_x'].shape[0]} val, {len(trainer.d['test_entries'])} test; "
+                  f"{trainer.iters} iterations/epoch, {world} process(es) on {device}", flush=True)
+        tb = tensorboard_writer(args.out) if rank == 0 else None
+        trainer.fit(os.path.join(args.out, "log.csv"), tb)
+        if tb is not None:
+            tb.close()
+        if rank == 0 and not args.no_test and trainer.d["test_entries"]:
+            best = os.path.join(args.out, "best.pt")
+            model = trainer.student
+            if os.path.exists(best):
+                load_into(model, load_checkpoint(best, device)["student"], best, "student")
+            samples = data.load_full(trainer.d["test_entries"], trainer.d["tile"])
+            meter = evaluate_samples(model, samples, args.model.input_size, device, args.out, args.overlays,
+                                     progress=not args.no_progress)
+            summary = write_report(meter, args.out, "metrics", f"Test metrics ({args.method}, {args.labeled_fraction} labeled)",
+                                   extra={"method": args.method, "labeled_fraction": args.labeled_fraction,
+                                          "checkpoint": "best.pt" if os.path.exists(best) else "last epoch"})
+            print(f"test: Dice over the set {summary['over_set']['DC']:.4f}, mean per image "
+                  f"{summary['per_image_mean']['DC']:.4f}; AJI {summary['per_image_mean']['AJI']:.4f} "
+                  f"-> {os.path.join(args.out, 'metrics.md')}", flush=True)
+    except (CheckpointError, data.DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
