@@ -43,8 +43,8 @@ class FeatureBank(torch.nn.Module):
         capacity: rows per batch slot (after gathering across ranks), or None for the first
             push's row count.
         memory: previous batches kept besides the current one (the paper: 1).
-        device, dtype: where and how the features are stored (default: the first push's device,
-            float32). Labels and groups are int64.
+        device, dtype: where and how the features are stored (default: the first push's device
+            and dtype). Labels and groups are int64.
     """
 
     def __init__(self, dim=None, capacity=None, memory=1, device=None, dtype=None):
@@ -62,10 +62,11 @@ class FeatureBank(torch.nn.Module):
         self.dim = dim
         self.memory = memory
         self.slots = memory + 1
-        self._dtype = dtype or torch.float32
+        self._dtype_fixed = dtype is not None
         self._device_fixed = device is not None
         device = torch.device(device) if device is not None else torch.device("cpu")
-        self.register_buffer("feats", torch.zeros(0, dim or 0, dtype=self._dtype, device=device))
+        self.register_buffer("feats", torch.zeros(0, dim or 0, dtype=dtype or torch.float32,
+                                                   device=device))
         self.register_buffer("labels", torch.zeros(0, dtype=torch.int64, device=device))
         self.register_buffer("groups", torch.zeros(0, dtype=torch.int64, device=device))
         self.register_buffer("cursor", torch.zeros((), dtype=torch.int64, device=device))
@@ -77,10 +78,11 @@ class FeatureBank(torch.nn.Module):
         """Rows per batch slot, or None before the first push of a lazily sized bank."""
         return self.labels.shape[0] // self.slots if self.labels.shape[0] else None
 
-    def _allocate(self, capacity, dim, device):
+    def _allocate(self, capacity, dim, device, dtype=None):
         rows = capacity * self.slots
         self.dim = dim
-        self.feats = torch.zeros(rows, dim, dtype=self.feats.dtype, device=device)
+        dtype = self.feats.dtype if self._dtype_fixed or dtype is None else dtype
+        self.feats = torch.zeros(rows, dim, dtype=dtype, device=device)
         self.labels = torch.full((rows,), -1, dtype=torch.int64, device=device)
         self.groups = torch.full((rows,), -1, dtype=torch.int64, device=device)
         self.cursor = torch.zeros((), dtype=torch.int64, device=device)
@@ -125,7 +127,7 @@ class FeatureBank(torch.nn.Module):
         world, rank = _world()
         n, d = feats.shape
         if self.capacity is None:
-            self._allocate(n * world, d, feats.device)
+            self._allocate(n * world, d, feats.device, feats.dtype)
         cap = self.capacity
         if n * world > cap:
             raise ValueError(f"feats: expected at most {cap} rows per batch in all (the bank's capacity"
@@ -183,7 +185,7 @@ class FeatureBank(torch.nn.Module):
                 if self.dim is not None and feats.shape[1] != self.dim:
                     error_msgs.append(f"{prefix}feats: expected feature dim {self.dim}, got {feats.shape[1]}")
                     return
-                self._allocate(feats.shape[0] // self.slots, feats.shape[1], self.feats.device)
+                self._allocate(feats.shape[0] // self.slots, feats.shape[1], self.feats.device, feats.dtype)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

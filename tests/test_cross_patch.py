@@ -1,0 +1,432 @@
+"""cross_patch_infonce / CrossPatchInfoNCE against plain float64 transcriptions of the paper's
+Eqs. (3)-(12) and of the released code's formula, written here one patch and one pixel at a time
+(no library code), over several batches in a row so the banks' ring buffer wraps."""
+import math
+
+import pytest
+import torch
+
+import cdcl_ops
+
+FDP, BDP = 0.7, 0.3
+
+
+# ----------------------------------------------------------------------------- inputs
+def patch_kind(fs, fdp=FDP, bdp=BDP):
+    return 1 if fs >= fdp else (0 if fs <= bdp else -1)
+
+
+def make_labels(b, h, w, grid, kinds, gen):
+    """Labels whose patches have the given kinds (1 FDP, 0 BDP, -1 MP); background is 0 or 2."""
+    ph, pw = h // grid, w // grid
+    n = ph * pw
+    labels = torch.zeros(b, h, w, dtype=torch.int64)
+    for i in range(b):
+        for gi in range(grid):
+            for gj in range(grid):
+                options = [c for c in range(n + 1) if patch_kind(c / n) == int(kinds[i, gi, gj])]
+                count = options[int(torch.randint(len(options), (1,), generator=gen))]
+                patch = 2 * torch.randint(0, 2, (n,), generator=gen)  # background: class 0 or 2
+                patch[torch.randperm(n, generator=gen)[:count]] = 1
+                labels[i, gi * ph:(gi + 1) * ph, gj * pw:(gj + 1) * pw] = patch.view(ph, pw)
+    return labels
+
+
+def make_batch(b, d, h, w, grid, gen, kinds_s=None, kinds_t=None):
+    """Random features and student / teacher labels with known patch kinds (random by default)."""
+    n = (h // grid) * (w // grid)
+    possible = [k for k in (-1, 0, 1) if any(patch_kind(c / n) == k for c in range(n + 1))]
+
+    def kinds():
+        return torch.tensor(possible)[torch.randint(len(possible), (b, grid, grid), generator=gen)]
+
+    kinds_s = kinds() if kinds_s is None else kinds_s
+    kinds_t = kinds() if kinds_t is None else kinds_t
+    fs = torch.randn(b, d, h, w, generator=gen, dtype=torch.float64)
+    ft = torch.randn(b, d, h, w, generator=gen, dtype=torch.float64)
+    return dict(fs=fs, ft=ft, ys=make_labels(b, h, w, grid, kinds_s, gen),
+                yt=make_labels(b, h, w, grid, kinds_t, gen), kinds_s=kinds_s, kinds_t=kinds_t)
+
+
+def gen_for(*key):
+    return torch.Generator().manual_seed(hash(key) % 2**31 + torch.seed() % 1000)
+
+
+# ----------------------------------------------------------------------------- transcriptions
+def patch_cells(b, h, w, grid):
+    ph, pw = h // grid, w // grid
+    for i in range(b):
+        for gi in range(grid):
+            for gj in range(grid):
+                yield i, [(r, c) for r in range(gi * ph, (gi + 1) * ph) for c in range(gj * pw, (gj + 1) * pw)]
+
+
+def foreground_score(y, i, cells, fg=1):
+    return sum(int(y[i, r, c]) == fg for r, c in cells) / len(cells)  # Eqs. (5), (6)
+
+
+def sim(q, k, tau):
+    return torch.exp(torch.dot(q, k) / (q.norm() * k.norm() * tau))  # Eq. (8)
+
+
+def stack_bank(rows, d, dtype):
+    """(features (M, D), labels (M,)) of a list of (feature, label) pairs."""
+    if not rows:
+        return torch.zeros(0, d, dtype=dtype), torch.zeros(0, dtype=torch.int64)
+    return torch.stack([f for f, _ in rows]), torch.tensor([lab for _, lab in rows])
+
+
+def sims(q, bank, tau):
+    """Eq. (8) of q against every bank row."""
+    return torch.exp(bank @ q / (bank.norm(dim=1) * q.norm() * tau))
+
+
+def paper_loop(fs, ft, ys, yt, history, grid, tau=0.1):
+    """L_contr of Eqs. (7)-(12). history: [(ft, yt)] of previous batches still in the banks."""
+    b, d, h, w = fs.shape
+    fdb, bdb = [], []  # (feature, pseudo label) of teacher pixels of FDPs / BDPs
+    for f, y in [(ft, yt)] + history:
+        for i, cells in patch_cells(*y.shape, grid):
+            kind = patch_kind(foreground_score(y, i, cells))
+            if kind >= 0:
+                (fdb if kind == 1 else bdb).extend((f[i, :, r, c], int(y[i, r, c])) for r, c in cells)
+    banks = {1: stack_bank(bdb, d, fs.dtype), 0: stack_bank(fdb, d, fs.dtype)}  # FDP -> BDB, BDP -> FDB
+    total, patches = fs.sum() * 0, 0
+    for i, cells in patch_cells(b, h, w, grid):
+        kind = patch_kind(foreground_score(ys, i, cells))
+        if kind < 0:
+            continue
+        bank, bank_labels = banks[kind]
+        l_patch = 0
+        for r, c in cells:
+            q = fs[i, :, r, c]
+            pos = sim(q, ft[i, :, r, c], tau)
+            j = (bank_labels != int(ys[i, r, c])).to(q.dtype)           # Eq. (9)
+            neg = (sims(q, bank, tau) * j).sum()
+            l_patch = l_patch - torch.log(pos / (pos + neg))            # Eq. (7)
+        total = total + l_patch / len(cells)                            # Eq. (10)
+        patches += 1
+    return total / patches if patches else total                        # Eqs. (11), (12)
+
+
+def official_loop(fs, ft, ys, yt, history, grid, tau=0.1, eps=0.0):
+    """The released code's loss: one bank of student and teacher pixels, anchors from student FDPs
+    and BDPs, negatives where labels differ and FC_q + FC_k <= bdp + fdp. The released code adds
+    eps = 1e-8 inside the log and to the denominator; the comparisons use eps = 0 (the library
+    leaves those terms out: with tau = 0.1 a query whose positive probability is near 1e-8 moves
+    by O(1), so no tolerance could absorb them). history: [(fs.detach(), ys), (ft, yt)] pairs."""
+    b, d, h, w = fs.shape
+    rows = []  # (feature, label, FC)
+    for f, y in [(fs, ys), (ft, yt)] + history:
+        for i, cells in patch_cells(*y.shape, grid):
+            fc = foreground_score(y, i, cells)
+            rows.extend((f[i, :, r, c], int(y[i, r, c]), fc) for r, c in cells)
+    bank = torch.stack([r[0] for r in rows])
+    bank = bank / bank.norm(dim=1, keepdim=True)
+    bank_labels = torch.tensor([r[1] for r in rows])
+    bank_fc = torch.tensor([r[2] for r in rows], dtype=torch.float64)
+    total, anchors = fs.sum() * 0, 0
+    for i, cells in patch_cells(b, h, w, grid):
+        fc = foreground_score(ys, i, cells)
+        if BDP < fc < FDP:
+            continue
+        l_patch = 0
+        for r, c in cells:
+            a = fs[i, :, r, c] / fs[i, :, r, c].norm()
+            pos = torch.dot(a, ft[i, :, r, c] / ft[i, :, r, c].norm()) / tau
+            neg = bank @ a / tau
+            keep = ((bank_labels != int(ys[i, r, c])) & (fc + bank_fc <= BDP + FDP + 1e-12)).to(neg.dtype)
+            top = torch.max(torch.cat([pos.view(1), neg]))
+            denominator = torch.exp(pos - top) + (torch.exp(neg - top) * keep).sum()
+            l_patch = l_patch - torch.log(torch.exp(pos - top) / (denominator + eps) + eps)
+        total = total + l_patch / len(cells)
+        anchors += 1
+    return total / anchors if anchors else total
+
+
+def pixel_loop(fs, ft, ys, yt, history, random):
+    """Table 2 Schemes 1 ("random": every other bank pixel is a negative) and 2 ("pixel":
+    negatives are bank pixels of a different pseudo label); every student pixel is a query."""
+    b, d, h, w = fs.shape
+    rows, owner = [], []  # (feature, label); which query (i, r, c) a row is the positive of
+    for age, (f, y) in enumerate([(ft, yt)] + history):
+        for i in range(f.shape[0]):
+            for r in range(h):
+                for c in range(w):
+                    rows.append((f[i, :, r, c], int(y[i, r, c])))
+                    owner.append((i, r, c) if age == 0 else None)
+    bank, bank_labels = stack_bank(rows, d, fs.dtype)
+    total = fs.sum() * 0
+    for i in range(b):
+        for r in range(h):
+            for c in range(w):
+                q = fs[i, :, r, c]
+                pos = sim(q, ft[i, :, r, c], 0.1)
+                if random:
+                    j = torch.tensor([who != (i, r, c) for who in owner], dtype=q.dtype)
+                else:
+                    j = (bank_labels != int(ys[i, r, c])).to(q.dtype)
+                neg = (sims(q, bank, 0.1) * j).sum()
+                total = total - torch.log(pos / (pos + neg))
+    return total / (b * h * w)
+
+
+def transcription(semantics, sampling, batch, history_batches, grid):
+    fs, ft, ys, yt = batch["fs"], batch["ft"], batch["ys"], batch["yt"]
+    if semantics == "official":
+        hist = [pair for old in history_batches
+                for pair in ((old["fs"].detach(), old["ys"]), (old["ft"], old["yt"]))]
+        return official_loop(fs, ft, ys, yt, hist, grid)
+    hist = [(old["ft"], old["yt"]) for old in history_batches]
+    if sampling == "pixel-patch":
+        return paper_loop(fs, ft, ys, yt, hist, grid)
+    return pixel_loop(fs, ft, ys, yt, hist, random=sampling == "random")
+
+
+def loss_and_grad(fn, fs):
+    fs = fs.detach().clone().requires_grad_(True)
+    loss = fn(fs)
+    (grad,) = torch.autograd.grad(loss, fs, allow_unused=True)
+    return loss.detach(), torch.zeros_like(fs) if grad is None else grad
+
+
+TOL = {"paper": dict(rtol=1e-9, atol=1e-10), "official": dict(rtol=1e-9, atol=1e-10)}
+
+# (B, D, H, W, grid): 2x2 patches (MP only at 2 of 4), 2x3 patches on a 3x3 grid
+SHAPES = [(2, 5, 8, 8, 4), (2, 3, 6, 9, 3)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("memory", [0, 1, 3])
+@pytest.mark.parametrize("semantics", ["paper", "official"])
+def test_module_matches_transcription_over_batches(shape, memory, semantics):
+    b, d, h, w, grid = shape
+    gen = gen_for(shape, memory, semantics)
+    module = cdcl_ops.CrossPatchInfoNCE(grid=grid, memory=memory, semantics=semantics,
+                                        backend="reference")
+    history = []
+    for step in range(memory + 3):  # the ring buffer wraps at least twice
+        batch = make_batch(b, d, h, w, grid, gen)
+        loss, grad = loss_and_grad(lambda fs: module(fs, batch["ft"], batch["ys"], batch["yt"]), batch["fs"])
+        ref, ref_grad = loss_and_grad(
+            lambda fs: transcription(semantics, "pixel-patch", dict(batch, fs=fs), history, grid), batch["fs"])
+        assert loss.dtype == torch.float64
+        torch.testing.assert_close(loss, ref, **TOL[semantics], msg=f"step {step}")
+        torch.testing.assert_close(grad, ref_grad, **TOL[semantics], msg=f"grad, step {step}")
+        history = ([batch] + history)[:memory]
+
+
+@pytest.mark.parametrize("sampling", ["pixel", "random"])
+@pytest.mark.parametrize("memory", [0, 2])
+def test_table2_schemes_match_transcription(sampling, memory):
+    b, d, h, w, grid = 2, 4, 4, 6, 2
+    gen = gen_for(sampling, memory)
+    module = cdcl_ops.CrossPatchInfoNCE(grid=grid, memory=memory, sampling=sampling, backend="reference")
+    history = []
+    for step in range(memory + 2):
+        batch = make_batch(b, d, h, w, grid, gen)
+        loss, grad = loss_and_grad(lambda fs: module(fs, batch["ft"], batch["ys"], batch["yt"]), batch["fs"])
+        ref, ref_grad = loss_and_grad(
+            lambda fs: transcription("paper", sampling, dict(batch, fs=fs), history, grid), batch["fs"])
+        torch.testing.assert_close(loss, ref, rtol=1e-9, atol=1e-10, msg=f"step {step}")
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-10)
+        history = ([batch] + history)[:memory]
+
+
+def test_bank_none_is_memory_zero_and_stats():
+    b, d, h, w, grid = 3, 6, 8, 8, 4
+    batch = make_batch(b, d, h, w, grid, gen_for("stats"))
+    loss, stats = cdcl_ops.cross_patch_infonce(batch["fs"], batch["ft"], batch["ys"], batch["yt"],
+                                               grid=grid, backend="reference", return_stats=True)
+    ref = paper_loop(batch["fs"], batch["ft"], batch["ys"], batch["yt"], [], grid)
+    torch.testing.assert_close(loss, ref, rtol=1e-9, atol=1e-10)
+    kinds = batch["kinds_s"]
+    pixels = (h // grid) * (w // grid)
+    assert int(stats["fdp_patches"]) == int((kinds == 1).sum())
+    assert int(stats["bdp_patches"]) == int((kinds == 0).sum())
+    assert int(stats["queries"]) == int((kinds >= 0).sum()) * pixels
+    assert all(isinstance(v, torch.Tensor) and v.device == loss.device for v in stats.values())
+    # mean positive probability e^{s+} / (e^{s+} + sum J e^{s-}) over the queries, from the same loop
+    probs = []
+    fdb_bdb = {}
+    for f, y in [(batch["ft"], batch["yt"])]:
+        for i, cells in patch_cells(b, h, w, grid):
+            kind = patch_kind(foreground_score(y, i, cells))
+            if kind >= 0:
+                fdb_bdb.setdefault(kind, []).extend((f[i, :, r, c], int(y[i, r, c])) for r, c in cells)
+    for i, cells in patch_cells(b, h, w, grid):
+        kind = patch_kind(foreground_score(batch["ys"], i, cells))
+        if kind < 0:
+            continue
+        for r, c in cells:
+            q = batch["fs"][i, :, r, c]
+            pos = sim(q, batch["ft"][i, :, r, c], 0.1)
+            neg = sum(float(sim(q, k, 0.1)) for k, lab in fdb_bdb.get(1 - kind, [])
+                      if lab != int(batch["ys"][i, r, c]))
+            probs.append(float(pos) / (float(pos) + neg))
+    assert math.isclose(float(stats["positive_prob"]), sum(probs) / len(probs), rel_tol=1e-9)
+
+
+def test_logits_are_pooled_then_argmaxed():
+    """Predictions at 2x the feature size: softmax, average over each 2x2 block, argmax (Eqs. 3-4)."""
+    b, d, h, w, grid = 2, 4, 6, 6, 3
+    gen = gen_for("logits")
+    batch = make_batch(b, d, h, w, grid, gen)
+    logits = [torch.randn(b, 3, 2 * h, 2 * w, generator=gen, dtype=torch.float64) * 3 for _ in range(2)]
+
+    def pooled_argmax(z):
+        p = z.softmax(dim=1)
+        out = torch.zeros(b, h, w, dtype=torch.int64)
+        for i in range(b):
+            for r in range(h):
+                for c in range(w):
+                    block = p[i, :, 2 * r:2 * r + 2, 2 * c:2 * c + 2].reshape(3, 4).mean(dim=1)
+                    out[i, r, c] = int(block.argmax())
+        return out
+
+    ys, yt = pooled_argmax(logits[0]), pooled_argmax(logits[1])
+    for semantics in ("paper", "official"):
+        loss = cdcl_ops.cross_patch_infonce(batch["fs"], batch["ft"], logits[0], logits[1], grid=grid,
+                                            semantics=semantics, backend="reference")
+        same = cdcl_ops.cross_patch_infonce(batch["fs"], batch["ft"], ys, yt, grid=grid,
+                                            semantics=semantics, backend="reference")
+        torch.testing.assert_close(loss, same, rtol=0, atol=0)
+    torch.testing.assert_close(loss.new_tensor(float(official_loop(batch["fs"], batch["ft"], ys, yt, [], grid))),
+                               loss, **TOL["official"])
+
+
+# ----------------------------------------------------------------------------- edge cases
+def test_no_fdp_or_bdp_patch_gives_attached_zero():
+    b, d, h, w, grid = 2, 4, 8, 8, 4
+    gen = gen_for("mp")
+    mp = -torch.ones(b, grid, grid, dtype=torch.int64)
+    batch = make_batch(b, d, h, w, grid, gen, kinds_s=mp, kinds_t=mp)
+    for semantics in ("paper", "official"):
+        module = cdcl_ops.CrossPatchInfoNCE(grid=grid, semantics=semantics, backend="chunked")
+        fs = batch["fs"].float().requires_grad_(True)
+        loss, stats = module(fs, batch["ft"].float(), batch["ys"], batch["yt"], return_stats=True)
+        assert loss.item() == 0.0 and loss.requires_grad
+        loss.backward()
+        assert fs.grad is not None and not fs.grad.any()
+        assert int(stats["queries"]) == 0 and int(stats["fdp_patches"]) == int(stats["bdp_patches"]) == 0
+
+
+@pytest.mark.parametrize("semantics", ["paper", "official"])
+def test_only_fdps_have_no_negatives(semantics):
+    b, d, h, w, grid = 2, 4, 8, 8, 2
+    fs = torch.randn(b, d, h, w, requires_grad=True)
+    ones = torch.ones(b, h, w, dtype=torch.int64)
+    loss, stats = cdcl_ops.cross_patch_infonce(fs, torch.randn(b, d, h, w), ones, ones, grid=grid,
+                                               semantics=semantics, return_stats=True)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(fs.grad).all() and not fs.grad.any()
+    assert int(stats["queries"]) == b * h * w and int(stats["fdp_patches"]) == b * grid * grid
+    assert float(stats["positive_prob"]) == 1.0
+
+
+# one image; grid 1 (one patch per image); grid = feature size (one pixel per patch)
+@pytest.mark.parametrize("shape", [(1, 4, 6, 6, 3), (2, 4, 5, 5, 1), (2, 3, 4, 4, 4)])
+@pytest.mark.parametrize("semantics", ["paper", "official"])
+def test_small_and_extreme_grids(shape, semantics):
+    b, d, h, w, grid = shape
+    gen = gen_for(shape, semantics)
+    module = cdcl_ops.CrossPatchInfoNCE(grid=grid, memory=1, semantics=semantics, backend="reference")
+    history = []
+    for _ in range(2):
+        batch = make_batch(b, d, h, w, grid, gen)
+        loss, grad = loss_and_grad(lambda fs: module(fs, batch["ft"], batch["ys"], batch["yt"]), batch["fs"])
+        ref, ref_grad = loss_and_grad(
+            lambda fs: transcription(semantics, "pixel-patch", dict(batch, fs=fs), history, grid), batch["fs"])
+        torch.testing.assert_close(loss, ref, **TOL[semantics])
+        torch.testing.assert_close(grad, ref_grad, **TOL[semantics])
+        history = [batch]
+
+
+# ----------------------------------------------------------------------------- backends
+COMBOS = [("paper", "pixel-patch"), ("official", "pixel-patch"), ("paper", "pixel"), ("paper", "random")]
+STREAMING = [be for be in cdcl_ops.available_backends("cpu") if be != "reference"]
+
+
+@pytest.mark.parametrize("backend", STREAMING)
+@pytest.mark.parametrize("semantics,sampling", COMBOS)
+def test_backends_agree_with_reference(backend, semantics, sampling):
+    b, d, h, w, grid = 2, 8, 6, 6, 3
+    gen = gen_for(backend, semantics, sampling)
+    modules = {be: cdcl_ops.CrossPatchInfoNCE(grid=grid, memory=1, semantics=semantics, sampling=sampling,
+                                              backend=be) for be in ("reference", backend)}
+    for _ in range(2):
+        batch = make_batch(b, d, h, w, grid, gen)
+        ft, ys, yt = batch["ft"].float(), batch["ys"], batch["yt"]
+        results = {be: loss_and_grad(lambda fs: m(fs, ft, ys, yt), batch["fs"].float())
+                   for be, m in modules.items()}
+        (loss, grad), (ref, ref_grad) = results[backend], results["reference"]
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_features_give_fp32_loss_close_to_fp32():
+    b, d, h, w, grid = 2, 16, 8, 8, 4
+    batch = make_batch(b, d, h, w, grid, gen_for("bf16"))
+    ref = cdcl_ops.cross_patch_infonce(batch["fs"].float(), batch["ft"].float(), batch["ys"], batch["yt"],
+                                       grid=grid, backend="chunked")
+    loss = cdcl_ops.cross_patch_infonce(batch["fs"].bfloat16(), batch["ft"].float(), batch["ys"],
+                                        batch["yt"], grid=grid, backend="chunked")
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_torch_compile_fullgraph_chunked():
+    b, d, h, w, grid = 2, 8, 8, 8, 4
+    batch = make_batch(b, d, h, w, grid, gen_for("compile"))
+    logits_s = torch.randn(b, 2, 2 * h, 2 * w)
+    ft, yt = batch["ft"].float(), batch["yt"]
+
+    def fn(fs):
+        return cdcl_ops.cross_patch_infonce(fs, ft, logits_s, yt, grid=grid, backend="chunked")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    loss, grad = loss_and_grad(compiled, batch["fs"].float())
+    ref, ref_grad = loss_and_grad(fn, batch["fs"].float())
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_arguments_name_the_argument():
+    fs, ft = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    y = torch.randint(0, 2, (2, 8, 8))
+    call = cdcl_ops.cross_patch_infonce
+    with pytest.raises(ValueError, match="teacher_feats"):
+        call(fs, torch.randn(2, 4, 8, 4), y, y, grid=4)
+    with pytest.raises(ValueError, match="student_feats"):
+        call(fs[0], ft[0], y, y, grid=4)
+    with pytest.raises(ValueError, match="student_pred"):
+        call(fs, ft, torch.randint(0, 2, (2, 4, 4)), y, grid=4)
+    with pytest.raises(ValueError, match="teacher_pred"):
+        call(fs, ft, y, torch.randn(2, 2, 12, 12), grid=4)      # 12 is not a multiple of 8
+    with pytest.raises(ValueError, match="teacher_pred"):
+        call(fs, ft, y, torch.randn(3, 2, 8, 8), grid=4)        # batch mismatch
+    with pytest.raises(ValueError, match="grid"):
+        call(fs, ft, y, y, grid=3)
+    with pytest.raises(ValueError, match="grid"):
+        call(torch.randn(2, 4, 8, 6), torch.randn(2, 4, 8, 6), y[:, :, :6], y[:, :, :6], grid=4)
+    for fdp, bdp in ((0.3, 0.7), (0.5, 0.5), (1.5, 0.3), (0.7, -0.2)):
+        with pytest.raises(ValueError, match="fdp|bdp"):
+            call(fs, ft, y, y, grid=4, fdp=fdp, bdp=bdp)
+    with pytest.raises(ValueError, match="semantics"):
+        call(fs, ft, y, y, grid=4, semantics="released")
+    with pytest.raises(ValueError, match="sampling"):
+        call(fs, ft, y, y, grid=4, sampling="patch")
+    with pytest.raises(ValueError, match="sampling"):
+        call(fs, ft, y, y, grid=4, semantics="official", sampling="pixel")
+    with pytest.raises(ValueError, match="bank"):
+        call(fs, ft, y, y, grid=4, bank=cdcl_ops.FeatureBank(dim=5))
+    with pytest.raises(ValueError, match="bank"):
+        call(fs, ft, y, y, grid=4, bank=cdcl_ops.FeatureBank(dim=4, capacity=128, device="meta"))
+    with pytest.raises(ValueError, match="bank"):
+        call(fs, ft, y, y, grid=4, bank=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="temperature"):
+        call(fs, ft, y, y, grid=4, temperature=0.0)
+    with pytest.raises(ValueError, match="fdp|bdp"):
+        cdcl_ops.CrossPatchInfoNCE(fdp=0.2, bdp=0.4)
