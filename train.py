@@ -81,6 +81,8 @@ def parse_args(argv=None):
     a("--device", default="auto")
     a("--threads", type=int, default=None)
     a("--resume", default=None, help="checkpoint to continue from ('auto': OUT/last.pt if present)")
+    a("--stop-after-epochs", type=int, default=None,
+      help="leave after this many epochs of this invocation (the schedules still span --epochs)")
     a("--overlays", type=int, default=8, help="test images to draw overlays for")
     a("--no-test", action="store_true", help="skip the final test evaluation")
     a("--no-progress", action="store_true")
@@ -322,7 +324,8 @@ class Trainer:
         if self.main and not os.path.exists(log_path):
             with open(log_path, "w", newline="") as f:
                 csv.writer(f).writerow(fields)
-        while self.epoch < a.epochs:
+        stop = a.epochs if a.stop_after_epochs is None else min(a.epochs, self.epoch + a.stop_after_epochs)
+        while self.epoch < stop:
             t0 = time.time()
             stats = self.train_epoch()
             self.epoch += 1
@@ -393,7 +396,8 @@ def main(argv=None):
         trainer.fit(os.path.join(args.out, "log.csv"), tb)
         if tb is not None:
             tb.close()
-        if rank == 0 and not args.no_test and trainer.d["test_entries"]:
+        finished = trainer.epoch >= args.epochs
+        if rank == 0 and finished and not args.no_test and trainer.d["test_entries"]:
             best = os.path.join(args.out, "best.pt")
             model = trainer.student
             if os.path.exists(best):

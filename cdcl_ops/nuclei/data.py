@@ -14,6 +14,7 @@ image at a time. Any missing, unreadable or mismatched file raises ``DataError``
 """
 from __future__ import annotations
 
+import math
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -261,11 +262,11 @@ def parse_fraction(value) -> Fraction:
 
 
 def labeled_indices(n, fraction, seed):
-    """Sorted indices of the labeled subset: max(1, round(n * fraction)) items of a seeded shuffle."""
+    """Sorted indices of the labeled subset: max(1, n * fraction rounded half up) items of a seeded shuffle."""
     f = parse_fraction(fraction)
     if n == 0:
         return []
-    k = max(1, int(round(n * f)))
+    k = max(1, math.floor(n * f + Fraction(1, 2)))  # exact, halves round up
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
     return sorted(perm[:k])
 

@@ -168,7 +168,7 @@ class DenseUNet(nn.Module):
         return out
 
 
-_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
 def load_pretrained(model: DenseUNet, path) -> list[str]:
@@ -193,6 +193,9 @@ def load_pretrained(model: DenseUNet, path) -> list[str]:
         else:
             ignored.append(k)
     own = model.encoder.state_dict()
+    for k in own:  # files older than BatchNorm's batch counter lack it; it plays no role in eval or Adam
+        if k.endswith("num_batches_tracked") and k not in fixed:
+            fixed[k] = own[k]
     missing = sorted(set(own) - set(fixed))
     bad = sorted(k for k in fixed if k in own and own[k].shape != fixed[k].shape)
     unexpected = sorted(set(fixed) - set(own))
