@@ -1,6 +1,58 @@
-"""Build script. The C++/CUDA extension in csrc/ is added by the csrc work (issue: C++ and CUDA
-kernels); until csrc/ holds sources, this installs the pure-Python package."""
+"""Build script: the pure-Python package plus the native extension `cdcl_ops._C` from csrc/.
+
+The C++ (CPU) kernels are built on every machine. The CUDA kernels in csrc/cuda are added when
+PyTorch is a CUDA build and nvcc is found, and either a GPU is visible or FORCE_CUDA=1 is set.
+Install with `pip install --no-build-isolation -e .` (the extension compiles against the
+installed torch), or build in place with `python setup.py build_ext --inplace`.
+"""
+import glob
+import os
+import shutil
+
 from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(*patterns):
+    out = []
+    for pattern in patterns:
+        out += sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+    return out
+
+
+def _find_nvcc():
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [os.path.join(cuda_home, "bin", "nvcc")] if cuda_home else []
+    candidates += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+    return next((c for c in candidates if c and os.path.exists(c)), None)
+
+
+def _extensions():
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:  # metadata-only runs (e.g. an sdist without torch): pure Python
+        return [], {}
+    cxx = ["-O3", "-fopenmp", "-fvisibility=hidden"]
+    sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
+    want_cuda = torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1"
+    use_cuda = want_cuda and torch.version.cuda is not None and _find_nvcc() is not None
+    if want_cuda and not use_cuda:
+        print("cdcl_ops: building without the CUDA kernels (needs a CUDA build of torch and nvcc)")
+    if use_cuda:
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo",
+                "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
+        ext = CUDAExtension("cdcl_ops._C", sources + _sources("csrc/cuda/*.cpp", "csrc/cuda/*.cu"),
+                            extra_compile_args={"cxx": cxx + ["-DCDCL_WITH_CUDA"], "nvcc": nvcc},
+                            extra_link_args=["-fopenmp"])
+    else:
+        ext = CppExtension("cdcl_ops._C", sources, extra_compile_args={"cxx": cxx},
+                           extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
 
 setup(
     name="cdcl_ops",
@@ -11,4 +63,6 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={"triton": ["triton>=3.0"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

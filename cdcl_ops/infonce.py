@@ -9,9 +9,9 @@ import torch
 from . import ops
 from ._validate import canonical_masks, check_arguments, check_values
 from .normalize import unit_rows
-from .backends import reference
+from .backends import native, reference
 
-BACKENDS = ("reference", "chunked", "triton")
+BACKENDS = ("reference", "chunked", "triton", "cpu", "cuda")
 TRITON_MAX_D = 512
 PRECISIONS = ("auto", "tf32x3", "tf32", "ieee")
 
@@ -26,6 +26,10 @@ def available_backends(device="cpu") -> list[str]:
     names = ["reference", "chunked"]
     if TRITON_INSTALLED and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         names.append("triton")
+    if native.HAS_CPU and device.type == "cpu":
+        names.append("cpu")
+    if native.HAS_CUDA and device.type == "cuda":
+        names.append("cuda")
     return names
 
 
@@ -34,6 +38,8 @@ def default_backend(device) -> str:
     device = torch.device(device)
     if device.type == "cuda" and "triton" in available_backends(device):
         return "triton"
+    if device.type == "cpu" and native.HAS_CPU:
+        return "cpu"
     return "chunked"
 
 
@@ -45,13 +51,22 @@ def _resolve_backend(backend, query):
     if backend not in available_backends(query.device):
         raise ValueError(f"backend: {backend!r} cannot run on {query.device} here "
                          f"(available: {available_backends(query.device)}; triton needs CUDA "
-                         "tensors, or TRITON_INTERPRET=1 set before importing cdcl_ops)")
+                         "tensors, or TRITON_INTERPRET=1 set before importing cdcl_ops; cpu/cuda "
+                         "need the compiled extension cdcl_ops._C"
+                         f"{'' if native.LOADED else ', not loaded here: ' + str(native.LOAD_ERROR)})")
     if backend == "triton":
         if query.dtype == torch.float64:
             raise ValueError("query: the triton backend takes float16/bfloat16/float32 features, "
                              "got torch.float64 (use backend='chunked' or 'reference')")
         if query.shape[1] > TRITON_MAX_D:
             raise ValueError(f"query: the triton backend takes D <= {TRITON_MAX_D}, got D={query.shape[1]}")
+    if backend == "cuda":
+        if query.dtype == torch.float64:
+            raise ValueError("query: the cuda backend takes float16/bfloat16/float32 features, "
+                             "got torch.float64 (use backend='chunked' or 'reference')")
+        if query.shape[1] > native.CUDA_MAX_D:
+            raise ValueError(f"query: the cuda backend takes D <= {native.CUDA_MAX_D}, "
+                             f"got D={query.shape[1]}")
     return backend
 
 
@@ -71,7 +86,7 @@ def masked_infonce(query, positive, bank, query_labels, bank_labels, query_group
             group_table[query_groups[i], bank_groups[j]]. Group < 0 marks the row inactive.
         temperature: tau > 0 of s = cos / tau.
         reduction: "mean" over active queries (0 when there is none), "sum", or "none" (N,).
-        backend: None (fastest for the device), "reference", "chunked" or "triton".
+        backend: None (fastest for the device), "reference", "chunked", "triton", "cpu" or "cuda".
         chunk_size: bank rows per chunk for the "chunked" backend (0: its default).
         precision: how "triton" multiplies fp32 features: "auto" (TF32 where
             torch.backends.cuda.matmul.allow_tf32 allows it, else "tf32x3"), "tf32x3" (three TF32

@@ -15,6 +15,8 @@ from torch import Tensor
 _IMPLS = {
     "chunked": ("cdcl_ops.backends.chunked", "cdcl_ops.backends.chunked"),
     "triton": ("cdcl_ops.backends.triton_forward", "cdcl_ops.backends.triton_backward"),
+    "cpu": ("cdcl_ops.backends.native", "cdcl_ops.backends.native"),
+    "cuda": ("cdcl_ops.backends.native", "cdcl_ops.backends.native"),
 }
 
 

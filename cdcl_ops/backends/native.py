@@ -1,0 +1,64 @@
+"""The `cpu` and `cuda` backends: the C++/CUDA kernels of csrc/, compiled into `cdcl_ops._C`.
+
+The extension registers the ops `torch.ops.cdcl_ops_C.{infonce_fwd, infonce_bank_grad,
+patch_fg_counts}` (schemas in csrc/ops.cpp, CPU kernels in csrc/cpu, CUDA kernels in csrc/cuda).
+This module loads it when it was built, registers the ops' fake kernels (for torch.compile and
+opcheck), and implements the backend interface of `cdcl_ops.backends` on top of them.
+`import cdcl_ops` works without the extension; `LOADED`/`LOAD_ERROR` say what happened.
+"""
+import torch
+
+try:
+    from .. import _C  # noqa: F401  (loading the library registers the ops)
+except ImportError as exc:  # not built, or built against another torch
+    LOADED, LOAD_ERROR = False, f"{type(exc).__name__}: {exc}"
+else:
+    LOADED, LOAD_ERROR = True, None
+
+# decided once at import: torch.compile cannot trace the dispatcher queries
+HAS_CPU = LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("cdcl_ops_C::infonce_fwd", "CPU")
+HAS_CUDA = LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("cdcl_ops_C::infonce_fwd",
+                                                                     "CUDA")
+CUDA_MAX_D = 512  # the CUDA kernels keep a query row's output in registers, 16 per lane
+
+
+def _acc_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+if LOADED:
+    @torch.library.register_fake("cdcl_ops_C::infonce_fwd")
+    def _(q, p, k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o):
+        n, d = q.shape
+        acc = _acc_dtype(q)
+        return (q.new_empty(n, dtype=acc), q.new_empty(n, dtype=acc),
+                q.new_empty((n if need_o else 0, d), dtype=acc))
+
+    @torch.library.register_fake("cdcl_ops_C::infonce_bank_grad")
+    def _(q, k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau):
+        return torch.empty_like(k)
+
+    @torch.library.register_fake("cdcl_ops_C::patch_fg_counts")
+    def _(labels_or_logits, grid, fg_class):
+        return labels_or_logits.new_empty((labels_or_logits.shape[0], grid, grid), dtype=torch.int32)
+
+
+def _require():
+    if not LOADED:
+        raise RuntimeError(f"cdcl_ops._C is not available ({LOAD_ERROR}); build it with "
+                           "`pip install --no-build-isolation -e .`")
+
+
+def forward(q, p, k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o, chunk_size, precision):
+    """Backend interface (see cdcl_ops.backends): chunk_size and precision do not apply here."""
+    _require()
+    return torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, q_lab, q_grp, k_lab, k_grp, table,
+                                            float(inv_tau), bool(need_o))
+
+
+def bank_grad(q, k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, chunk_size, precision):
+    _require()
+    acc = _acc_dtype(q)
+    return torch.ops.cdcl_ops_C.infonce_bank_grad(q, k, q_lab, q_grp, k_lab, k_grp, table,
+                                                  lse.to(acc).contiguous(), gs.to(acc).contiguous(),
+                                                  float(inv_tau))

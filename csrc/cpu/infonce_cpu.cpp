@@ -1,0 +1,299 @@
+// CPU forward and bank gradient of the masked InfoNCE (SPEC 2.2).
+//
+// Both are tiled so that no N x M buffer exists: a thread owns a block of rows (queries in the
+// forward, bank rows in the bank gradient) and streams tiles of the other side through a small
+// score buffer. The two inner products per tile are single-threaded BLAS calls (at::cpu::mm_out /
+// addmm_out on views of the buffers, MKL on x86 builds); masking, the online log-sum-exp and
+// the gradient weights are fused row passes on the buffer while it is in cache (row_kernels.h).
+// fp32 and fp64 compute in their own precision; bf16/fp16 rows are upcast to fp32 per tile.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "../checks.h"
+#include "row_kernels.h"
+
+namespace cdcl::cpu {
+namespace {
+
+constexpr int64_t FWD_QUERY_BLOCK = 64;   // queries a thread owns in the forward
+constexpr int64_t FWD_BANK_TILE = 256;    // bank rows per streamed tile
+constexpr int64_t GRAD_BANK_BLOCK = 64;   // bank rows a thread owns in the bank gradient
+constexpr int64_t GRAD_QUERY_TILE = 256;  // query rows per streamed tile
+constexpr int64_t BIT_GROUPS = 64;        // up to this many groups, a table row is one bit set
+
+template <typename acc_t>
+at::Tensor view(const acc_t* ptr, int64_t rows, int64_t cols, int64_t row_stride,
+                int64_t col_stride) {
+  return at::from_blob(const_cast<acc_t*>(ptr), {rows, cols}, {row_stride, col_stride},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+// Rows [0, rows) of a contiguous (., d) matrix as acc_t: the input itself when the dtypes agree,
+// otherwise upcast into `buf`.
+template <typename in_t, typename acc_t>
+const acc_t* rows_as_acc(const in_t* src, int64_t rows, int64_t d, std::vector<acc_t>& buf) {
+  if constexpr (std::is_same_v<in_t, acc_t>) {
+    return src;
+  } else {
+    buf.resize(static_cast<size_t>(rows * d));
+    for (int64_t i = 0; i < rows * d; ++i) buf[i] = static_cast<acc_t>(src[i]);
+    return buf.data();
+  }
+}
+
+// Which groups a group may be contrasted with, as bit sets (used when G <= BIT_GROUPS).
+// by_row[g] bit h = table[g][h]; by_col[h] bit g = table[g][h].
+struct GroupBits {
+  std::vector<uint64_t> by_row, by_col;
+  explicit GroupBits(const at::Tensor& table) {
+    const int64_t g = table.size(0);
+    if (g > BIT_GROUPS) return;
+    const bool* t = table.data_ptr<bool>();
+    by_row.assign(g, 0);
+    by_col.assign(g, 0);
+    for (int64_t a = 0; a < g; ++a)
+      for (int64_t b = 0; b < g; ++b)
+        if (t[a * g + b]) {
+          by_row[a] |= uint64_t(1) << b;
+          by_col[b] |= uint64_t(1) << a;
+        }
+  }
+  bool enabled() const { return !by_row.empty(); }
+};
+
+// ok[j] = J(one fixed row, other row j) over `n` rows of the other side. `bits` is the fixed row's
+// bit set (when enabled) or `table_line` its table row/column read with `table_stride`.
+inline void negatives(uint8_t* __restrict ok, int64_t n, int32_t label, const int32_t* __restrict lab,
+                      const int32_t* __restrict grp, bool use_bits, uint64_t bits,
+                      const bool* table_line, int64_t table_stride) {
+  if (use_bits) {
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t g = static_cast<uint32_t>(grp[j]);  // negative ids become huge: rejected
+      ok[j] = static_cast<uint8_t>((g < BIT_GROUPS) & (lab[j] != label) & ((bits >> (g & 63)) & 1));
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j)
+      ok[j] = grp[j] >= 0 && lab[j] != label && table_line[grp[j] * table_stride];
+  }
+}
+
+template <typename in_t, typename acc_t>
+void forward_kernel(const at::Tensor& q, const at::Tensor& p, const at::Tensor& k,
+                    const at::Tensor& q_lab, const at::Tensor& q_grp, const at::Tensor& k_lab,
+                    const at::Tensor& k_grp, const at::Tensor& table, acc_t inv_tau, bool need_o,
+                    at::Tensor& loss, at::Tensor& lse, at::Tensor& o) {
+  const int64_t n = q.size(0), m = k.size(0), d = q.size(1), g = table.size(0);
+  const in_t* qp = q.data_ptr<in_t>();
+  const in_t* pp = p.data_ptr<in_t>();
+  const in_t* kp = k.data_ptr<in_t>();
+  const int32_t *ql = q_lab.data_ptr<int32_t>(), *qg = q_grp.data_ptr<int32_t>();
+  const int32_t *kl = k_lab.data_ptr<int32_t>(), *kg = k_grp.data_ptr<int32_t>();
+  const bool* tab = table.data_ptr<bool>();
+  acc_t* loss_p = loss.data_ptr<acc_t>();
+  acc_t* lse_p = lse.data_ptr<acc_t>();
+  acc_t* o_p = need_o ? o.data_ptr<acc_t>() : nullptr;
+  const GroupBits bits(table);
+  const int64_t n_blocks = (n + FWD_QUERY_BLOCK - 1) / FWD_QUERY_BLOCK;
+
+  at::parallel_for(0, n_blocks, 1, [&](int64_t blk_begin, int64_t blk_end) {
+    std::vector<acc_t> q_buf, k_buf, s_pos(FWD_QUERY_BLOCK), run_max(FWD_QUERY_BLOCK),
+        run_sum(FWD_QUERY_BLOCK), scores(FWD_QUERY_BLOCK * FWD_BANK_TILE),
+        out(need_o ? FWD_QUERY_BLOCK * d : 0);
+    std::vector<uint8_t> ok(FWD_BANK_TILE);
+    for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+      const int64_t a = blk * FWD_QUERY_BLOCK, nb = std::min(FWD_QUERY_BLOCK, n - a);
+      const acc_t* qb = rows_as_acc(qp + a * d, nb, d, q_buf);
+      bool any_active = false;
+      for (int64_t i = 0; i < nb; ++i) {
+        acc_t dot = 0;
+        for (int64_t c = 0; c < d; ++c) dot += qb[i * d + c] * static_cast<acc_t>(pp[(a + i) * d + c]);
+        s_pos[i] = dot * inv_tau;
+        run_max[i] = s_pos[i];  // seeding the max with s+ keeps rows without negatives finite
+        run_sum[i] = 1;
+        any_active |= qg[a + i] >= 0;
+      }
+      if (need_o) std::fill(out.begin(), out.begin() + nb * d, acc_t(0));
+      at::Tensor q_view = view(qb, nb, d, d, 1);
+      at::Tensor o_view = need_o ? view(out.data(), nb, d, d, 1) : at::Tensor();
+
+      for (int64_t c0 = 0; any_active && c0 < m; c0 += FWD_BANK_TILE) {
+        const int64_t mt = std::min(FWD_BANK_TILE, m - c0);
+        const acc_t* kt = rows_as_acc(kp + c0 * d, mt, d, k_buf);
+        at::Tensor s_view = view(scores.data(), nb, mt, mt, 1);
+        at::cpu::mm_out(s_view, q_view, view(kt, d, mt, 1, d));
+        bool any_weight = false;
+        for (int64_t i = 0; i < nb; ++i) {
+          acc_t* row = scores.data() + i * mt;
+          const int32_t grp = qg[a + i];
+          if (grp < 0) {
+            std::fill(row, row + mt, acc_t(0));
+            continue;
+          }
+          negatives(ok.data(), mt, ql[a + i], kl + c0, kg + c0, bits.enabled(),
+                    bits.enabled() ? bits.by_row[grp] : 0, tab + grp * g, 1);
+          const acc_t tile_max = mask_scale_max(row, ok.data(), mt, inv_tau);
+          if (tile_max == -std::numeric_limits<acc_t>::infinity()) {
+            std::fill(row, row + mt, acc_t(0));
+            continue;
+          }
+          if (tile_max > run_max[i]) {
+            const acc_t alpha = std::exp(run_max[i] - tile_max);
+            run_sum[i] *= alpha;
+            if (need_o)
+              for (int64_t c = 0; c < d; ++c) out[i * d + c] *= alpha;
+            run_max[i] = tile_max;
+          }
+          run_sum[i] += exp_sum(row, mt, run_max[i]);
+          any_weight = true;
+        }
+        if (need_o && any_weight)
+          at::cpu::addmm_out(o_view, o_view, s_view, view(kt, mt, d, d, 1));
+      }
+
+      for (int64_t i = 0; i < nb; ++i) {
+        const acc_t log_sum = std::log(run_sum[i]);
+        loss_p[a + i] = (run_max[i] - s_pos[i]) + log_sum;
+        lse_p[a + i] = run_max[i] + log_sum;
+        if (need_o) {
+          const acc_t inv_sum = acc_t(1) / run_sum[i];
+          for (int64_t c = 0; c < d; ++c) o_p[(a + i) * d + c] = out[i * d + c] * inv_sum;
+        }
+      }
+    }
+  });
+}
+
+template <typename in_t, typename acc_t>
+void bank_grad_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_lab,
+                      const at::Tensor& q_grp, const at::Tensor& k_lab, const at::Tensor& k_grp,
+                      const at::Tensor& table, const at::Tensor& lse, const at::Tensor& gs,
+                      acc_t inv_tau, at::Tensor& dk) {
+  const int64_t n = q.size(0), m = k.size(0), d = q.size(1), g = table.size(0);
+  const in_t* qp = q.data_ptr<in_t>();
+  const in_t* kp = k.data_ptr<in_t>();
+  const int32_t *ql = q_lab.data_ptr<int32_t>(), *qg = q_grp.data_ptr<int32_t>();
+  const int32_t *kl = k_lab.data_ptr<int32_t>(), *kg = k_grp.data_ptr<int32_t>();
+  const bool* tab = table.data_ptr<bool>();
+  const acc_t* lse_p = lse.data_ptr<acc_t>();
+  const acc_t* gs_p = gs.data_ptr<acc_t>();
+  in_t* dk_p = dk.data_ptr<in_t>();
+  const GroupBits bits(table);
+  const int64_t n_blocks = (m + GRAD_BANK_BLOCK - 1) / GRAD_BANK_BLOCK;
+
+  // Each bank block is owned by one thread and sums the query tiles in a fixed order: the result
+  // does not depend on the thread count or on scheduling.
+  at::parallel_for(0, n_blocks, 1, [&](int64_t blk_begin, int64_t blk_end) {
+    std::vector<acc_t> k_buf, q_buf, scores(GRAD_BANK_BLOCK * GRAD_QUERY_TILE),
+        acc(GRAD_BANK_BLOCK * d);
+    std::vector<uint8_t> ok(GRAD_QUERY_TILE);
+    for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+      const int64_t c0 = blk * GRAD_BANK_BLOCK, mb = std::min(GRAD_BANK_BLOCK, m - c0);
+      const acc_t* kb = rows_as_acc(kp + c0 * d, mb, d, k_buf);
+      std::fill(acc.begin(), acc.begin() + mb * d, acc_t(0));
+      at::Tensor k_view = view(kb, mb, d, d, 1);
+      at::Tensor acc_view = view(acc.data(), mb, d, d, 1);
+      bool any_usable = false;
+      for (int64_t j = 0; j < mb; ++j) any_usable |= kg[c0 + j] >= 0;
+
+      for (int64_t a = 0; any_usable && a < n; a += GRAD_QUERY_TILE) {
+        const int64_t nt = std::min(GRAD_QUERY_TILE, n - a);
+        const acc_t* qt = rows_as_acc(qp + a * d, nt, d, q_buf);
+        at::Tensor s_view = view(scores.data(), mb, nt, nt, 1);
+        at::cpu::mm_out(s_view, k_view, view(qt, d, nt, 1, d));
+        for (int64_t j = 0; j < mb; ++j) {
+          acc_t* row = scores.data() + j * nt;
+          const int32_t grp = kg[c0 + j];
+          if (grp < 0) {
+            std::fill(row, row + nt, acc_t(0));
+            continue;
+          }
+          negatives(ok.data(), nt, kl[c0 + j], ql + a, qg + a, bits.enabled(),
+                    bits.enabled() ? bits.by_col[grp] : 0, tab + grp, g);
+          grad_weights(row, ok.data(), lse_p + a, gs_p + a, nt, inv_tau);
+        }
+        at::cpu::addmm_out(acc_view, acc_view, s_view, view(qt, nt, d, d, 1));
+      }
+      for (int64_t i = 0; i < mb * d; ++i) dk_p[c0 * d + i] = static_cast<in_t>(acc[i]);
+    }
+  });
+}
+
+template <typename Fn>
+void dispatch_input(at::ScalarType t, const char* name, Fn&& fn) {
+  switch (t) {
+    case at::kFloat: return fn(float{}, float{});
+    case at::kDouble: return fn(double{}, double{});
+    case at::kBFloat16: return fn(c10::BFloat16{}, float{});
+    case at::kHalf: return fn(c10::Half{}, float{});
+    default: TORCH_CHECK(false, name, ": expected float32/float64/bfloat16/float16 features, got ", t);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& p, const at::Tensor& k, const at::Tensor& q_lab,
+    const at::Tensor& q_grp, const at::Tensor& k_lab, const at::Tensor& k_grp,
+    const at::Tensor& table, double inv_tau, bool need_o) {
+  TORCH_CHECK(q.dim() == 2, "q: expected a 2-D tensor, got ", q.sizes());
+  const int64_t n = q.size(0), m = k.size(0), d = q.size(1);
+  check_rows(q, "q", n, d);
+  check_rows(p, "p", n, d);
+  check_rows(k, "k", m, d);
+  TORCH_CHECK(p.scalar_type() == q.scalar_type() && k.scalar_type() == q.scalar_type(),
+              "p, k: expected the dtype of q");
+  check_masks(q_lab, q_grp, k_lab, k_grp, table, n, m);
+  const auto opts = q.options().dtype(acc_type(q.scalar_type()));
+  at::Tensor loss = at::empty({n}, opts), lse = at::empty({n}, opts);
+  at::Tensor o = at::empty({need_o ? n : 0, d}, opts);
+  dispatch_input(q.scalar_type(), "q", [&](auto in, auto acc) {
+    using in_t = decltype(in);
+    using acc_t = decltype(acc);
+    forward_kernel<in_t, acc_t>(q, p, k, q_lab, q_grp, k_lab, k_grp, table,
+                                static_cast<acc_t>(inv_tau), need_o, loss, lse, o);
+  });
+  return {loss, lse, o};
+}
+
+at::Tensor infonce_bank_grad_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_lab,
+                                 const at::Tensor& q_grp, const at::Tensor& k_lab,
+                                 const at::Tensor& k_grp, const at::Tensor& table,
+                                 const at::Tensor& lse, const at::Tensor& gs, double inv_tau) {
+  TORCH_CHECK(q.dim() == 2, "q: expected a 2-D tensor, got ", q.sizes());
+  const int64_t n = q.size(0), m = k.size(0), d = q.size(1);
+  check_rows(q, "q", n, d);
+  check_rows(k, "k", m, d);
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k: expected the dtype of q");
+  check_masks(q_lab, q_grp, k_lab, k_grp, table, n, m);
+  const auto acc = acc_type(q.scalar_type());
+  for (const auto& [t, name] : {std::pair{&lse, "lse"}, std::pair{&gs, "gs"}})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == acc && t->is_contiguous(),
+                name, ": expected a contiguous (", n, ",) tensor of dtype ", acc, ", got ",
+                t->sizes(), " ", t->scalar_type());
+  at::Tensor dk = at::empty({m, d}, k.options());
+  dispatch_input(q.scalar_type(), "q", [&](auto in, auto acc_v) {
+    using in_t = decltype(in);
+    using acc_t = decltype(acc_v);
+    bank_grad_kernel<in_t, acc_t>(q, k, q_lab, q_grp, k_lab, k_grp, table, lse, gs,
+                                  static_cast<acc_t>(inv_tau), dk);
+  });
+  return dk;
+}
+
+}  // namespace
+}  // namespace cdcl::cpu
+
+TORCH_LIBRARY_IMPL(cdcl_ops_C, CPU, m) {
+  m.impl("infonce_fwd", &cdcl::cpu::infonce_fwd_cpu);
+  m.impl("infonce_bank_grad", &cdcl::cpu::infonce_bank_grad_cpu);
+}

@@ -1,0 +1,19 @@
+// The float row passes, compiled once per target of CDCL_MULTIVERSION.
+#include "row_kernels.h"
+
+namespace cdcl::cpu {
+
+CDCL_MULTIVERSION float mask_scale_max(float* row, const uint8_t* ok, int64_t n, float scale) {
+  return mask_scale_max_impl(row, ok, n, scale);
+}
+
+CDCL_MULTIVERSION float exp_sum(float* row, int64_t n, float shift) {
+  return exp_sum_impl(row, n, shift);
+}
+
+CDCL_MULTIVERSION void grad_weights(float* row, const uint8_t* ok, const float* lse,
+                                    const float* gs, int64_t n, float scale) {
+  grad_weights_impl(row, ok, lse, gs, n, scale);
+}
+
+}  // namespace cdcl::cpu

@@ -1,0 +1,106 @@
+// Element-wise passes over one row of a (query block x bank tile) score buffer. They run on data
+// already in L1/L2 and are written so the compiler vectorises them; the float versions are also
+// built for AVX2 and picked at load time (target_clones), so the wheel stays portable (no -march).
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define CDCL_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#endif
+#endif
+#ifndef CDCL_MULTIVERSION
+#define CDCL_MULTIVERSION
+#endif
+
+namespace cdcl::cpu {
+
+// exp(x) for x <= ~0 (a score minus a running maximum). glibc's expf is not vectorised without
+// -ffast-math, so: x = n ln2 + r with |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (error
+// below 1e-8 relative), 2^n written into the exponent bits.
+static inline __attribute__((always_inline)) float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : (x > 80.0f ? 80.0f : x);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  float n = (x * 1.44269504088896341f + shifter) - shifter;
+  float r = x - n * 0.693145751953125f;  // ln2 split in two so n * hi is exact
+  r = r - n * 1.42860682030941723e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return p * scale;
+}
+
+static inline __attribute__((always_inline)) double exp_nonpositive(double x) { return std::exp(x); }
+
+// row := ok ? row * scale : -inf; returns the maximum (-inf when nothing is valid)
+template <typename T>
+static inline __attribute__((always_inline)) T mask_scale_max_impl(T* __restrict row,
+                                                                   const uint8_t* __restrict ok,
+                                                                   int64_t n, T scale) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  T mx = neg_inf;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) {
+    T v = ok[j] ? row[j] * scale : neg_inf;
+    row[j] = v;
+    mx = v > mx ? v : mx;
+  }
+  return mx;
+}
+
+// row := exp(row - shift), exactly 0 where row is -inf; returns the sum
+template <typename T>
+static inline __attribute__((always_inline)) T exp_sum_impl(T* __restrict row, int64_t n, T shift) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    T v = row[j];
+    T e = exp_nonpositive(v - shift);
+    e = v == neg_inf ? T(0) : e;
+    row[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+// row_i := ok_i ? exp(row_i * scale - lse_i) * gs_i : 0   (one bank row against a query tile)
+template <typename T>
+static inline __attribute__((always_inline)) void grad_weights_impl(
+    T* __restrict row, const uint8_t* __restrict ok, const T* __restrict lse,
+    const T* __restrict gs, int64_t n, T scale) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    T w = exp_nonpositive(row[i] * scale - lse[i]) * gs[i];
+    row[i] = ok[i] ? w : T(0);
+  }
+}
+
+// defined in row_kernels.cpp with CDCL_MULTIVERSION (the attribute goes on the definition only:
+// callers in other files link to the load-time resolved symbol)
+float mask_scale_max(float* row, const uint8_t* ok, int64_t n, float scale);
+float exp_sum(float* row, int64_t n, float shift);
+void grad_weights(float* row, const uint8_t* ok, const float* lse, const float* gs, int64_t n,
+                  float scale);
+
+inline double mask_scale_max(double* row, const uint8_t* ok, int64_t n, double scale) {
+  return mask_scale_max_impl(row, ok, n, scale);
+}
+inline double exp_sum(double* row, int64_t n, double shift) { return exp_sum_impl(row, n, shift); }
+inline void grad_weights(double* row, const uint8_t* ok, const double* lse, const double* gs,
+                         int64_t n, double scale) {
+  grad_weights_impl(row, ok, lse, gs, n, scale);
+}
+
+}  // namespace cdcl::cpu

@@ -1,0 +1,19 @@
+// Schemas of the native ops (namespace cdcl_ops_C, apart from the Python-defined cdcl_ops:: ops)
+// and the Python module entry point, so that `import cdcl_ops._C` loads the registrations.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(cdcl_ops_C, m) {
+  // Inputs L2-normalised and contiguous; masks in the canonical encoding of cdcl_ops/_validate.py.
+  m.def("infonce_fwd(Tensor q, Tensor p, Tensor k, Tensor q_lab, Tensor q_grp, Tensor k_lab, "
+        "Tensor k_grp, Tensor table, float inv_tau, bool need_o) -> (Tensor, Tensor, Tensor)");
+  m.def("infonce_bank_grad(Tensor q, Tensor k, Tensor q_lab, Tensor q_grp, Tensor k_lab, "
+        "Tensor k_grp, Tensor table, Tensor lse, Tensor gs, float inv_tau) -> Tensor");
+  m.def("patch_fg_counts(Tensor labels_or_logits, int grid, int fg_class) -> Tensor");
+}
+
+static struct PyModuleDef cdcl_ops_c_module = {
+    PyModuleDef_HEAD_INIT, "_C",
+    "Native kernels of cdcl_ops; the ops live in torch.ops.cdcl_ops_C", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&cdcl_ops_c_module); }

@@ -1,0 +1,232 @@
+"""The `cpu` backend (C++ kernels of csrc/cpu, through cdcl_ops._C) against the float64 reference,
+plus the raw `cdcl_ops_C::` ops: opcheck, torch.compile, determinism, patch foreground counts."""
+import pytest
+import torch
+
+import cdcl_ops
+from cdcl_ops._validate import canonical_masks
+from cdcl_ops.backends import native
+from helpers import loss_and_grads, make_inputs
+from test_backends import SHAPES, assert_close_to_reference
+
+pytestmark = pytest.mark.skipif(not native.HAS_CPU,
+                                reason=f"cdcl_ops._C not built: {native.LOAD_ERROR}")
+
+# the C++ kernels work on query blocks of 64 and bank tiles of 256 (forward), bank blocks of 64
+# and query tiles of 256 (bank gradient): these cross every boundary with ragged last tiles
+BLOCK_SHAPES = [(130, 600, 16), (300, 70, 33), (65, 257, 128)]
+
+
+def test_registered_as_default_for_cpu():
+    assert "cpu" in cdcl_ops.available_backends("cpu")
+    assert cdcl_ops.default_backend("cpu") == "cpu"
+    assert "cpu" not in cdcl_ops.available_backends("meta")
+
+
+@pytest.mark.parametrize("shape", SHAPES + BLOCK_SHAPES)
+@pytest.mark.parametrize("groups", [True, False])
+@pytest.mark.parametrize("bank_grad", [True, False])
+def test_cpu_float64(shape, groups, bank_grad):
+    assert_close_to_reference(make_inputs(*shape, groups=groups), "cpu", torch.float64, bank_grad)
+
+
+@pytest.mark.parametrize("shape", SHAPES + BLOCK_SHAPES)
+@pytest.mark.parametrize("groups", [True, False])
+def test_cpu_float32(shape, groups):
+    assert_close_to_reference(make_inputs(*shape, groups=groups), "cpu", torch.float32, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_low_precision_upcast(dtype):
+    assert_close_to_reference(make_inputs(97, 300, 40), "cpu", dtype, True)
+
+
+@pytest.mark.parametrize("n_groups", [45, 64, 70])
+def test_many_groups(n_groups):
+    # up to 64 groups a table row is a 64-bit set (group 63 sets the top bit); beyond, a lookup
+    inputs = make_inputs(70, 290, 8, n_groups=n_groups)
+    inputs["bank_groups"][::3] = n_groups - 1
+    assert_close_to_reference(inputs, "cpu", torch.float64, True)
+
+
+@pytest.mark.parametrize("n,m", [(0, 9), (7, 0), (0, 0)])
+def test_empty(n, m):
+    inputs = make_inputs(n, m, 6)
+    assert cdcl_ops.masked_infonce(**inputs, backend="cpu").item() == 0.0
+    loss, grads = loss_and_grads(inputs, "cpu")
+    assert loss.shape == (n,) and torch.all(loss == 0)
+    for g, rows in zip(grads, (n, n, m)):
+        assert g.shape[0] == rows and torch.all(g == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_without_negatives_and_inactive_queries(dtype):
+    inputs = make_inputs(150, 300, 5, groups=False)
+    inputs["query_labels"] = torch.ones(150, dtype=torch.long)
+    inputs["bank_labels"] = torch.ones(300, dtype=torch.long)  # same label: every key masked
+    inputs["query_labels"][:40] = 0                          # these keep their negatives
+    inputs["query_labels"][40:50] = -1                       # inactive
+    loss, grads = loss_and_grads(inputs, "cpu", dtype=dtype)
+    assert torch.all(loss[40:] == 0) and torch.all(loss[:40] > 0)
+    assert torch.all(grads[0][40:] == 0) and torch.all(grads[1][40:] == 0)
+    assert torch.isfinite(grads[2]).all()
+    assert_close_to_reference(inputs, "cpu", dtype, True)
+
+
+def test_all_inactive_mean_is_zero_and_attached():
+    inputs = make_inputs(20, 30, 4, groups=False)
+    inputs["query_labels"] = torch.full((20,), -1)
+    q = inputs["query"].requires_grad_()
+    loss = cdcl_ops.masked_infonce(**inputs, backend="cpu")
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.all(q.grad == 0)
+
+
+def test_gradcheck_float64():
+    inputs = make_inputs(9, 13, 4, seed=5)
+    feats = [inputs[n].clone().requires_grad_() for n in ("query", "positive", "bank")]
+
+    def fn(q, p, k):
+        return cdcl_ops.masked_infonce(**dict(inputs, query=q, positive=p, bank=k), backend="cpu",
+                                       reduction="none", temperature=0.3)
+
+    assert torch.autograd.gradcheck(fn, feats)
+
+
+def test_non_contiguous_and_label_dtypes():
+    base = make_inputs(70, 270, 10, dtype=torch.float32, seed=3)
+    strided = dict(base)
+    for name in ("query", "positive", "bank"):
+        wide = torch.zeros(base[name].shape[0], 2 * base[name].shape[1])
+        wide[:, ::2] = base[name]
+        strided[name] = wide[:, ::2]
+    strided["query_labels"] = base["query_labels"].to(torch.int32)
+    strided["bank_labels"] = base["bank_labels"].to(torch.int16)
+    strided["group_table"] = base["group_table"].to(torch.uint8)
+    expect = cdcl_ops.masked_infonce(**base, backend="reference", reduction="none")
+    got = cdcl_ops.masked_infonce(**strided, backend="cpu", reduction="none")
+    torch.testing.assert_close(got, expect.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_deterministic_and_independent_of_thread_count():
+    inputs = make_inputs(200, 700, 24, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n_threads in (threads, threads, 1):
+            torch.set_num_threads(n_threads)
+            runs.append(loss_and_grads(inputs, "cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    (l0, g0), *rest = runs
+    for loss, grads in rest:
+        assert torch.equal(loss, l0)
+        for a, b in zip(grads, g0):
+            assert torch.equal(a, b)
+
+
+def _raw_args(dtype, n=70, m=270, d=6, seed=11):
+    inp = make_inputs(n, m, d, dtype=dtype, seed=seed)
+    masks = canonical_masks(inp["query_labels"], inp["bank_labels"], inp["query_groups"],
+                            inp["bank_groups"], inp["group_table"])
+    unit = [torch.nn.functional.normalize(inp[k], dim=1) for k in ("query", "positive", "bank")]
+    return unit, masks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("need_o", [True, False])
+def test_opcheck_native_forward(dtype, need_o):
+    unit, masks = _raw_args(dtype)
+    torch.library.opcheck(torch.ops.cdcl_ops_C.infonce_fwd, (*unit, *masks, 10.0, need_o))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_native_bank_grad(dtype):
+    (q, p, k), masks = _raw_args(dtype)
+    _, lse, _ = torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, *masks, 10.0, False)
+    gs = torch.rand(q.shape[0], dtype=lse.dtype) * 10
+    torch.library.opcheck(torch.ops.cdcl_ops_C.infonce_bank_grad, (q, k, *masks, lse, gs, 10.0))
+
+
+def test_opcheck_library_op_with_cpu_backend():
+    (q, p, k), masks = _raw_args(torch.float32)
+    q.requires_grad_()
+    p.requires_grad_()
+    k.requires_grad_()
+    torch.library.opcheck(torch.ops.cdcl_ops.masked_infonce_fwd,
+                          (q, p, k, *masks, 10.0, "cpu", 0, "auto", True))
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    inputs = make_inputs(80, 300, 8, dtype=torch.float32, seed=2)
+
+    def loss_fn(q, p, k):
+        return cdcl_ops.masked_infonce(**dict(inputs, query=q, positive=p, bank=k), backend="cpu",
+                                       temperature=0.2)
+
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
+        feats = [inputs[n].clone().requires_grad_() for n in ("query", "positive", "bank")]
+        loss = fn(*feats)
+        loss.backward()
+        results.append([loss.detach()] + [f.grad for f in feats])
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_direct_call_rejects_bad_arguments():
+    (q, p, k), masks = _raw_args(torch.float32)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.cdcl_ops_C.infonce_fwd(q.t().contiguous().t(), p, k, *masks, 10.0, True)
+    with pytest.raises(RuntimeError, match="q_lab"):
+        torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, masks[0].long(), *masks[1:], 10.0, True)
+    with pytest.raises(RuntimeError, match="k"):
+        torch.ops.cdcl_ops_C.infonce_fwd(q, p, k[:, :3].contiguous(), *masks, 10.0, True)
+
+
+# ---- patch foreground counts (SPEC 2.3) ----
+
+def _counts_reference(labels, grid, fg_class):
+    b, h, w = labels.shape
+    fg = (labels.long() == fg_class).long()
+    return fg.reshape(b, grid, h // grid, grid, w // grid).sum(dim=(2, 4)).to(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+@pytest.mark.parametrize("grid,hw", [(8, (40, 40)), (3, (9, 15)), (1, (5, 7))])
+def test_patch_counts_labels(dtype, grid, hw):
+    labels = torch.randint(0, 3, (3, *hw)).to(dtype)
+    got = torch.ops.cdcl_ops_C.patch_fg_counts(labels, grid, 1)
+    assert got.dtype == torch.int32 and got.shape == (3, grid, grid)
+    assert torch.equal(got, _counts_reference(labels, grid, 1))
+    assert torch.equal(torch.ops.cdcl_ops_C.patch_fg_counts(labels, grid, 2),
+                       _counts_reference(labels, grid, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_patch_counts_logits_with_ties(dtype):
+    # integer-valued logits in a small range: many ties, where the first maximum must win
+    logits = torch.randint(0, 3, (2, 4, 24, 16)).to(dtype)
+    logits[0, :, :4, :4] = 1.0  # a block where all classes tie: argmax 0
+    got = torch.ops.cdcl_ops_C.patch_fg_counts(logits, 4, 1)
+    assert torch.equal(got, _counts_reference(logits.argmax(dim=1), 4, 1))
+    assert torch.equal(torch.ops.cdcl_ops_C.patch_fg_counts(logits, 4, 0),
+                       _counts_reference(logits.argmax(dim=1), 4, 0))
+
+
+def test_patch_counts_non_contiguous_and_errors():
+    logits = torch.randn(2, 16, 16, 3).permute(0, 3, 1, 2)
+    assert torch.equal(torch.ops.cdcl_ops_C.patch_fg_counts(logits, 4, 2),
+                       _counts_reference(logits.argmax(dim=1), 4, 2))
+    with pytest.raises(RuntimeError, match="divisible"):
+        torch.ops.cdcl_ops_C.patch_fg_counts(torch.zeros(1, 10, 12, dtype=torch.long), 4, 1)
+    with pytest.raises(RuntimeError, match="labels_or_logits"):
+        torch.ops.cdcl_ops_C.patch_fg_counts(torch.zeros(1, 8, 8), 4, 1)
+
+
+def test_opcheck_patch_counts():
+    torch.library.opcheck(torch.ops.cdcl_ops_C.patch_fg_counts, (torch.randn(2, 3, 8, 8), 4, 1))
+    torch.library.opcheck(torch.ops.cdcl_ops_C.patch_fg_counts,
+                          (torch.randint(0, 2, (2, 8, 8)), 2, 1))
