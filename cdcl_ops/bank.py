@@ -171,6 +171,11 @@ class FeatureBank(torch.nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # a lazily sized bank takes the stored size; a sized one must match it
+        extra = state_dict.get(prefix + "_extra_state")
+        if isinstance(extra, dict) and extra.get("memory", self.memory) != self.memory:
+            error_msgs.append(f"{prefix}memory: expected a saved bank of memory={self.memory}, got "
+                              f"memory={extra['memory']}")
+            return
         feats = state_dict.get(prefix + "feats")
         if isinstance(feats, torch.Tensor):
             if feats.dim() != 2 or feats.shape[0] % self.slots:
@@ -188,6 +193,12 @@ class FeatureBank(torch.nn.Module):
                 self._allocate(feats.shape[0] // self.slots, feats.shape[1], self.feats.device, feats.dtype)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def get_extra_state(self):
+        return {"memory": self.memory}
+
+    def set_extra_state(self, state):
+        pass  # checked in _load_from_state_dict, before the buffers are resized
 
     def extra_repr(self):
         return f"dim={self.dim}, capacity={self.capacity}, memory={self.memory}, dtype={self.feats.dtype}"

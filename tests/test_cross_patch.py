@@ -385,7 +385,7 @@ def test_torch_compile_fullgraph_chunked():
     def fn(fs):
         return cdcl_ops.cross_patch_infonce(fs, ft, logits_s, yt, grid=grid, backend="chunked")
 
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(fn, fullgraph=True)
     loss, grad = loss_and_grad(compiled, batch["fs"].float())
     ref, ref_grad = loss_and_grad(fn, batch["fs"].float())
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
@@ -430,3 +430,22 @@ def test_bad_arguments_name_the_argument():
         call(fs, ft, y, y, grid=4, temperature=0.0)
     with pytest.raises(ValueError, match="fdp|bdp"):
         cdcl_ops.CrossPatchInfoNCE(fdp=0.2, bdp=0.4)
+
+
+def test_torch_compile_module_with_bank():
+    """The bank's ring-buffer writes trace too (the storage is sized by an eager first call)."""
+    b, d, h, w, grid = 2, 8, 8, 8, 4
+    gen = gen_for("compile-bank")
+    eager = cdcl_ops.CrossPatchInfoNCE(grid=grid, memory=1, backend="chunked")
+    module = cdcl_ops.CrossPatchInfoNCE(grid=grid, memory=1, backend="chunked")
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    for step in range(4):
+        batch = make_batch(b, d, h, w, grid, gen)
+        args = (batch["ft"].float(), batch["ys"], batch["yt"])
+        run = module if step == 0 else compiled
+        loss, grad = loss_and_grad(lambda fs: run(fs, *args), batch["fs"].float())
+        ref, ref_grad = loss_and_grad(lambda fs: eager(fs, *args), batch["fs"].float())
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-7)
+    assert torch.equal(module.bank.feats, eager.bank.feats)
+    assert torch.equal(module.bank.labels, eager.bank.labels)
