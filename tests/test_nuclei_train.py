@@ -1,0 +1,181 @@
+"""train.py / predict.py end to end on tiny settings: resume equivalence, checkpoint errors,
+a short run on bundled images, predict, and a 2-process DDP smoke test."""
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cdcl_ops.nuclei.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "dsb2018_sample"
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"_{name}_script", ROOT / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+train = _script("train")
+predict = _script("predict")
+
+TINY = ["--data", str(SAMPLE), "--preset", "tiny", "--max-images", "12", "--labeled-fraction", "1/4",
+        "--batch-size", "2", "--unlabeled-batch-size", "2", "--iters-per-epoch", "2",
+        "--unsup-start-epoch", "1", "--no-progress", "--overlays", "2"]
+
+
+def _log_rows(out):
+    with open(out / "log.csv") as f:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+
+
+def _assert_same_state(a, b, path=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_same_state(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{path}/{i}")
+    else:
+        assert a == b, path
+
+
+def test_resume_is_bit_exact(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = TINY + ["--method", "cdcl", "--epochs", "2", "--no-test"]
+    assert train.main(common + ["--out", str(a)]) == 0
+    assert train.main(common + ["--out", str(b), "--stop-after-epochs", "1"]) == 0
+    assert load_checkpoint(b / "last.pt")["epoch"] == 1
+    assert train.main(common + ["--out", str(b), "--resume", "auto"]) == 0
+    sa, sb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    assert sa["epoch"] == sb["epoch"] == 2 and sa["step"] == 4
+    assert sa["loss"]["bank.feats"].shape[0] > 0  # the bank is part of what must match
+    for key in ("student", "teacher", "optimizer", "scheduler", "loss", "rng", "best_dice"):
+        _assert_same_state(sa[key], sb[key], key)
+    assert _log_rows(a) == _log_rows(b)
+
+
+def test_checkpoint_errors(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = TINY + ["--method", "meanteacher", "--epochs", "1", "--no-test", "--out", str(out)]
+    assert train.main(common) == 0
+    ckpt = out / "last.pt"
+    # the settings of a resumed run must match
+    assert train.main([*common, "--method", "cdcl", "--resume", str(ckpt)]) == 2
+    assert "different run setting" in capsys.readouterr().err
+    # truncated
+    raw = ckpt.read_bytes()
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(raw[: len(raw) // 2])
+    assert train.main([*common, "--resume", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "truncated.pt" in err and "not a readable checkpoint" in err and "Traceback" not in err
+    # foreign
+    torch.save({"weights": torch.zeros(2)}, bad)
+    with pytest.raises(CheckpointError, match="not a cdcl_ops.nuclei/1"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    # weights of another model
+    st = load_checkpoint(ckpt)
+    st["student"] = {"x": torch.zeros(1)}
+    st.pop("format")
+    save_checkpoint(bad, st)
+    assert train.main([*common, "--resume", str(bad)]) == 2
+    assert "student weights do not fit" in capsys.readouterr().err
+
+
+def test_atomic_save_leaves_no_temporary(tmp_path):
+    save_checkpoint(tmp_path / "c.pt", {"epoch": 0, "config": {}, "student": {}})
+    save_checkpoint(tmp_path / "c.pt", {"epoch": 1, "config": {}, "student": {}})
+    assert os.listdir(tmp_path) == ["c.pt"]
+    assert load_checkpoint(tmp_path / "c.pt")["epoch"] == 1
+
+
+def test_end_to_end_loss_falls_and_outputs_written(tmp_path):
+    out = tmp_path / "e2e"
+    args = ["--data", str(SAMPLE), "--preset", "small", "--input-size", "64", "--max-images", "12",
+            "--method", "cdcl", "--labeled-fraction", "1/2", "--epochs", "6", "--iters-per-epoch", "4",
+            "--batch-size", "4", "--unlabeled-batch-size", "4", "--unsup-start-epoch", "2", "--lr", "3e-3",
+            "--no-progress", "--overlays", "2", "--out", str(out)]
+    assert train.main(args) == 0
+    rows = _log_rows(out)
+    assert len(rows) == 6
+    assert float(rows[-1]["sup"]) < 0.8 * float(rows[0]["sup"])
+    assert rows[0]["contr"] == "" and float(rows[1]["contr"]) >= 0  # the unlabeled branch starts at epoch 2
+    for name in ("config.json", "splits.json", "last.pt", "best.pt", "metrics.json", "metrics.md"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 3 and 0 <= metrics["over_set"]["DC"] <= 1
+    assert set(metrics["per_image_mean"]) == {"DC", "JC", "ACC", "SP", "SE", "AJI", "PQ", "F1"}
+    assert len(os.listdir(out / "overlays")) == 2
+    test_ids = json.loads((out / "splits.json").read_text())["test"]
+    assert [r["image"] for r in metrics["per_image"]] == test_ids
+
+    # predict.py on the held-out images, with their ground truth
+    pin = tmp_path / "pin"
+    os.makedirs(pin / "images")
+    os.makedirs(pin / "labels")
+    for sid in test_ids:
+        for d in ("images", "labels"):
+            (pin / d / f"{sid}.png").write_bytes((SAMPLE / d / f"{sid}.png").read_bytes())
+    pout = tmp_path / "pred"
+    assert predict.main(["--checkpoint", str(out / "best.pt"), "--images", str(pin), "--out", str(pout)]) == 0
+    pm = json.loads((pout / "metrics.json").read_text())
+    # same model, same images, same resizing: the same numbers as train.py's test evaluation
+    assert pm["over_set"]["DC"] == pytest.approx(metrics["over_set"]["DC"], abs=1e-12)
+    sid = test_ids[0]
+    mask = np.asarray(Image.open(pout / "masks" / f"{sid}.png"))
+    gt = np.asarray(Image.open(SAMPLE / "labels" / f"{sid}.png"))
+    assert mask.shape == gt.shape
+    ov = np.asarray(Image.open(pout / "overlays" / f"{sid}.png"))
+    assert ov.shape == gt.shape + (3,)
+    # images without ground truth: masks and overlays only
+    pout2 = tmp_path / "pred2"
+    assert predict.main(["--checkpoint", str(out / "best.pt"), "--images", str(pin / "images"),
+                         "--out", str(pout2), "--mask-format", "tif"]) == 0
+    assert (pout2 / "masks" / f"{sid}.tif").is_file() and not (pout2 / "metrics.json").exists()
+
+
+def test_overlay_colours():
+    from cdcl_ops.nuclei.evaluate import overlay
+
+    img = np.zeros((1, 4, 3), np.uint8)
+    pred = np.array([[1, 1, 0, 0]])
+    gt = np.array([[0, 5, 5, 0]])
+    o = overlay(img, pred, gt, alpha=1.0)
+    assert o[0].tolist() == [[0, 255, 0], [255, 255, 0], [255, 0, 0], [0, 0, 0]]
+
+
+def test_predict_errors(tmp_path, capsys):
+    assert predict.main(["--checkpoint", str(tmp_path / "none.pt"), "--images", str(tmp_path),
+                         "--out", str(tmp_path / "o")]) == 2
+    assert "none.pt" in capsys.readouterr().err
+
+
+def test_ddp_two_processes_smoke(tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), *TINY, "--method", "cdcl", "--epochs", "1", "--no-test", "--out", str(out)]
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout
+    st = load_checkpoint(out / "last.pt")
+    # the bank holds the features of both ranks: capacity = 2 ranks x (1 image x 8 x 8 pixels)
+    assert st["loss"]["bank.feats"].shape[0] == 2 * (2 * 1 * 8 * 8)
+    assert len(_log_rows(out)) == 1
