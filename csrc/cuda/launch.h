@@ -1,0 +1,43 @@
+// Plain C++ interface between the torch glue (cuda_glue.cpp) and the CUDA kernels (*.cu). The .cu
+// files include no torch headers, so they compile with nvcc alone (the compile-only check on CPU
+// machines) and the glue keeps the ATen/c10 parts: streams, device guards, error checks.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace cdcl::cuda {
+
+enum class Dtype { f32, f16, bf16 };
+
+// The canonical mask encoding of cdcl_ops/_validate.py (device pointers).
+struct Masks {
+  const int32_t* q_lab;
+  const int32_t* q_grp;
+  const int32_t* k_lab;
+  const int32_t* k_grp;
+  const bool* table;  // (groups, groups)
+  int64_t groups;
+};
+
+constexpr int64_t MAX_D = 512;
+
+// loss, lse: (n,) fp32; o: (n, d) fp32 or nullptr when the query gradient is not needed.
+cudaError_t launch_infonce_fwd(Dtype dtype, const void* q, const void* p, const void* k,
+                               const Masks& masks, int64_t n, int64_t m, int64_t d, float inv_tau,
+                               float* loss, float* lse, float* o, cudaStream_t stream);
+
+// dk: (m, d) in the features' dtype; lse, gs: (n,) fp32 (gs = upstream gradient / tau).
+cudaError_t launch_infonce_bank_grad(Dtype dtype, const void* q, const void* k, const Masks& masks,
+                                     const float* lse, const float* gs, int64_t n, int64_t m,
+                                     int64_t d, float inv_tau, void* dk, cudaStream_t stream);
+
+enum class PixelType { i64, i32, i16, i8, u8, boolean, f32, f64, f16, bf16 };
+
+// counts: (b, grid, grid) int32. Integer input: (b, h, w) labels; float input: (b, c, h, w)
+// logits, contiguous.
+cudaError_t launch_patch_fg_counts(PixelType type, const void* input, int64_t b, int64_t c,
+                                   int64_t h, int64_t w, int64_t grid, int64_t fg_class,
+                                   int32_t* counts, cudaStream_t stream);
+
+}  // namespace cdcl::cuda
