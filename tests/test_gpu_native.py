@@ -1,0 +1,120 @@
+"""GPU tests (marker `gpu`) of the `cuda` backend (csrc/cuda through cdcl_ops._C) against the
+float64 reference on the same device. Run by benchmarks/gpu_check.sh on a lent GPU."""
+import pytest
+import torch
+
+import cdcl_ops
+from cdcl_ops.backends import native
+from helpers import loss_and_grads, make_inputs
+from test_backends import TOL
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not native.HAS_CUDA,
+                                 reason=f"cdcl_ops._C has no CUDA kernels here ({native.LOAD_ERROR})")]
+CUDA = "cuda"
+
+
+def _compare(inputs, dtype, bank_grad=True):
+    ref_loss, ref_grads = loss_and_grads(inputs, "reference", bank_grad=bank_grad)
+    loss, grads = loss_and_grads(inputs, "cuda", dtype=dtype, bank_grad=bank_grad)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
+    for name, g, r in zip(("query", "positive", "bank"), grads, ref_grads):
+        if r is None:
+            assert g is None
+            continue
+        norm = inputs[name].double().norm(dim=1, keepdim=True)
+        g, r = g.double() * norm, r * norm
+        scale = r.abs().max().clamp(min=1.0)
+        torch.testing.assert_close(g / scale, r / scale, rtol=rtol, atol=atol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_cuda_listed():
+    assert "cuda" in cdcl_ops.available_backends("cuda")
+
+
+@pytest.mark.parametrize("d", [1, 3, 33, 96, 128, 200, 512])
+def test_cuda_fp32(d):
+    _compare(make_inputs(1000, 3001, d, device=CUDA), torch.float32)
+
+
+@pytest.mark.parametrize("d", [3, 128, 200])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_16bit(d, dtype):
+    _compare(make_inputs(777, 2049, d, device=CUDA), dtype)
+
+
+def test_cuda_bank_detached_many_groups_no_groups():
+    _compare(make_inputs(513, 1025, 64, device=CUDA, n_groups=70), torch.float32, bank_grad=False)
+    _compare(make_inputs(300, 700, 64, device=CUDA, groups=False), torch.float32)
+
+
+@pytest.mark.parametrize("n,m", [(0, 100), (100, 0), (0, 0)])
+def test_cuda_empty(n, m):
+    loss, grads = loss_and_grads(make_inputs(n, m, 16, device=CUDA, dtype=torch.float32), "cuda")
+    assert loss.shape == (n,) and torch.all(loss == 0)
+    for g, rows in zip(grads, (n, n, m)):
+        assert g.shape[0] == rows and torch.all(g == 0)
+
+
+def test_cuda_rows_without_negatives_are_zero():
+    inputs = make_inputs(200, 300, 5, device=CUDA, groups=False)
+    inputs["query_labels"] = torch.ones(200, dtype=torch.long, device=CUDA)
+    inputs["bank_labels"] = torch.ones(300, dtype=torch.long, device=CUDA)
+    inputs["query_labels"][:50] = 0
+    loss, grads = loss_and_grads(inputs, "cuda", dtype=torch.float32)
+    assert torch.all(loss[50:] == 0) and torch.all(loss[:50] > 0)
+    assert torch.all(grads[0][50:] == 0) and torch.isfinite(grads[2]).all()
+
+
+def test_cuda_deterministic():
+    inputs = make_inputs(1500, 2500, 64, device=CUDA, dtype=torch.float32)
+    (l1, g1), (l2, g2) = loss_and_grads(inputs, "cuda"), loss_and_grads(inputs, "cuda")
+    assert torch.equal(l1, l2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_cuda_compile_fullgraph():
+    torch._dynamo.reset()
+    inputs = make_inputs(300, 900, 32, device=CUDA, dtype=torch.float32, seed=2)
+
+    def loss_fn(q, p, k):
+        return cdcl_ops.masked_infonce(**dict(inputs, query=q, positive=p, bank=k), backend="cuda")
+
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
+        feats = [inputs[n].clone().requires_grad_() for n in ("query", "positive", "bank")]
+        loss = fn(*feats)
+        loss.backward()
+        results.append([loss.detach()] + [f.grad for f in feats])
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_opcheck():
+    from cdcl_ops._validate import canonical_masks
+    inp = make_inputs(70, 130, 24, device=CUDA, dtype=torch.float32, seed=4)
+    masks = canonical_masks(inp["query_labels"], inp["bank_labels"], inp["query_groups"],
+                            inp["bank_groups"], inp["group_table"])
+    q, p, k = (torch.nn.functional.normalize(inp[n], dim=1) for n in ("query", "positive", "bank"))
+    torch.library.opcheck(torch.ops.cdcl_ops_C.infonce_fwd, (q, p, k, *masks, 10.0, True))
+    _, lse, _ = torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, *masks, 10.0, False)
+    gs = torch.rand(70, device=CUDA)
+    torch.library.opcheck(torch.ops.cdcl_ops_C.infonce_bank_grad, (q, k, *masks, lse, gs, 10.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.uint8])
+def test_cuda_patch_counts_match_cpu(dtype):
+    if dtype.is_floating_point:
+        x = torch.randint(0, 3, (3, 4, 40, 40)).to(dtype)  # ties: first maximum wins
+    else:
+        x = torch.randint(0, 3, (3, 40, 40)).to(dtype)
+    expect = torch.ops.cdcl_ops_C.patch_fg_counts(x, 8, 1)
+    got = torch.ops.cdcl_ops_C.patch_fg_counts(x.to(CUDA), 8, 1)
+    assert torch.equal(got.cpu(), expect)
+
+
+def test_cuda_float64_rejected():
+    inputs = make_inputs(10, 20, 4, device=CUDA)
+    with pytest.raises(ValueError, match="query"):
+        cdcl_ops.masked_infonce(**inputs, backend="cuda")
