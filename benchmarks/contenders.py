@@ -141,6 +141,10 @@ def contenders(device_type):
         table["triton-ieee"] = (lambda: ours("triton", precision="ieee"), torch.float32)
         table["triton-tf32"] = (lambda: ours("triton", precision="tf32"), torch.float32)
         table["triton-bf16"] = (lambda: ours("triton"), torch.bfloat16)
+    if device_type in ("cpu", "cuda") and device_type in cdcl_ops.available_backends(device_type):
+        table[device_type] = (lambda: ours(device_type), torch.float32)  # the native kernels
+        if device_type == "cuda":
+            table["cuda-bf16"] = (lambda: ours("cuda"), torch.bfloat16)
     return table
 
 

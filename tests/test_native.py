@@ -1,5 +1,9 @@
 """The `cpu` backend (C++ kernels of csrc/cpu, through cdcl_ops._C) against the float64 reference,
 plus the raw `cdcl_ops_C::` ops: opcheck, torch.compile, determinism, patch foreground counts."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -9,14 +13,15 @@ from cdcl_ops.backends import native
 from helpers import loss_and_grads, make_inputs
 from test_backends import SHAPES, assert_close_to_reference
 
-pytestmark = pytest.mark.skipif(not native.HAS_CPU,
-                                reason=f"cdcl_ops._C not built: {native.LOAD_ERROR}")
+needs_ext = pytest.mark.skipif(not native.HAS_CPU,
+                               reason=f"cdcl_ops._C not built: {native.LOAD_ERROR}")
 
 # the C++ kernels work on query blocks of 64 and bank tiles of 256 (forward), bank blocks of 64
 # and query tiles of 256 (bank gradient): these cross every boundary with ragged last tiles
 BLOCK_SHAPES = [(130, 600, 16), (300, 70, 33), (65, 257, 128)]
 
 
+@needs_ext
 def test_registered_as_default_for_cpu():
     assert "cpu" in cdcl_ops.available_backends("cpu")
     assert cdcl_ops.default_backend("cpu") == "cpu"
@@ -26,22 +31,26 @@ def test_registered_as_default_for_cpu():
 @pytest.mark.parametrize("shape", SHAPES + BLOCK_SHAPES)
 @pytest.mark.parametrize("groups", [True, False])
 @pytest.mark.parametrize("bank_grad", [True, False])
+@needs_ext
 def test_cpu_float64(shape, groups, bank_grad):
     assert_close_to_reference(make_inputs(*shape, groups=groups), "cpu", torch.float64, bank_grad)
 
 
 @pytest.mark.parametrize("shape", SHAPES + BLOCK_SHAPES)
 @pytest.mark.parametrize("groups", [True, False])
+@needs_ext
 def test_cpu_float32(shape, groups):
     assert_close_to_reference(make_inputs(*shape, groups=groups), "cpu", torch.float32, True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@needs_ext
 def test_cpu_low_precision_upcast(dtype):
     assert_close_to_reference(make_inputs(97, 300, 40), "cpu", dtype, True)
 
 
 @pytest.mark.parametrize("n_groups", [45, 64, 70])
+@needs_ext
 def test_many_groups(n_groups):
     # up to 64 groups a table row is a 64-bit set (group 63 sets the top bit); beyond, a lookup
     inputs = make_inputs(70, 290, 8, n_groups=n_groups)
@@ -50,6 +59,7 @@ def test_many_groups(n_groups):
 
 
 @pytest.mark.parametrize("n,m", [(0, 9), (7, 0), (0, 0)])
+@needs_ext
 def test_empty(n, m):
     inputs = make_inputs(n, m, 6)
     assert cdcl_ops.masked_infonce(**inputs, backend="cpu").item() == 0.0
@@ -60,6 +70,7 @@ def test_empty(n, m):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@needs_ext
 def test_rows_without_negatives_and_inactive_queries(dtype):
     inputs = make_inputs(150, 300, 5, groups=False)
     inputs["query_labels"] = torch.ones(150, dtype=torch.long)
@@ -73,6 +84,7 @@ def test_rows_without_negatives_and_inactive_queries(dtype):
     assert_close_to_reference(inputs, "cpu", dtype, True)
 
 
+@needs_ext
 def test_all_inactive_mean_is_zero_and_attached():
     inputs = make_inputs(20, 30, 4, groups=False)
     inputs["query_labels"] = torch.full((20,), -1)
@@ -83,6 +95,7 @@ def test_all_inactive_mean_is_zero_and_attached():
     assert torch.all(q.grad == 0)
 
 
+@needs_ext
 def test_gradcheck_float64():
     inputs = make_inputs(9, 13, 4, seed=5)
     feats = [inputs[n].clone().requires_grad_() for n in ("query", "positive", "bank")]
@@ -94,6 +107,7 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, feats)
 
 
+@needs_ext
 def test_non_contiguous_and_label_dtypes():
     base = make_inputs(70, 270, 10, dtype=torch.float32, seed=3)
     strided = dict(base)
@@ -109,6 +123,7 @@ def test_non_contiguous_and_label_dtypes():
     torch.testing.assert_close(got, expect.float(), rtol=1e-5, atol=1e-6)
 
 
+@needs_ext
 def test_deterministic_and_independent_of_thread_count():
     inputs = make_inputs(200, 700, 24, dtype=torch.float32)
     threads = torch.get_num_threads()
@@ -136,12 +151,14 @@ def _raw_args(dtype, n=70, m=270, d=6, seed=11):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("need_o", [True, False])
+@needs_ext
 def test_opcheck_native_forward(dtype, need_o):
     unit, masks = _raw_args(dtype)
     torch.library.opcheck(torch.ops.cdcl_ops_C.infonce_fwd, (*unit, *masks, 10.0, need_o))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@needs_ext
 def test_opcheck_native_bank_grad(dtype):
     (q, p, k), masks = _raw_args(dtype)
     _, lse, _ = torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, *masks, 10.0, False)
@@ -149,6 +166,7 @@ def test_opcheck_native_bank_grad(dtype):
     torch.library.opcheck(torch.ops.cdcl_ops_C.infonce_bank_grad, (q, k, *masks, lse, gs, 10.0))
 
 
+@needs_ext
 def test_opcheck_library_op_with_cpu_backend():
     (q, p, k), masks = _raw_args(torch.float32)
     q.requires_grad_()
@@ -158,6 +176,7 @@ def test_opcheck_library_op_with_cpu_backend():
                           (q, p, k, *masks, 10.0, "cpu", 0, "auto", True))
 
 
+@needs_ext
 def test_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     inputs = make_inputs(80, 300, 8, dtype=torch.float32, seed=2)
@@ -176,6 +195,7 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
 
 
+@needs_ext
 def test_direct_call_rejects_bad_arguments():
     (q, p, k), masks = _raw_args(torch.float32)
     with pytest.raises(RuntimeError, match="contiguous"):
@@ -196,6 +216,7 @@ def _counts_reference(labels, grid, fg_class):
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
 @pytest.mark.parametrize("grid,hw", [(8, (40, 40)), (3, (9, 15)), (1, (5, 7))])
+@needs_ext
 def test_patch_counts_labels(dtype, grid, hw):
     labels = torch.randint(0, 3, (3, *hw)).to(dtype)
     got = torch.ops.cdcl_ops_C.patch_fg_counts(labels, grid, 1)
@@ -206,6 +227,7 @@ def test_patch_counts_labels(dtype, grid, hw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@needs_ext
 def test_patch_counts_logits_with_ties(dtype):
     # integer-valued logits in a small range: many ties, where the first maximum must win
     logits = torch.randint(0, 3, (2, 4, 24, 16)).to(dtype)
@@ -216,6 +238,7 @@ def test_patch_counts_logits_with_ties(dtype):
                        _counts_reference(logits.argmax(dim=1), 4, 0))
 
 
+@needs_ext
 def test_patch_counts_non_contiguous_and_errors():
     logits = torch.randn(2, 16, 16, 3).permute(0, 3, 1, 2)
     assert torch.equal(torch.ops.cdcl_ops_C.patch_fg_counts(logits, 4, 2),
@@ -226,7 +249,35 @@ def test_patch_counts_non_contiguous_and_errors():
         torch.ops.cdcl_ops_C.patch_fg_counts(torch.zeros(1, 8, 8), 4, 1)
 
 
+@needs_ext
 def test_opcheck_patch_counts():
     torch.library.opcheck(torch.ops.cdcl_ops_C.patch_fg_counts, (torch.randn(2, 3, 8, 8), 4, 1))
     torch.library.opcheck(torch.ops.cdcl_ops_C.patch_fg_counts,
                           (torch.randint(0, 2, (2, 8, 8)), 2, 1))
+
+
+def test_import_without_the_extension():
+    # a machine where the build failed: the package imports, lists no native backend, falls back
+    # to chunked, and a request for "cpu" says why it cannot run
+    code = """
+import sys
+sys.modules["cdcl_ops._C"] = None  # makes `from .. import _C` raise ImportError
+import torch, cdcl_ops
+from cdcl_ops.backends import native
+assert not native.LOADED and native.LOAD_ERROR
+assert "cpu" not in cdcl_ops.available_backends("cpu")
+assert cdcl_ops.default_backend("cpu") == "chunked"
+x = torch.randn(4, 3)
+lab = torch.tensor([0, 1, 0, 1])
+print(float(cdcl_ops.masked_infonce(x, x, x, lab, lab)))
+try:
+    cdcl_ops.masked_infonce(x, x, x, lab, lab, backend="cpu")
+except ValueError as e:
+    assert "cdcl_ops._C" in str(e), e
+    print("refused")
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("refused")
