@@ -239,6 +239,15 @@ def test_patch_counts_logits_with_ties(dtype):
 
 
 @needs_ext
+def test_patch_counts_float64_logits_close_values():
+    # differences below float32 resolution still decide the argmax of float64 logits
+    logits = torch.ones(1, 2, 4, 4, dtype=torch.float64)
+    logits[0, 1, :2] += 1e-12
+    got = torch.ops.cdcl_ops_C.patch_fg_counts(logits, 2, 1)
+    assert torch.equal(got, _counts_reference(logits.argmax(dim=1), 2, 1))
+    assert got.sum().item() == 8
+
+
 def test_patch_counts_non_contiguous_and_errors():
     logits = torch.randn(2, 16, 16, 3).permute(0, 3, 1, 2)
     assert torch.equal(torch.ops.cdcl_ops_C.patch_fg_counts(logits, 4, 2),

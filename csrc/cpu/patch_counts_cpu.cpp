@@ -6,16 +6,20 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 namespace cdcl::cpu {
 namespace {
 
 template <typename T>
 inline bool is_foreground_logit(const T* px, int64_t channels, int64_t channel_stride,
                                 int64_t fg_class) {
+  // fp32 comparisons (16-bit values convert exactly), double ones for float64 logits
+  using cmp_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
   int64_t best = 0;
-  float best_v = static_cast<float>(px[0]);
+  cmp_t best_v = static_cast<cmp_t>(px[0]);
   for (int64_t c = 1; c < channels; ++c) {
-    const float v = static_cast<float>(px[c * channel_stride]);
+    const cmp_t v = static_cast<cmp_t>(px[c * channel_stride]);
     // NaN counts as the maximum, as in torch.argmax
     if (v > best_v || (v != v && best_v == best_v)) {
       best_v = v;
