@@ -36,7 +36,7 @@ METHODS = ("suponly", "fullsup", "meanteacher", "cdcl")
 DEFAULT_LOSSES = {"suponly": (False, False, False), "fullsup": (False, False, False),
                   "meanteacher": (True, False, False), "cdcl": (True, True, True)}
 # settings a resumed run must share with its checkpoint
-RESUME_KEYS = ("method", "dataset", "seed", "labeled_fraction", "batch_size", "unlabeled_batch_size",
+RESUME_KEYS = ("method", "dataset", "seed", "split_seed", "labeled_fraction", "batch_size", "unlabeled_batch_size",
                "iters_per_epoch", "model", "cons", "contr", "ent", "sampling", "max_images")
 
 
@@ -77,7 +77,8 @@ def parse_args(argv=None):
     a("--temperature", type=float, default=0.1)
     a("--memory", type=int, default=1)
     a("--loss-backend", default=None)
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="initialisation, labeled subset, sampling and augmentation")
+    a("--split-seed", type=int, default=0, help="the train/val/test split (fixed across --seed)")
     a("--device", default="auto")
     a("--threads", type=int, default=None)
     a("--resume", default=None, help="checkpoint to continue from ('auto': OUT/last.pt if present)")
@@ -155,7 +156,7 @@ class IndexStream:
 
 
 def load_data(args, rank):
-    splits = data.dataset_splits(args.dataset, args.data, seed=args.seed, fmt=args.format,
+    splits = data.dataset_splits(args.dataset, args.data, seed=args.split_seed, fmt=args.format,
                                  max_images=args.max_images)
     tile = 250 if args.dataset == "monuseg" else None
     size = args.model.input_size
@@ -318,10 +319,10 @@ class Trainer:
         bar.close()
         return {k: all_mean(v / n, self.world) for k, v in sums.items()}
 
-    def fit(self, log_path, tb):
+    def fit(self, log_path, tb, resumed=False):
         a = self.args
         fields = ["epoch", "step", "lr", "loss", "sup", "cons", "contr", "ent", "w_cons", "val_dice", "seconds"]
-        if self.main and not os.path.exists(log_path):
+        if self.main and not (resumed and os.path.exists(log_path)):  # a fresh run starts a fresh log
             with open(log_path, "w", newline="") as f:
                 csv.writer(f).writerow(fields)
         stop = a.epochs if a.stop_after_epochs is None else min(a.epochs, self.epoch + a.stop_after_epochs)
@@ -393,7 +394,7 @@ def main(argv=None):
                   f"training images, {trainer.d['val_x'].shape[0]} val, {len(trainer.d['test_entries'])} test; "
                   f"{trainer.iters} iterations/epoch, {world} process(es) on {device}", flush=True)
         tb = tensorboard_writer(args.out) if rank == 0 else None
-        trainer.fit(os.path.join(args.out, "log.csv"), tb)
+        trainer.fit(os.path.join(args.out, "log.csv"), tb, resumed=bool(args.resume))
         if tb is not None:
             tb.close()
         finished = trainer.epoch >= args.epochs

@@ -31,7 +31,16 @@ predict = _script("predict")
 
 TINY = ["--data", str(SAMPLE), "--preset", "tiny", "--max-images", "12", "--labeled-fraction", "1/4",
         "--batch-size", "2", "--unlabeled-batch-size", "2", "--iters-per-epoch", "2",
-        "--unsup-start-epoch", "1", "--no-progress", "--overlays", "2"]
+        "--unsup-start-epoch", "1", "--no-progress", "--overlays", "2", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_thread_count():
+    # the runs use one thread (small tensors; several threads only contend on a shared CI box);
+    # the rest of the suite gets its setting back
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 def _log_rows(out):
@@ -111,7 +120,7 @@ def test_end_to_end_loss_falls_and_outputs_written(tmp_path):
     args = ["--data", str(SAMPLE), "--preset", "small", "--input-size", "64", "--max-images", "12",
             "--method", "cdcl", "--labeled-fraction", "1/2", "--epochs", "6", "--iters-per-epoch", "4",
             "--batch-size", "4", "--unlabeled-batch-size", "4", "--unsup-start-epoch", "2", "--lr", "3e-3",
-            "--no-progress", "--overlays", "2", "--out", str(out)]
+            "--no-progress", "--overlays", "2", "--threads", "1", "--out", str(out)]
     assert train.main(args) == 0
     rows = _log_rows(out)
     assert len(rows) == 6
@@ -179,3 +188,25 @@ def test_ddp_two_processes_smoke(tmp_path):
     # the bank holds the features of both ranks: capacity = 2 ranks x (1 image x 8 x 8 pixels)
     assert st["loss"]["bank.feats"].shape[0] == 2 * (2 * 1 * 8 * 8)
     assert len(_log_rows(out)) == 1
+
+
+def test_table1_protocol_runs_and_writes_the_table(tmp_path):
+    spec = importlib.util.spec_from_file_location("_table1", ROOT / "experiments" / "table1.py")
+    table1 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table1)
+    out = tmp_path / "t1"
+    table1.main(["--data", str(SAMPLE), "--fraction", "1/4", "--seeds", "0", "--preset", "tiny", "--epochs", "1",
+                 "--iters-per-epoch", "1", "--out", str(out), "--in-process", "--", "--max-images", "12", "--batch-size", "2",
+                 "--unlabeled-batch-size", "2", "--unsup-start-epoch", "1", "--threads", "1", "--overlays", "0"])
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["summary"]) == {"suponly", "cdcl"}
+    for m in ("suponly", "cdcl"):
+        run = json.loads((out / f"{m}-seed0" / "metrics.json").read_text())
+        assert res["summary"][m]["dice_set"]["mean"] == pytest.approx(100 * run["over_set"]["DC"])
+    md = (out / "results.md").read_text()
+    assert "suponly" in md and "cdcl" in md and "over the set" in md
+    # a finished table is not recomputed
+    mtime = (out / "cdcl-seed0" / "metrics.json").stat().st_mtime
+    table1.main(["--data", str(SAMPLE), "--fraction", "1/4", "--seeds", "0", "--preset", "tiny", "--epochs", "1",
+                 "--out", str(out)])
+    assert (out / "cdcl-seed0" / "metrics.json").stat().st_mtime == mtime
