@@ -449,3 +449,17 @@ def test_torch_compile_module_with_bank():
         torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-7)
     assert torch.equal(module.bank.feats, eager.bank.feats)
     assert torch.equal(module.bank.labels, eager.bank.labels)
+
+
+def test_docs_example_runs(tmp_path, monkeypatch, capsys):
+    import pathlib
+    import re
+    doc = pathlib.Path(__file__).resolve().parent.parent / "docs" / "loss.md"
+    (code,) = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, str(doc), "exec"), {})
+    assert capsys.readouterr().out.count("L_contr =") == 3
+    state = torch.load(tmp_path / "checkpoint.pt")["contrastive"]
+    restored = cdcl_ops.CrossPatchInfoNCE(grid=8)
+    restored.load_state_dict(state)
+    assert restored.bank.capacity == 2 * 16 * 16
