@@ -187,3 +187,13 @@ def test_dataset_splits_dsb_and_monuseg(tmp_path):
     assert [len(s[k]) for k in ("train", "val", "test")] == [4, 1, 2]
     with pytest.raises(ValueError, match="dataset"):
         data.dataset_splits("kaggle", str(tmp_path))
+
+
+def test_stretch_contrast():
+    img = np.full((10, 10, 3), 12, np.uint8)
+    img[2:5, 2:5] = 40
+    out = data.stretch_contrast(img, 0, 100)
+    assert out.min() == 0 and out.max() == 255
+    assert (out[2:5, 2:5] == 255).all() and (out[6:, 6:] == 0).all()
+    flat = np.full((4, 4, 3), 7, np.uint8)
+    assert np.array_equal(data.stretch_contrast(flat), flat)
