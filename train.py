@@ -160,9 +160,9 @@ def load_data(args, rank):
                                  max_images=args.max_images)
     tile = 250 if args.dataset == "monuseg" else None
     size = args.model.input_size
-    show = rank == 0
-    train_x, train_y, train_ids = data.load_resized(splits["train"], size, tile, "train images" if show else "")
-    val_x, val_y, _ = data.load_resized(splits["val"], size, tile, "val images" if show else "")
+    show = rank == 0 and not args.no_progress
+    train_x, train_y, train_ids = data.load_resized(splits["train"], size, tile, "train images", show)
+    val_x, val_y, _ = data.load_resized(splits["val"], size, tile, "val images", show)
     labeled = data.labeled_indices(len(train_ids), args.labeled_fraction, args.seed)
     lab_set = set(labeled)
     unlabeled = [i for i in range(len(train_ids)) if i not in lab_set]

@@ -327,12 +327,12 @@ def resize_sample(sample: Sample, size: int):
     return img[0].round().clamp(0, 255).to(torch.uint8), lab[0, 0].to(torch.int32)
 
 
-def load_resized(entries, size, tile=None, desc="loading"):
+def load_resized(entries, size, tile=None, desc="loading", progress=True):
     """Stack of resized images (N, 3, S, S) uint8 and labels (N, S, S) int32, and the sample ids."""
     from tqdm import tqdm
 
     images, labels, ids = [], [], []
-    for e in tqdm(entries, desc=desc, leave=False, disable=len(entries) < 50):
+    for e in tqdm(entries, desc=desc, leave=False, disable=not progress or len(entries) < 50):
         s = e.load()
         for part in (tile_sample(s, tile) if tile else [s]):
             i, l = resize_sample(part, size)
