@@ -5,6 +5,7 @@ Paper size: 8 unlabeled images, 128 x 40 x 40 projector features, predictions (l
 Predictions are smooth random blobs, about half foreground, so FDP, BDP and MP patches all occur.
 
     python -m benchmarks.loss_cost [--backends chunked reference] [--repeats 5] [--device cpu]
+                                   [--compact no|yes|both]
 
 The triton backend runs on CPU only in Triton's interpreter, which is far too slow to be a
 measurement: it is left out on CPU unless named explicitly.
@@ -39,9 +40,10 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_backend(backend, args, device):
+def time_backend(backend, args, device, compact):
     gen = torch.Generator().manual_seed(0)
-    loss_fn = cdcl_ops.CrossPatchInfoNCE(grid=args.grid, memory=args.memory, backend=backend)
+    loss_fn = cdcl_ops.CrossPatchInfoNCE(grid=args.grid, memory=args.memory, backend=backend,
+                                         compact=compact)
     batches = [make_batch(args, gen, device) for _ in range(2)]
     times = []
     for i in range(args.warmup + args.repeats):
@@ -70,6 +72,8 @@ def main(argv=None):
     p.add_argument("--memory", type=int, default=1)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compact", choices=["no", "yes", "both"], default="both",
+                   help="time the dense path (static shapes), the compacted one, or both")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     backends = args.backends
@@ -81,11 +85,13 @@ def main(argv=None):
           f"torch {torch.__version__}; {args.batch} x {args.dim} x {args.feat} x {args.feat} features, "
           f"{args.image} x {args.image} logits, grid {args.grid}, memory {args.memory}; "
           f"median of {args.repeats} after {args.warmup} warm-up")
-    print("| backend | forward+backward median (s) | min (s) | loss | stats |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| backend | compact | forward+backward median (s) | min (s) | loss | stats |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compact]
     for backend in backends:
-        med, best, loss, stats = time_backend(backend, args, device)
-        print(f"| {backend} | {med:.3f} | {best:.3f} | {loss:.4f} | {stats} |", flush=True)
+        for compact in modes:
+            med, best, loss, stats = time_backend(backend, args, device, compact)
+            print(f"| {backend} | {compact} | {med:.3f} | {best:.3f} | {loss:.4f} | {stats} |", flush=True)
 
 
 if __name__ == "__main__":

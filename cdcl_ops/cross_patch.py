@@ -89,7 +89,7 @@ def official_group_table(pixels, fdp, bdp, device):
 
 def cross_patch_infonce(student_feats, teacher_feats, student_pred, teacher_pred, bank=None, grid=8,
                         fdp=0.7, bdp=0.3, temperature=0.1, fg_class=1, semantics="paper",
-                        sampling="pixel-patch", backend=None, return_stats=False):
+                        sampling="pixel-patch", backend=None, return_stats=False, compact=False):
     """Cross-patch dense contrastive loss L_contr of CDCL (SPEC 2, paper Eqs. 3-12).
 
     Args:
@@ -109,6 +109,9 @@ def cross_patch_infonce(student_feats, teacher_feats, student_pred, teacher_pred
         backend: masked_infonce backend (None: the fastest for the device).
         return_stats: also return a dict of device tensors: "queries" (active queries),
             "fdp_patches", "bdp_patches" (student patches), "positive_prob" (mean e^{s+} / denominator).
+        compact: gather the active queries and bank rows before the op. Same result with less
+            work when many pixels are MP or the bank has empty slots, at the price of one host
+            synchronisation and data-dependent shapes (eager mode only: not under torch.compile).
 
     Returns:
         The scalar loss (float32; float64 for float64 features), or (loss, stats).
@@ -173,9 +176,12 @@ def cross_patch_infonce(student_feats, teacher_feats, student_pred, teacher_pred
             k, k_lab, _ = bank.tensors()
         active = torch.ones_like(q_lab, dtype=torch.bool)
 
-    per = masked_infonce(q, p, k.to(q.dtype), q_lab, k_lab, q_grp, k_grp, table,
-                         temperature=temperature, reduction="none", backend=backend,
-                         check_inputs=False)
+    k = k.to(q.dtype)
+    if compact:
+        per = _compacted(q, p, k, q_lab, k_lab, q_grp, k_grp, table, active, temperature, backend)
+    else:
+        per = masked_infonce(q, p, k, q_lab, k_lab, q_grp, k_grp, table, temperature=temperature,
+                             reduction="none", backend=backend, check_inputs=False)
     n_active = active.sum()
     denom = n_active.clamp(min=1).to(per.dtype)
     loss = per.sum() / denom
@@ -189,14 +195,43 @@ def cross_patch_infonce(student_feats, teacher_feats, student_pred, teacher_pred
     return loss, stats
 
 
+SPLIT_MAX_GROUPS = 8  # with few groups, one call per query group skips the bank rows it may not see
+
+
+def _compacted(q, p, k, q_lab, k_lab, q_grp, k_grp, table, active, temperature, backend):
+    """Per-query losses (N,) computed on the active queries and usable bank rows only.
+
+    With a small group table (paper mode: FDP / BDP) each query group gets its own call against
+    only the bank rows its table row allows, so no masked-out pair is computed at all.
+    """
+    if torch.compiler.is_compiling():
+        raise ValueError("compact: expected False under torch.compile (compaction has "
+                         "data-dependent shapes)")
+    usable = k_lab >= 0 if k_grp is None else (k_lab >= 0) & (k_grp >= 0)
+    if table is not None and table.shape[0] <= SPLIT_MAX_GROUPS:
+        allowed = table.to(torch.bool)[:, k_grp.clamp(min=0)] & usable           # (G, M)
+        parts = [((active & (q_grp == g)).nonzero().squeeze(1), allowed[g].nonzero().squeeze(1))
+                 for g in range(table.shape[0])]
+    else:
+        parts = [(active.nonzero().squeeze(1), usable.nonzero().squeeze(1))]
+    pick = lambda t, i: None if t is None else t.index_select(0, i)  # noqa: E731
+    losses = [masked_infonce(pick(q, qi), pick(p, qi), pick(k, ki), pick(q_lab, qi), pick(k_lab, ki),
+                             pick(q_grp, qi), pick(k_grp, ki), table, temperature=temperature,
+                             reduction="none", backend=backend, check_inputs=False)
+              for qi, ki in parts]
+    rows = torch.cat([qi for qi, _ in parts])
+    return losses[0].new_zeros(q.shape[0]).index_copy(0, rows, torch.cat(losses))
+
+
 class CrossPatchInfoNCE(torch.nn.Module):
     """`cross_patch_infonce` owning its FeatureBank (sized on the first call, saved in state_dict).
 
-    `memory` previous batches are kept besides the current one (the paper: 1).
+    `memory` previous batches are kept besides the current one (the paper: 1). The other options
+    are those of `cross_patch_infonce`.
     """
 
     def __init__(self, grid=8, fdp=0.7, bdp=0.3, temperature=0.1, fg_class=1, memory=1,
-                 semantics="paper", sampling="pixel-patch", backend=None):
+                 semantics="paper", sampling="pixel-patch", backend=None, compact=False):
         super().__init__()
         _check_options(grid, fdp, bdp, semantics, sampling, fg_class)
         if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
@@ -204,6 +239,7 @@ class CrossPatchInfoNCE(torch.nn.Module):
         self.grid, self.fdp, self.bdp = grid, fdp, bdp
         self.temperature, self.fg_class = temperature, fg_class
         self.semantics, self.sampling, self.backend = semantics, sampling, backend
+        self.compact = bool(compact)
         self.bank = FeatureBank(dim=None, capacity=None, memory=memory)
 
     def forward(self, student_feats, teacher_feats, student_pred, teacher_pred, return_stats=False):
@@ -211,9 +247,10 @@ class CrossPatchInfoNCE(torch.nn.Module):
                                    bank=self.bank, grid=self.grid, fdp=self.fdp, bdp=self.bdp,
                                    temperature=self.temperature, fg_class=self.fg_class,
                                    semantics=self.semantics, sampling=self.sampling,
-                                   backend=self.backend, return_stats=return_stats)
+                                   backend=self.backend, return_stats=return_stats,
+                                   compact=self.compact)
 
     def extra_repr(self):
         return (f"grid={self.grid}, fdp={self.fdp}, bdp={self.bdp}, temperature={self.temperature}, "
                 f"fg_class={self.fg_class}, memory={self.bank.memory}, semantics={self.semantics!r}, "
-                f"sampling={self.sampling!r}, backend={self.backend!r}")
+                f"sampling={self.sampling!r}, backend={self.backend!r}, compact={self.compact}")

@@ -463,3 +463,33 @@ def test_docs_example_runs(tmp_path, monkeypatch, capsys):
     restored = cdcl_ops.CrossPatchInfoNCE(grid=8)
     restored.load_state_dict(state)
     assert restored.bank.capacity == 2 * 16 * 16
+
+
+@pytest.mark.parametrize("semantics,sampling", COMBOS)
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_compact_path_matches_dense(semantics, sampling, backend):
+    b, d, h, w, grid = 2, 5, 8, 8, 4
+    gen = gen_for("compact", semantics, sampling, backend)
+    modules = [cdcl_ops.CrossPatchInfoNCE(grid=grid, memory=2, semantics=semantics, sampling=sampling,
+                                          backend=backend, compact=c) for c in (False, True)]
+    mp = -torch.ones(b, grid, grid, dtype=torch.int64)
+    for step in range(4):  # step 2: no FDP/BDP at all (empty query set after compaction)
+        batch = make_batch(b, d, h, w, grid, gen, *((mp, mp) if step == 2 else ()))
+        dense, compact = (loss_and_grad(lambda fs: m(fs, batch["ft"], batch["ys"], batch["yt"]), batch["fs"])
+                          for m in modules)
+        torch.testing.assert_close(compact[0], dense[0], rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(compact[1], dense[1], rtol=1e-9, atol=1e-10)
+    fs = batch["fs"].clone().requires_grad_(True)
+    loss, stats = modules[1](fs, batch["ft"], batch["ys"], batch["yt"], return_stats=True)
+    ref, ref_stats = modules[0](fs, batch["ft"], batch["ys"], batch["yt"], return_stats=True)
+    for key in ref_stats:
+        torch.testing.assert_close(stats[key], ref_stats[key], rtol=1e-9, atol=1e-12)
+
+
+def test_compact_no_queries_is_attached_zero():
+    fs = torch.randn(2, 4, 4, 4, requires_grad=True)
+    half = torch.tensor([[1, 0, 1, 0]] * 4).expand(2, 4, 4)  # every 2x2 patch is half foreground
+    loss = cdcl_ops.cross_patch_infonce(fs, torch.randn(2, 4, 4, 4), half, half, grid=2, compact=True)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert not fs.grad.any()
