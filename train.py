@@ -391,7 +391,8 @@ def main(argv=None):
             with open(os.path.join(args.out, "splits.json"), "w") as f:
                 json.dump(trainer.d["split_ids"], f, indent=1)
             print(f"{args.method}: {len(trainer.d['labeled'])} labeled + {len(trainer.d['unlabeled'])} unlabeled "
-                  f"training images, {trainer.d['val_x'].shape[0]} val, {len(trainer.d['test_entries'])} test; "
+                  f"training {'tiles' if trainer.d['tile'] else 'images'}, {trainer.d['val_x'].shape[0]} val, "
+                  f"{len(trainer.d['test_entries'])} test images{' (tiled)' if trainer.d['tile'] else ''}; "
                   f"{trainer.iters} iterations/epoch, {world} process(es) on {device}", flush=True)
         tb = tensorboard_writer(args.out) if rank == 0 else None
         trainer.fit(os.path.join(args.out, "log.csv"), tb, resumed=bool(args.resume))
