@@ -91,7 +91,7 @@ def main(argv=None):
             prob = foreground_probability(model, image, cfg.input_size, device)
             pred = prob > args.threshold
             save_label_map(os.path.join(args.out, "masks", f"{sid}.{args.mask_format}"), connected_components(pred))
-            Image.fromarray(overlay(image, pred, labels)).save(os.path.join(args.out, "overlays", f"{sid}.png"))
+            Image.fromarray(overlay(image, pred, labels, stretch=True)).save(os.path.join(args.out, "overlays", f"{sid}.png"))
             if labels is not None:
                 has_gt = True
                 meter.update(pred, labels, sid)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .augment import normalize
-from .data import Sample, resize_sample
+from .data import Sample, resize_sample, stretch_contrast
 from .metrics import SegmentationMeter, connected_components, markdown_table
 
 GREEN, RED, YELLOW = (0, 255, 0), (255, 0, 0), (255, 255, 0)
@@ -41,9 +41,11 @@ def batch_dice(model, images, labels, device="cpu", batch=16):
     return 1.0 if 2 * tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
-def overlay(image: np.ndarray, pred_mask: np.ndarray, gt_mask: np.ndarray | None = None, alpha=0.6):
-    """Prediction green, ground truth red, their overlap yellow (the paper's Figure 3)."""
-    out = image.astype(np.float32).copy()
+def overlay(image: np.ndarray, pred_mask: np.ndarray, gt_mask: np.ndarray | None = None, alpha=0.6,
+            stretch=False):
+    """Prediction green, ground truth red, their overlap yellow (the paper's Figure 3); `stretch`
+    shows the image contrast-stretched as the model sees it (dim fluorescence becomes visible)."""
+    out = (stretch_contrast(image) if stretch else image).astype(np.float32)
     p = pred_mask > 0
     colour = np.zeros_like(out)
     paint = p.copy()
@@ -79,7 +81,7 @@ def evaluate_samples(model, samples, size, device="cpu", out_dir=None, overlays=
         pred = foreground_probability(model, s.image, size, device) > threshold
         meter.update(pred, s.labels, s.id)
         if out_dir and k < overlays:
-            Image.fromarray(overlay(s.image, pred, s.labels)).save(
+            Image.fromarray(overlay(s.image, pred, s.labels, stretch=True)).save(
                 os.path.join(out_dir, "overlays", f"{s.id}.png"))
     model.train(was_training)
     return meter
