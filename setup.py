@@ -34,7 +34,9 @@ def _extensions():
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:  # metadata-only runs (e.g. an sdist without torch): pure Python
         return [], {}
-    cxx = ["-O3", "-fopenmp", "-fvisibility=hidden"]
+    # no trapping math / errno (as torch itself is built): lets the masked row loops of
+    # csrc/cpu/row_kernels.h if-convert and vectorise
+    cxx = ["-O3", "-fopenmp", "-fvisibility=hidden", "-fno-trapping-math", "-fno-math-errno"]
     sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
     want_cuda = torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1"
     use_cuda = want_cuda and torch.version.cuda is not None and _find_nvcc() is not None

@@ -32,6 +32,7 @@ constexpr int64_t FWD_BANK_TILE = 256;    // bank rows per streamed tile
 constexpr int64_t GRAD_BANK_BLOCK = 64;   // bank rows a thread owns in the bank gradient
 constexpr int64_t GRAD_QUERY_TILE = 256;  // query rows per streamed tile
 constexpr int64_t BIT_GROUPS = 64;        // up to this many groups, a table row is one bit set
+static_assert(BIT_GROUPS == 64, "negatives_by_bits takes a 64-bit set");
 
 template <typename acc_t>
 at::Tensor view(const acc_t* ptr, int64_t rows, int64_t cols, int64_t row_stride,
@@ -79,10 +80,7 @@ inline void negatives(uint8_t* __restrict ok, int64_t n, int32_t label, const in
                       const int32_t* __restrict grp, bool use_bits, uint64_t bits,
                       const bool* table_line, int64_t table_stride) {
   if (use_bits) {
-    for (int64_t j = 0; j < n; ++j) {
-      const uint32_t g = static_cast<uint32_t>(grp[j]);  // negative ids become huge: rejected
-      ok[j] = static_cast<uint8_t>((g < BIT_GROUPS) & (lab[j] != label) & ((bits >> (g & 63)) & 1));
-    }
+    negatives_by_bits(ok, n, label, lab, grp, bits);
   } else {
     for (int64_t j = 0; j < n; ++j)
       ok[j] = grp[j] >= 0 && lab[j] != label && table_line[grp[j] * table_stride];

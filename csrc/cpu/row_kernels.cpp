@@ -16,4 +16,9 @@ CDCL_MULTIVERSION void grad_weights(float* row, const uint8_t* ok, const float* 
   grad_weights_impl(row, ok, lse, gs, n, scale);
 }
 
+CDCL_MULTIVERSION void negatives_by_bits(uint8_t* ok, int64_t n, int32_t label, const int32_t* lab,
+                                         const int32_t* grp, uint64_t bits) {
+  negatives_by_bits_impl(ok, n, label, lab, grp, bits);
+}
+
 }  // namespace cdcl::cpu

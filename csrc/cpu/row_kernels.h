@@ -87,12 +87,24 @@ static inline __attribute__((always_inline)) void grad_weights_impl(
   }
 }
 
+// ok[j] = J(row, j) for one fixed row of label `label` whose allowed groups are the bit set `bits`
+static inline __attribute__((always_inline)) void negatives_by_bits_impl(
+    uint8_t* __restrict ok, int64_t n, int32_t label, const int32_t* __restrict lab,
+    const int32_t* __restrict grp, uint64_t bits) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint64_t g = static_cast<uint32_t>(grp[j]);  // negative ids become huge: rejected
+    ok[j] = static_cast<uint8_t>((g < 64) & (lab[j] != label) & ((bits >> (g & 63)) & 1));
+  }
+}
+
 // defined in row_kernels.cpp with CDCL_MULTIVERSION (the attribute goes on the definition only:
 // callers in other files link to the load-time resolved symbol)
 float mask_scale_max(float* row, const uint8_t* ok, int64_t n, float scale);
 float exp_sum(float* row, int64_t n, float shift);
 void grad_weights(float* row, const uint8_t* ok, const float* lse, const float* gs, int64_t n,
                   float scale);
+void negatives_by_bits(uint8_t* ok, int64_t n, int32_t label, const int32_t* lab,
+                       const int32_t* grp, uint64_t bits);
 
 inline double mask_scale_max(double* row, const uint8_t* ok, int64_t n, double scale) {
   return mask_scale_max_impl(row, ok, n, scale);
