@@ -23,6 +23,7 @@ Dtype feature_dtype(const at::Tensor& t, const char* name) {
       TORCH_CHECK(false, name, ": the cuda backend takes float32/float16/bfloat16 features, got ",
                   t.scalar_type());
   }
+  return Dtype::f32;  // not reached
 }
 
 Masks device_masks(const at::Tensor& q_lab, const at::Tensor& q_grp, const at::Tensor& k_lab,
@@ -111,6 +112,7 @@ PixelType pixel_type(at::ScalarType t) {
     case at::kBFloat16: return PixelType::bf16;
     default: TORCH_CHECK(false, "labels_or_logits: unsupported dtype ", t);
   }
+  return PixelType::i64;  // not reached
 }
 
 at::Tensor patch_fg_counts_cuda(const at::Tensor& input, int64_t grid, int64_t fg_class) {
