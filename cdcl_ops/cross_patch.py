@@ -135,7 +135,7 @@ def cross_patch_infonce(student_feats, teacher_feats, student_pred, teacher_pred
     q = student_feats.permute(0, 2, 3, 1).reshape(-1, d)
     p = teacher_feats.detach().permute(0, 2, 3, 1).reshape(-1, d).to(q.dtype)
     q_lab = ys.reshape(-1).long()
-    t_lab = yt.reshape(-1).long()
+    t_lab = yt.reshape(-1).long()  # labels < 0: inactive rows (the mask encoding of masked_infonce)
     q_grp = k_grp = table = None
 
     if semantics == "official":
@@ -168,13 +168,18 @@ def cross_patch_infonce(student_feats, teacher_feats, student_pred, teacher_pred
             k, k_lab, _ = bank.tensors()
         active = q_lab >= 0
     else:  # random: each query's only non-negative is its own positive (unique ids)
+        q_grp = torch.where(q_lab >= 0, 0, -1)
+        t_grp = torch.where(t_lab >= 0, 0, -1)
+        table = torch.ones(1, 1, dtype=torch.bool, device=q.device)
         if bank is None:
             q_lab = torch.arange(q.shape[0], device=q.device)
-            k, k_lab = p, q_lab
+            k, k_lab, k_grp = p, q_lab, t_grp
         else:
-            q_lab = bank.push(p)
-            k, k_lab, _ = bank.tensors()
-        active = torch.ones_like(q_lab, dtype=torch.bool)
+            q_lab = bank.push(p, None, t_grp)
+            k, k_lab, k_grp = bank.tensors()
+        active = q_grp >= 0
+    # a pixel whose pseudo label is < 0 (an "ignore" label passed in) is never a query
+    active = active & (ys.reshape(-1) >= 0)
 
     k = k.to(q.dtype)
     if compact:

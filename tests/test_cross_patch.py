@@ -493,3 +493,35 @@ def test_compact_no_queries_is_attached_zero():
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert not fs.grad.any()
+
+
+@pytest.mark.parametrize("semantics,sampling", COMBOS)
+def test_ignored_pixels_are_never_queries(semantics, sampling):
+    """Pixels labelled < 0 in student_pred are not queries: their student features do not matter
+    (they are not bank rows either, except in official mode) and they leave the mean."""
+    b, d, h, w, grid = 2, 4, 8, 8, 4
+    batch = make_batch(b, d, h, w, grid, gen_for("ignore", semantics, sampling))
+    ys = batch["ys"].clone()
+    ys[0, :2, :2] = -1                                  # one whole patch and ...
+    ys[1, 5, 6] = -1                                    # ... one pixel of another
+    call = lambda fs, y: cdcl_ops.cross_patch_infonce(  # noqa: E731
+        fs, batch["ft"], y, batch["yt"], grid=grid, semantics=semantics, sampling=sampling,
+        backend="reference", return_stats=True)
+    loss, stats = call(batch["fs"], ys)
+    _, full = call(batch["fs"], batch["ys"])
+    ignored = (ys < 0) & (batch["ys"] >= 0)
+    if semantics == "paper":  # student features are bank rows only in official mode
+        changed = batch["fs"].clone()
+        changed.permute(0, 2, 3, 1)[ignored] = torch.randn(int(ignored.sum()), d, dtype=torch.float64)
+        again, _ = call(changed, ys)
+        torch.testing.assert_close(again, loss, rtol=1e-12, atol=1e-12)
+    kinds = cdcl_ops.classify_patches(cdcl_ops.patch_foreground_scores(ys, grid)[0].double())
+    per_pixel_active = kinds.repeat_interleave(h // grid, 1).repeat_interleave(w // grid, 2) >= 0
+    if sampling != "pixel-patch":
+        per_pixel_active = torch.ones_like(per_pixel_active)
+    assert int(stats["queries"]) == int((per_pixel_active & (ys >= 0)).sum())
+    assert int(stats["queries"]) < int(full["queries"])
+    compact, _ = cdcl_ops.cross_patch_infonce(batch["fs"], batch["ft"], ys, batch["yt"], grid=grid,
+                                              semantics=semantics, sampling=sampling,
+                                              backend="reference", return_stats=True, compact=True)
+    torch.testing.assert_close(compact, loss, rtol=1e-12, atol=1e-12)
