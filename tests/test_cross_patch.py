@@ -525,3 +525,23 @@ def test_ignored_pixels_are_never_queries(semantics, sampling):
                                               semantics=semantics, sampling=sampling,
                                               backend="reference", return_stats=True, compact=True)
     torch.testing.assert_close(compact, loss, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("semantics,sampling", COMBOS)
+def test_cuda_backends_agree_with_reference(semantics, sampling):
+    """On a GPU: backend=None (triton patch kernel, fastest op backend) against the reference."""
+    b, d, h, w, grid = 4, 32, 16, 16, 4
+    gen = gen_for("cuda", semantics, sampling)
+    modules = [cdcl_ops.CrossPatchInfoNCE(grid=grid, memory=1, semantics=semantics, sampling=sampling,
+                                          backend=be, compact=c).cuda()
+               for be, c in (("reference", False), (None, False), (None, True))]
+    for _ in range(3):
+        batch = make_batch(b, d, h, w, grid, gen)
+        args = [batch["ft"].float().cuda(), torch.randn(b, 2, 2 * h, 2 * w, generator=gen).cuda(),
+                batch["yt"].cuda()]
+        fs = batch["fs"].float().cuda()
+        (ref, ref_grad), *others = [loss_and_grad(lambda x: m(x, *args), fs) for m in modules]
+        for loss, grad in others:
+            torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)  # TF32 where allowed
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-5)

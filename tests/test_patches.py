@@ -172,3 +172,16 @@ def test_triton_patch_kernel_compiles_for_ampere_and_hopper():
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("compiled") == 8
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,h,w,grid", [(8, 40, 40, 8), (2, 33, 66, 1), (3, 12, 15, 3), (2, 320, 320, 8)])
+def test_triton_patch_kernel_on_gpu(b, h, w, grid):
+    """The compiled kernel (not the interpreter) against the PyTorch path on CUDA."""
+    labels = torch.randint(0, 3, (b, h, w), device="cuda")
+    logits = torch.randint(0, 3, (b, 3, h, w), device="cuda").to(torch.bfloat16)  # ties
+    channels_last = logits.float().permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    for x in (labels, labels.to(torch.uint8), logits, channels_last):
+        _, counts = cdcl_ops.patch_foreground_scores(x, grid, backend="triton")
+        _, ref = cdcl_ops.patch_foreground_scores(x, grid, backend="torch")
+        assert torch.equal(counts, ref)
