@@ -155,7 +155,9 @@ def cross_patch_infonce(student_feats, teacher_feats, student_pred, teacher_pred
     elif sampling == "pixel-patch":
         q_grp = per_pixel(kind_s, h, w)
         t_grp = per_pixel(kind_t, h, w)
-        table = torch.tensor([[False, True], [True, False]], device=q.device)
+        # [[0, 1], [1, 0]]: BDP queries see FDB rows, FDP queries BDB rows (made on the device:
+        # a tensor from host data would be a synchronous copy)
+        table = ~torch.eye(2, dtype=torch.bool, device=q.device)
         k, k_lab, k_grp = p, t_lab, t_grp
         if bank is not None:
             bank.push(p, t_lab, t_grp)

@@ -545,3 +545,26 @@ def test_cuda_backends_agree_with_reference(semantics, sampling):
         for loss, grad in others:
             torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)  # TF32 where allowed
             torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("semantics,sampling", COMBOS)
+def test_no_host_synchronisation_on_cuda(semantics, sampling):
+    """SPEC 2.1: the loss (forward and backward, bank push included) never waits for the GPU."""
+    b, d, h, w, grid = 2, 16, 16, 16, 4
+    module = cdcl_ops.CrossPatchInfoNCE(grid=grid, memory=1, semantics=semantics, sampling=sampling).cuda()
+    gen = gen_for("sync", semantics, sampling)
+    batches = []
+    for _ in range(2):
+        batch = make_batch(b, d, h, w, grid, gen)
+        batches.append((batch["fs"].float().cuda().requires_grad_(True), batch["ft"].float().cuda(),
+                        torch.randn(b, 2, 2 * h, 2 * w, generator=gen).cuda(), batch["yt"].cuda()))
+    module(*batches[0]).backward()  # the first call sizes the bank
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, stats = module(*batches[1], return_stats=True)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
