@@ -508,7 +508,6 @@ def test_ignored_pixels_are_never_queries(semantics, sampling):
         fs, batch["ft"], y, batch["yt"], grid=grid, semantics=semantics, sampling=sampling,
         backend="reference", return_stats=True)
     loss, stats = call(batch["fs"], ys)
-    _, full = call(batch["fs"], batch["ys"])
     ignored = (ys < 0) & (batch["ys"] >= 0)
     if semantics == "paper":  # student features are bank rows only in official mode
         changed = batch["fs"].clone()
@@ -519,8 +518,8 @@ def test_ignored_pixels_are_never_queries(semantics, sampling):
     per_pixel_active = kinds.repeat_interleave(h // grid, 1).repeat_interleave(w // grid, 2) >= 0
     if sampling != "pixel-patch":
         per_pixel_active = torch.ones_like(per_pixel_active)
+    # the all-ignored patch scores 0 (a BDP): counting its pixels as queries would show here
     assert int(stats["queries"]) == int((per_pixel_active & (ys >= 0)).sum())
-    assert int(stats["queries"]) < int(full["queries"])
     compact, _ = cdcl_ops.cross_patch_infonce(batch["fs"], batch["ft"], ys, batch["yt"], grid=grid,
                                               semantics=semantics, sampling=sampling,
                                               backend="reference", return_stats=True, compact=True)
