@@ -2,6 +2,7 @@
 
 Every student pixel is a row of `masked_infonce` (inactive rows are flagged, never removed), so
 the shapes depend only on the input shapes: no host synchronisation, and torch.compile traces it.
+`compact=True` removes the inactive rows instead (less work, one host synchronisation, eager only).
 """
 from __future__ import annotations
 
