@@ -16,10 +16,11 @@ $(STAMP): requirements-dev.txt setup.py
 setup: $(STAMP)
 
 # CDCL with the small preset on the bundled DSB2018 sample (1/4 labeled), then the held-out test
-# images: runs/demo/metrics.md, metrics.json and overlays/ (see docs/training.md)
+# images: runs/demo/metrics.md, metrics.json and overlays/ (see docs/training.md). One thread: the
+# small model gains little from more, and on a busy 2-core machine extra threads made it 5-10x slower.
 demo: $(STAMP)
 	$(BIN)/python train.py --data data/dsb2018_sample --preset small --method cdcl \
-		--labeled-fraction 1/4 --epochs 50 --unsup-start-epoch 6 --lr 1e-3 --ema-alpha 0.99 --out runs/demo
+		--labeled-fraction 1/4 --epochs 50 --unsup-start-epoch 6 --lr 1e-3 --ema-alpha 0.99 --threads 1 --out runs/demo
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
