@@ -77,6 +77,8 @@ def parse_args(argv=None):
     a("--temperature", type=float, default=0.1)
     a("--memory", type=int, default=1)
     a("--loss-backend", default=None)
+    a("--loss-compact", action="store_true", help="CrossPatchInfoNCE(compact=True): drop inactive rows "
+      "before the op (less work, one host synchronisation)")
     a("--seed", type=int, default=0, help="initialisation, labeled subset, sampling and augmentation")
     a("--split-seed", type=int, default=0, help="the train/val/test split (fixed across --seed)")
     a("--device", default="auto")
@@ -213,7 +215,8 @@ class Trainer:
                 find_unused_parameters=True)
         self.contr = CrossPatchInfoNCE(grid=args.grid, fdp=args.fdp, bdp=args.bdp, temperature=args.temperature,
                                        memory=args.memory, semantics=args.semantics, sampling=args.sampling,
-                                       backend=args.loss_backend).to(device) if args.contr else None
+                                       backend=args.loss_backend, compact=args.loss_compact
+                                       ).to(device) if args.contr else None
         self.opt = torch.optim.Adam(self.student.parameters(), lr=args.lr)
         self.sched = schedules.poly_scheduler(self.opt, args.epochs * self.iters, args.poly_power)
         self.aug = augment.AugmentConfig()
