@@ -30,6 +30,17 @@ inline void check_masks(const at::Tensor& q_lab, const at::Tensor& q_grp, const 
               "table: expected a contiguous bool tensor, got ", table.scalar_type());
 }
 
+// Group ids index the table: out-of-range ids would read out of bounds. The Python layer rejects
+// them with a ValueError unless told not to check (check_inputs=False, or under torch.compile);
+// host-side kernels re-check here (the CUDA kernels treat such rows as having no negatives).
+inline void check_group_ids_host(const at::Tensor& grp, const char* name, int64_t groups) {
+  const int32_t* g = grp.data_ptr<int32_t>();
+  int32_t worst = -1;
+  for (int64_t i = 0; i < grp.numel(); ++i) worst = g[i] > worst ? g[i] : worst;
+  TORCH_CHECK(worst < groups, name, ": group ids must be < G=", groups, " (the table size), got ",
+              worst);
+}
+
 inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -204,6 +204,15 @@ def test_direct_call_rejects_bad_arguments():
         torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, masks[0].long(), *masks[1:], 10.0, True)
     with pytest.raises(RuntimeError, match="k"):
         torch.ops.cdcl_ops_C.infonce_fwd(q, p, k[:, :3].contiguous(), *masks, 10.0, True)
+    ql, qg, kl, kg, table = masks
+    bad = kg.clone()
+    bad[3] = table.shape[0]  # one past the table: rejected instead of read out of bounds
+    with pytest.raises(RuntimeError, match="k_grp"):
+        torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, ql, qg, kl, bad, table, 10.0, True)
+    lse = torch.zeros(q.shape[0])
+    with pytest.raises(RuntimeError, match="q_grp"):
+        torch.ops.cdcl_ops_C.infonce_bank_grad(q, k, ql, qg.clone().fill_(table.shape[0]), kl, kg,
+                                               table, lse, lse, 10.0)
 
 
 # ---- patch foreground counts (SPEC 2.3) ----

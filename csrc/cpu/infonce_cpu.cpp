@@ -251,6 +251,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(
   TORCH_CHECK(p.scalar_type() == q.scalar_type() && k.scalar_type() == q.scalar_type(),
               "p, k: expected the dtype of q");
   check_masks(q_lab, q_grp, k_lab, k_grp, table, n, m);
+  check_group_ids_host(q_grp, "q_grp", table.size(0));
+  check_group_ids_host(k_grp, "k_grp", table.size(0));
   const auto opts = q.options().dtype(acc_type(q.scalar_type()));
   at::Tensor loss = at::empty({n}, opts), lse = at::empty({n}, opts);
   at::Tensor o = at::empty({need_o ? n : 0, d}, opts);
@@ -273,6 +275,8 @@ at::Tensor infonce_bank_grad_cpu(const at::Tensor& q, const at::Tensor& k, const
   check_rows(k, "k", m, d);
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k: expected the dtype of q");
   check_masks(q_lab, q_grp, k_lab, k_grp, table, n, m);
+  check_group_ids_host(q_grp, "q_grp", table.size(0));
+  check_group_ids_host(k_grp, "k_grp", table.size(0));
   const auto acc = acc_type(q.scalar_type());
   for (const auto& [t, name] : {std::pair{&lse, "lse"}, std::pair{&gs, "gs"}})
     TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == acc && t->is_contiguous(),

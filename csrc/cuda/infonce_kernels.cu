@@ -44,10 +44,12 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// J(query, bank row) of SPEC 2.1 in the canonical encoding.
+// J(query, bank row) of SPEC 2.1 in the canonical encoding. Group ids >= groups (possible only
+// when the caller skipped the input checks) count as no negative rather than reading past the table.
 __device__ __forceinline__ bool is_negative(int32_t q_lab, int32_t q_grp, int32_t k_lab,
                                             int32_t k_grp, const bool* table, int64_t groups) {
-  return q_grp >= 0 && k_grp >= 0 && q_lab != k_lab && table[q_grp * groups + k_grp];
+  return q_grp >= 0 && k_grp >= 0 && q_grp < groups && k_grp < groups && q_lab != k_lab &&
+         table[q_grp * groups + k_grp];
 }
 
 // Copy rows [row0, row0 + rows) of a (total, d) matrix into shared memory as fp32 with row stride
