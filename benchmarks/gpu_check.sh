@@ -19,18 +19,23 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 
 stamp "build"
 # setup.py directly: pip would try to fetch build dependencies, and there is no network here
-if ! $PY setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1; then
+if ! MAX_JOBS=${MAX_JOBS:-16} timeout ${BUILD_TIMEOUT:-240} $PY setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1; then
     echo "build failed (see build.log)"; tail -5 "$OUT/build.log"
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 stamp "GPU tests"
-timeout 120 $PY -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+$PY -c "import cdcl_ops; print('backends on cuda:', cdcl_ops.available_backends('cuda'))"
+timeout ${TEST_TIMEOUT:-150} $PY -m pytest -q -m gpu tests -p no:cacheprovider --timeout 60 2>&1 \
+    | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -15
 
 stamp "benchmark"
-timeout 180 $PY -m benchmarks.run --sizes paper,large --device cuda --out "$OUT" --time-limit 3 \
-    --contenders "${CONTENDERS:-reference,released-ckpt,chunked-ckpt,chunked,triton,triton-tf32,triton-bf16}" \
-    2>&1 | tee "$OUT/bench.log" | tail -40
+# one invocation per size, so that a size that finishes is kept even if a later one runs out of time
+for size in ${BENCH_SIZES:-paper large}; do
+    timeout ${BENCH_TIMEOUT:-180} $PY -m benchmarks.run --sizes "$size" --device cuda --out "$OUT" --time-limit 3 \
+        --contenders "${CONTENDERS:-reference,released-ckpt,chunked-ckpt,chunked,triton,triton-tf32,triton-bf16,cuda,cuda-bf16}" \
+        2>&1 | tee "$OUT/bench-$size.log" | grep -v "^benchmark:" | tail -25
+done
 
 if [ -z "${SKIP_SWEEP:-}" ]; then
     stamp "Triton launch-config sweep"
