@@ -10,14 +10,17 @@ import os
 
 import torch
 
+from .backends import native
+
 PATCH_BACKENDS = ("triton", "cpu", "cuda", "torch")
 BDP, FDP, MP = 0, 1, -1  # patch kinds, also the paper-mode group ids (MP pixels are inactive)
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
-def _native_available() -> bool:
-    return hasattr(torch.ops, "cdcl_ops_C") and hasattr(torch.ops.cdcl_ops_C, "patch_fg_counts")
+def _native_available(device_type: str) -> bool:
+    # a CPU-only build registers the op without a CUDA kernel: ask per device type
+    return native.HAS_CUDA if device_type == "cuda" else native.HAS_CPU if device_type == "cpu" else False
 
 
 def _triton_available(device) -> bool:
@@ -58,7 +61,7 @@ def _pick_backend(backend, x):
             return "torch"  # plain ops trace into the graph; the other kernels are opaque launches
         if x.device.type == "cuda" and _triton_available(x.device):
             return "triton"
-        if x.device.type in ("cpu", "cuda") and _native_available():
+        if _native_available(x.device.type):
             return x.device.type
         return "torch"
     if backend not in PATCH_BACKENDS:
@@ -67,11 +70,11 @@ def _pick_backend(backend, x):
         raise ValueError(f"backend: 'triton' cannot run on {x.device} here (needs CUDA tensors, or "
                          "TRITON_INTERPRET=1 set before importing triton)")
     if backend in ("cpu", "cuda"):
-        if not _native_available():
-            raise ValueError(f"backend: {backend!r} needs the compiled extension "
-                             "(torch.ops.cdcl_ops_C.patch_fg_counts), which is not loaded")
         if x.device.type != backend:
             raise ValueError(f"backend: {backend!r} runs on {backend} tensors, got a tensor on {x.device}")
+        if not _native_available(backend):
+            raise ValueError(f"backend: {backend!r} needs the compiled extension "
+                             f"(torch.ops.cdcl_ops_C.patch_fg_counts for {backend}), which is not loaded")
     return backend
 
 
