@@ -210,3 +210,20 @@ def test_table1_protocol_runs_and_writes_the_table(tmp_path):
     table1.main(["--data", str(SAMPLE), "--fraction", "1/4", "--seeds", "0", "--preset", "tiny", "--epochs", "1",
                  "--out", str(out)])
     assert (out / "cdcl-seed0" / "metrics.json").stat().st_mtime == mtime
+
+
+def test_tensorboard_scalars_and_previews(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb-run"
+    assert train.main(TINY + ["--method", "cdcl", "--epochs", "2", "--out", str(out)]) == 0
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"val/images", "val/prediction"} <= set(tags["images"])
+    scalars = set(tags["scalars"])
+    assert scalars, "no scalars written"
+    assert any("loss" in t for t in scalars), scalars
+    for tag in scalars:
+        assert len(acc.Scalars(tag)) >= 1
