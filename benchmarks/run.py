@@ -10,7 +10,6 @@ and date) and a Markdown table into --out, and prints the table last.
 import argparse
 import csv
 import datetime
-import json
 import os
 import platform
 import subprocess

@@ -1,5 +1,7 @@
-"""Random inputs for the masked InfoNCE tests."""
+"""Random inputs and comparisons shared by the masked InfoNCE tests."""
 import torch
+
+import cdcl_ops
 
 PAPER_TABLE = torch.tensor([[False, True], [True, False]])  # BDP queries vs FDB, FDP vs BDB
 
@@ -39,10 +41,52 @@ def loss_and_grads(inputs, backend, *, bank_grad=True, dtype=None, reduction="no
         t = t.clone().requires_grad_(name != "bank" or bank_grad)
         args[name] = t
         feats.append(t)
-    loss = __import__("cdcl_ops").masked_infonce(**args, backend=backend, reduction=reduction, **kw)
+    loss = cdcl_ops.masked_infonce(**args, backend=backend, reduction=reduction, **kw)
     gen = torch.Generator().manual_seed(1234)
     weights = torch.rand(loss.shape, generator=gen, dtype=torch.float64).to(loss.device, loss.dtype) \
         if loss.dim() else torch.ones((), dtype=loss.dtype, device=loss.device)
     (loss * weights).sum().backward()
     grads = [t.grad if t.requires_grad else None for t in feats]
     return loss.detach(), grads
+
+
+TOL = {torch.float64: (1e-9, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2),
+       torch.float16: (1e-2, 1e-2)}
+PRECISION_TOL = {"tf32": (5e-3, 5e-3), "tf32x3": (5e-5, 5e-5)}  # fp32 features on tensor cores
+
+
+def assert_close_to_reference(inputs, backend, dtype, bank_grad=True, **kw):
+    """Loss and gradients of `backend` (features cast to dtype) against the float64 reference."""
+    ref_loss, ref_grads = loss_and_grads(inputs, "reference", bank_grad=bank_grad)
+    loss, grads = loss_and_grads(inputs, backend, dtype=dtype, bank_grad=bank_grad, **kw)
+    rtol, atol = PRECISION_TOL.get(kw.get("precision"), TOL[dtype])
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
+    for name, g, r in zip(("query", "positive", "bank"), grads, ref_grads):
+        if r is None:
+            assert g is None, name
+            continue
+        # normalisation amplifies rounding by 1/|x| (e.g. D = 1, where the exact gradient is 0):
+        # compare |x| * grad, the gradient with respect to the unit vector, relative to its scale
+        norm = inputs[name].double().norm(dim=1, keepdim=True)
+        g, r = g.double() * norm, r * norm
+        scale = r.abs().max().clamp(min=1.0)
+        torch.testing.assert_close(g / scale, r / scale, rtol=rtol, atol=atol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def assert_compiled_matches_eager(inputs, backend, rtol=1e-5, atol=1e-6, **kw):
+    """masked_infonce under torch.compile(fullgraph=True): same loss and gradients as eager."""
+    torch._dynamo.reset()
+
+    def loss_fn(q, p, k):
+        return cdcl_ops.masked_infonce(**dict(inputs, query=q, positive=p, bank=k), backend=backend, **kw)
+
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
+        feats = [inputs[n].clone().requires_grad_() for n in ("query", "positive", "bank")]
+        loss = fn(*feats)
+        loss.backward()
+        results.append([loss.detach()] + [f.grad for f in feats])
+    for name, eager, comp in zip(("loss", "query", "positive", "bank"), *results):
+        torch.testing.assert_close(comp.float(), eager.float(), rtol=rtol, atol=atol,
+                                   msg=lambda m, name=name: f"{name}: {m}")

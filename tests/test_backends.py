@@ -3,32 +3,10 @@ import pytest
 import torch
 
 import cdcl_ops
-from helpers import loss_and_grads, make_inputs
+from helpers import assert_close_to_reference, loss_and_grads, make_inputs
 
 # (N, M, D): N, M not multiples of any block size; D over 1, 3, 64, 96, 128, 200
 SHAPES = [(37, 53, 1), (29, 45, 3), (21, 70, 64), (19, 41, 96), (33, 17, 128), (23, 39, 200)]
-TOL = {torch.float64: (1e-9, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2),
-       torch.float16: (1e-2, 1e-2)}
-
-
-def assert_close_to_reference(inputs, backend, dtype, bank_grad, **kw):
-    ref_loss, ref_grads = loss_and_grads(inputs, "reference", bank_grad=bank_grad)
-    loss, grads = loss_and_grads(inputs, backend, dtype=dtype, bank_grad=bank_grad, **kw)
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
-    for name, g, r in zip(("query", "positive", "bank"), grads, ref_grads):
-        if r is None:
-            assert g is None, name
-            continue
-        # normalisation amplifies rounding by 1/|x| (e.g. D = 1, where the exact gradient is 0):
-        # compare |x| * grad, the gradient with respect to the unit vector, relative to its scale
-        norm = inputs[name].double().norm(dim=1, keepdim=True)
-        g, r = g.double() * norm, r * norm
-        scale = r.abs().max().clamp(min=1.0)
-        torch.testing.assert_close(g / scale, r / scale, rtol=rtol, atol=atol,
-                                   msg=lambda m, name=name: f"{name}: {m}")
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("groups", [True, False])
 @pytest.mark.parametrize("bank_grad", [True, False])

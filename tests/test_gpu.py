@@ -5,27 +5,14 @@ import torch
 
 import cdcl_ops
 from cdcl_ops._validate import canonical_masks
-from helpers import loss_and_grads, make_inputs
-from test_backends import TOL
+from helpers import assert_close_to_reference, assert_compiled_matches_eager, loss_and_grads, make_inputs
 
 pytestmark = pytest.mark.gpu
 CUDA = "cuda"
 
 
 def _compare(inputs, dtype, bank_grad=True, **kw):
-    ref_loss, ref_grads = loss_and_grads(inputs, "reference", bank_grad=bank_grad)
-    loss, grads = loss_and_grads(inputs, "triton", dtype=dtype, bank_grad=bank_grad, **kw)
-    rtol, atol = {"tf32": (5e-3, 5e-3), "tf32x3": (5e-5, 5e-5)}.get(kw.get("precision"), TOL[dtype])
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
-    for name, g, r in zip(("query", "positive", "bank"), grads, ref_grads):
-        if r is None:
-            assert g is None
-            continue
-        norm = inputs[name].double().norm(dim=1, keepdim=True)
-        g, r = g.double() * norm, r * norm
-        scale = r.abs().max().clamp(min=1.0)
-        torch.testing.assert_close(g / scale, r / scale, rtol=rtol, atol=atol,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert_close_to_reference(inputs, "triton", dtype, bank_grad, **kw)
 
 
 @pytest.mark.parametrize("d", [1, 3, 96, 128, 200, 512])
@@ -69,20 +56,8 @@ def test_chunked_on_cuda():
 
 
 def test_compile_fullgraph_triton_cuda():
-    torch._dynamo.reset()
     inputs = make_inputs(300, 500, 64, dtype=torch.bfloat16, device=CUDA, seed=1)
-
-    def loss_fn(q, p, k):
-        return cdcl_ops.masked_infonce(**dict(inputs, query=q, positive=p, bank=k), backend="triton")
-
-    results = []
-    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
-        feats = [inputs[n].clone().requires_grad_() for n in ("query", "positive", "bank")]
-        loss = fn(*feats)
-        loss.backward()
-        results.append([loss.detach()] + [f.grad for f in feats])
-    for eager, comp in zip(*results):
-        torch.testing.assert_close(comp.float(), eager.float(), rtol=2e-2, atol=2e-2)
+    assert_compiled_matches_eager(inputs, "triton", rtol=2e-2, atol=2e-2)
 
 
 def test_deterministic_bank_grad_cuda():

@@ -5,8 +5,7 @@ import torch
 
 import cdcl_ops
 from cdcl_ops.backends import native
-from helpers import loss_and_grads, make_inputs
-from test_backends import TOL
+from helpers import assert_close_to_reference, assert_compiled_matches_eager, loss_and_grads, make_inputs
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not native.HAS_CUDA,
@@ -15,19 +14,7 @@ CUDA = "cuda"
 
 
 def _compare(inputs, dtype, bank_grad=True):
-    ref_loss, ref_grads = loss_and_grads(inputs, "reference", bank_grad=bank_grad)
-    loss, grads = loss_and_grads(inputs, "cuda", dtype=dtype, bank_grad=bank_grad)
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
-    for name, g, r in zip(("query", "positive", "bank"), grads, ref_grads):
-        if r is None:
-            assert g is None
-            continue
-        norm = inputs[name].double().norm(dim=1, keepdim=True)
-        g, r = g.double() * norm, r * norm
-        scale = r.abs().max().clamp(min=1.0)
-        torch.testing.assert_close(g / scale, r / scale, rtol=rtol, atol=atol,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert_close_to_reference(inputs, "cuda", dtype, bank_grad)
 
 
 def test_cuda_listed():
@@ -75,20 +62,8 @@ def test_cuda_deterministic():
 
 
 def test_cuda_compile_fullgraph():
-    torch._dynamo.reset()
-    inputs = make_inputs(300, 900, 32, device=CUDA, dtype=torch.float32, seed=2)
-
-    def loss_fn(q, p, k):
-        return cdcl_ops.masked_infonce(**dict(inputs, query=q, positive=p, bank=k), backend="cuda")
-
-    results = []
-    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
-        feats = [inputs[n].clone().requires_grad_() for n in ("query", "positive", "bank")]
-        loss = fn(*feats)
-        loss.backward()
-        results.append([loss.detach()] + [f.grad for f in feats])
-    for eager, comp in zip(*results):
-        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+    assert_compiled_matches_eager(make_inputs(300, 900, 32, device=CUDA, dtype=torch.float32, seed=2),
+                                  "cuda")
 
 
 def test_cuda_opcheck():

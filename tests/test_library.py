@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import cdcl_ops
 from cdcl_ops._validate import canonical_masks
-from helpers import make_inputs
+from helpers import assert_compiled_matches_eager, make_inputs
 
 
 def _op_args(backend, dtype, need_o=True, bank_grad=True):
@@ -38,22 +38,8 @@ def test_opcheck_bank_grad(backend):
 
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
 def test_compile_fullgraph_matches_eager(backend):
-    torch._dynamo.reset()
-    inputs = make_inputs(20, 33, 8, dtype=torch.float32, seed=2)
-
-    def loss_fn(q, p, k):
-        args = dict(inputs, query=q, positive=p, bank=k)
-        return cdcl_ops.masked_infonce(**args, backend=backend, temperature=0.2)
-
-    compiled = torch.compile(loss_fn, fullgraph=True)
-    results = []
-    for fn in (loss_fn, compiled):
-        feats = [inputs[n].clone().requires_grad_() for n in ("query", "positive", "bank")]
-        loss = fn(*feats)
-        loss.backward()
-        results.append([loss.detach()] + [f.grad for f in feats])
-    for eager, comp in zip(*results):
-        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+    assert_compiled_matches_eager(make_inputs(20, 33, 8, dtype=torch.float32, seed=2), backend,
+                                  temperature=0.2)
 
 
 class LiveTensorBytes(TorchDispatchMode):

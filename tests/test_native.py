@@ -10,8 +10,8 @@ import torch
 import cdcl_ops
 from cdcl_ops._validate import canonical_masks
 from cdcl_ops.backends import native
-from helpers import loss_and_grads, make_inputs
-from test_backends import SHAPES, assert_close_to_reference
+from helpers import assert_close_to_reference, assert_compiled_matches_eager, loss_and_grads, make_inputs
+from test_backends import SHAPES
 
 needs_ext = pytest.mark.skipif(not native.HAS_CPU,
                                reason=f"cdcl_ops._C not built: {native.LOAD_ERROR}")
@@ -178,21 +178,8 @@ def test_opcheck_library_op_with_cpu_backend():
 
 @needs_ext
 def test_compile_fullgraph_matches_eager():
-    torch._dynamo.reset()
-    inputs = make_inputs(80, 300, 8, dtype=torch.float32, seed=2)
-
-    def loss_fn(q, p, k):
-        return cdcl_ops.masked_infonce(**dict(inputs, query=q, positive=p, bank=k), backend="cpu",
-                                       temperature=0.2)
-
-    results = []
-    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
-        feats = [inputs[n].clone().requires_grad_() for n in ("query", "positive", "bank")]
-        loss = fn(*feats)
-        loss.backward()
-        results.append([loss.detach()] + [f.grad for f in feats])
-    for eager, comp in zip(*results):
-        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-6)
+    assert_compiled_matches_eager(make_inputs(80, 300, 8, dtype=torch.float32, seed=2), "cpu",
+                                  temperature=0.2)
 
 
 @needs_ext
