@@ -33,7 +33,7 @@ stamp "benchmark"
 # one invocation per size, so that a size that finishes is kept even if a later one runs out of time
 for size in ${BENCH_SIZES:-paper large}; do
     timeout ${BENCH_TIMEOUT:-180} $PY -m benchmarks.run --sizes "$size" --device cuda --out "$OUT" --time-limit 3 \
-        --contenders "${CONTENDERS:-reference,released-ckpt,chunked-ckpt,chunked,triton,triton-tf32,triton-bf16,cuda,cuda-bf16}" \
+        --contenders "${CONTENDERS:-reference,released-ckpt,chunked-ckpt,compile(reference),chunked,triton,triton-tf32,triton-bf16,cuda,cuda-bf16}" \
         2>&1 | tee "$OUT/bench-$size.log" | grep -v "^benchmark:" | tail -25
 done
 
