@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One prepared check for a lent GPU machine (bare, no network), in under 8 minutes:
 # build, GPU tests (Triton/CUDA against the reference), the benchmark at `paper` and `large`,
-# then a Triton launch-config sweep (its best configs print last). Files go into $OUT if set.
-#   bash benchmarks/gpu_check.sh            # everything
-#   SKIP_SWEEP=1 bash benchmarks/gpu_check.sh
+# and (RUN_SWEEP=1) a Triton launch-config sweep. Files go into $OUT if set.
+#   bash benchmarks/gpu_check.sh            # build, tests, benchmark (paper, large)
+#   RUN_SWEEP=1 bash benchmarks/gpu_check.sh    # also the Triton launch-config sweep (~2 min more)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out}
@@ -26,18 +26,18 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 stamp "GPU tests"
 $PY -c "import cdcl_ops; print('backends on cuda:', cdcl_ops.available_backends('cuda'))"
-timeout ${TEST_TIMEOUT:-150} $PY -m pytest -q -m gpu tests -p no:cacheprovider --timeout 60 2>&1 \
+timeout ${TEST_TIMEOUT:-120} $PY -m pytest -q -m gpu tests -p no:cacheprovider --timeout 60 2>&1 \
     | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -15
 
 stamp "benchmark"
 # one invocation per size, so that a size that finishes is kept even if a later one runs out of time
 for size in ${BENCH_SIZES:-paper large}; do
-    timeout ${BENCH_TIMEOUT:-180} $PY -m benchmarks.run --sizes "$size" --device cuda --out "$OUT" --time-limit 3 \
+    timeout ${BENCH_TIMEOUT:-150} $PY -m benchmarks.run --sizes "$size" --device cuda --out "$OUT" --time-limit 3 \
         --contenders "${CONTENDERS:-reference,released-ckpt,chunked-ckpt,compile(reference),chunked,triton,triton-tf32,triton-bf16,cuda,cuda-bf16}" \
         2>&1 | tee "$OUT/bench-$size.log" | grep -v "^benchmark:" | tail -25
 done
 
-if [ -z "${SKIP_SWEEP:-}" ]; then
+if [ -n "${RUN_SWEEP:-}" ]; then
     stamp "Triton launch-config sweep"
     timeout ${SWEEP_TIMEOUT:-120} $PY -m benchmarks.triton_configs --sizes paper,large --dtypes bfloat16,tf32 \
         --kernels "${SWEEP_KERNELS:-fwd,bank_grad}" 2>&1 \

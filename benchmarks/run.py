@@ -127,6 +127,10 @@ def main(argv=None):
     rates = matrix_rates(device) if device.type == "cuda" else {}
     if rates:
         print("measured matrix rates (TFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
+    tag = f"{device.type}-{'sweep' + args.sweep if args.sweep else '-'.join(sizes)}-{date}"
+    csv_path = os.path.join(args.out, f"bench-{tag}.csv")
+    with open(csv_path, "w", newline="") as f:
+        csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore").writeheader()
     rows = []
     jobs = [(s, g, n) for s in sizes for g in grads for n in names]
     ref_out = {}
@@ -153,12 +157,9 @@ def main(argv=None):
             if name != "reference":
                 row["max_rel_err"] = max_rel_error(outputs, ref_out.get((size_name, bank_grad)))
             rows.append(row)
-    tag = f"{device.type}-{'sweep' + args.sweep if args.sweep else '-'.join(sizes)}-{date}"
-    csv_path = os.path.join(args.out, f"bench-{tag}.csv")
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+            # one row at a time: what was measured survives a run that is stopped later
+            with open(csv_path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore").writerow(row)
     table = markdown_table(rows, rates)
     with open(os.path.join(args.out, f"bench-{tag}.md"), "w") as f:
         f.write(f"{dev_name}, torch {tv}, triton {trv}, {date}\n\n{table}\n")
