@@ -2,6 +2,7 @@
 // input with ValueErrors; these guard direct calls of torch.ops.cdcl_ops_C.* from misuse.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <utility>
 #include <c10/util/Exception.h>
 
 namespace cdcl {
@@ -43,6 +44,28 @@ inline void check_group_ids_host(const at::Tensor& grp, const char* name, int64_
 
 inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The per-query vectors the bank-gradient kernels read: saved LSE and scaled upstream gradient.
+inline void check_query_vectors(const at::Tensor& lse, const at::Tensor& gs, int64_t n,
+                                at::ScalarType acc) {
+  for (const auto& [t, name] : {std::pair{&lse, "lse"}, std::pair{&gs, "gs"}})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == acc && t->is_contiguous(),
+                name, ": expected a contiguous (", n, ",) tensor of dtype ", acc, ", got ",
+                t->sizes(), " ", t->scalar_type());
+}
+
+// patch_fg_counts input: (B, H, W) integer labels or (B, C, H, W) logits, H and W divisible by grid.
+inline void check_patch_input(const at::Tensor& input, int64_t grid) {
+  const bool logits = at::isFloatingType(input.scalar_type());
+  TORCH_CHECK(logits ? input.dim() == 4 : input.dim() == 3,
+              "labels_or_logits: expected (B, H, W) integer labels or (B, C, H, W) float logits, got ",
+              input.scalar_type(), " of shape ", input.sizes());
+  TORCH_CHECK(grid > 0, "grid: expected a positive patch grid, got ", grid);
+  const int64_t h = input.size(-2), w = input.size(-1);
+  TORCH_CHECK(h % grid == 0 && w % grid == 0, "labels_or_logits: H and W (", h, ", ", w,
+              ") must be divisible by grid=", grid);
+  TORCH_CHECK(!logits || input.size(1) > 0, "labels_or_logits: expected at least one class channel");
 }
 
 }  // namespace cdcl

@@ -278,10 +278,7 @@ at::Tensor infonce_bank_grad_cpu(const at::Tensor& q, const at::Tensor& k, const
   check_group_ids_host(q_grp, "q_grp", table.size(0));
   check_group_ids_host(k_grp, "k_grp", table.size(0));
   const auto acc = acc_type(q.scalar_type());
-  for (const auto& [t, name] : {std::pair{&lse, "lse"}, std::pair{&gs, "gs"}})
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == acc && t->is_contiguous(),
-                name, ": expected a contiguous (", n, ",) tensor of dtype ", acc, ", got ",
-                t->sizes(), " ", t->scalar_type());
+  check_query_vectors(lse, gs, n, acc);
   at::Tensor dk = at::empty({m, d}, k.options());
   dispatch_input(q.scalar_type(), "q", [&](auto in, auto acc_v) {
     using in_t = decltype(in);

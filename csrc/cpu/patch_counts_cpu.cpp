@@ -8,6 +8,8 @@
 
 #include <type_traits>
 
+#include "../checks.h"
+
 namespace cdcl::cpu {
 namespace {
 
@@ -30,16 +32,10 @@ inline bool is_foreground_logit(const T* px, int64_t channels, int64_t channel_s
 }
 
 at::Tensor patch_fg_counts_cpu(const at::Tensor& input, int64_t grid, int64_t fg_class) {
+  check_patch_input(input, grid);
   const bool logits = at::isFloatingType(input.scalar_type());
-  TORCH_CHECK(logits ? input.dim() == 4 : input.dim() == 3,
-              "labels_or_logits: expected (B, H, W) integer labels or (B, C, H, W) float logits, got ",
-              input.scalar_type(), " of shape ", input.sizes());
-  TORCH_CHECK(grid > 0, "grid: expected a positive patch grid, got ", grid);
   const int64_t b = input.size(0), h = input.size(-2), w = input.size(-1);
   const int64_t channels = logits ? input.size(1) : 1;
-  TORCH_CHECK(h % grid == 0 && w % grid == 0, "labels_or_logits: H and W (", h, ", ", w,
-              ") must be divisible by grid=", grid);
-  TORCH_CHECK(!logits || channels > 0, "labels_or_logits: expected at least one class channel");
   const at::Tensor x = input.contiguous();
   at::Tensor counts = at::empty({b, grid, grid}, input.options().dtype(at::kInt));
   int32_t* out = counts.data_ptr<int32_t>();

@@ -79,11 +79,7 @@ at::Tensor infonce_bank_grad_cuda(const at::Tensor& q, const at::Tensor& k, cons
   check_rows(k, "k", m, d);
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k: expected the dtype of q");
   check_masks(q_lab, q_grp, k_lab, k_grp, table, n, m);
-  for (const auto& [t, name] : {std::pair{&lse, "lse"}, std::pair{&gs, "gs"}})
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == at::kFloat &&
-                    t->is_contiguous(),
-                name, ": expected a contiguous (", n, ",) float32 tensor, got ", t->sizes(), " ",
-                t->scalar_type());
+  check_query_vectors(lse, gs, n, at::kFloat);
   check_device(q, {{&k, "k"}, {&q_lab, "q_lab"}, {&q_grp, "q_grp"}, {&k_lab, "k_lab"},
                    {&k_grp, "k_grp"}, {&table, "table"}, {&lse, "lse"}, {&gs, "gs"}});
   const Dtype dtype = feature_dtype(q, "q");
@@ -116,16 +112,10 @@ PixelType pixel_type(at::ScalarType t) {
 }
 
 at::Tensor patch_fg_counts_cuda(const at::Tensor& input, int64_t grid, int64_t fg_class) {
+  check_patch_input(input, grid);
   const bool logits = at::isFloatingType(input.scalar_type());
-  TORCH_CHECK(logits ? input.dim() == 4 : input.dim() == 3,
-              "labels_or_logits: expected (B, H, W) integer labels or (B, C, H, W) float logits, got ",
-              input.scalar_type(), " of shape ", input.sizes());
-  TORCH_CHECK(grid > 0, "grid: expected a positive patch grid, got ", grid);
   const int64_t b = input.size(0), h = input.size(-2), w = input.size(-1);
   const int64_t channels = logits ? input.size(1) : 1;
-  TORCH_CHECK(h % grid == 0 && w % grid == 0, "labels_or_logits: H and W (", h, ", ", w,
-              ") must be divisible by grid=", grid);
-  TORCH_CHECK(!logits || channels > 0, "labels_or_logits: expected at least one class channel");
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
   at::Tensor counts = at::empty({b, grid, grid}, input.options().dtype(at::kInt));
