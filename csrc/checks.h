@@ -2,6 +2,7 @@
 // input with ValueErrors; these guard direct calls of torch.ops.cdcl_ops_C.* from misuse.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <tuple>
 #include <utility>
 #include <c10/util/Exception.h>
 
@@ -40,6 +41,24 @@ inline void check_group_ids_host(const at::Tensor& grp, const char* name, int64_
   for (int64_t i = 0; i < grp.numel(); ++i) worst = g[i] > worst ? g[i] : worst;
   TORCH_CHECK(worst < groups, name, ": group ids must be < G=", groups, " (the table size), got ",
               worst);
+}
+
+// Features and masks of infonce_fwd (p given) or infonce_bank_grad (p null); returns (n, m, d).
+inline std::tuple<int64_t, int64_t, int64_t> check_features_and_masks(
+    const at::Tensor& q, const at::Tensor* p, const at::Tensor& k, const at::Tensor& q_lab,
+    const at::Tensor& q_grp, const at::Tensor& k_lab, const at::Tensor& k_grp,
+    const at::Tensor& table) {
+  TORCH_CHECK(q.dim() == 2, "q: expected a 2-D tensor, got ", q.sizes());
+  const int64_t n = q.size(0), m = k.size(0), d = q.size(1);
+  check_rows(q, "q", n, d);
+  if (p != nullptr) {
+    check_rows(*p, "p", n, d);
+    TORCH_CHECK(p->scalar_type() == q.scalar_type(), "p: expected the dtype of q");
+  }
+  check_rows(k, "k", m, d);
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k: expected the dtype of q");
+  check_masks(q_lab, q_grp, k_lab, k_grp, table, n, m);
+  return {n, m, d};
 }
 
 inline at::ScalarType acc_type(at::ScalarType t) {

@@ -243,14 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(
     const at::Tensor& q, const at::Tensor& p, const at::Tensor& k, const at::Tensor& q_lab,
     const at::Tensor& q_grp, const at::Tensor& k_lab, const at::Tensor& k_grp,
     const at::Tensor& table, double inv_tau, bool need_o) {
-  TORCH_CHECK(q.dim() == 2, "q: expected a 2-D tensor, got ", q.sizes());
-  const int64_t n = q.size(0), m = k.size(0), d = q.size(1);
-  check_rows(q, "q", n, d);
-  check_rows(p, "p", n, d);
-  check_rows(k, "k", m, d);
-  TORCH_CHECK(p.scalar_type() == q.scalar_type() && k.scalar_type() == q.scalar_type(),
-              "p, k: expected the dtype of q");
-  check_masks(q_lab, q_grp, k_lab, k_grp, table, n, m);
+  const auto [n, m, d] = check_features_and_masks(q, &p, k, q_lab, q_grp, k_lab, k_grp, table);
   check_group_ids_host(q_grp, "q_grp", table.size(0));
   check_group_ids_host(k_grp, "k_grp", table.size(0));
   const auto opts = q.options().dtype(acc_type(q.scalar_type()));
@@ -269,12 +262,7 @@ at::Tensor infonce_bank_grad_cpu(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& q_grp, const at::Tensor& k_lab,
                                  const at::Tensor& k_grp, const at::Tensor& table,
                                  const at::Tensor& lse, const at::Tensor& gs, double inv_tau) {
-  TORCH_CHECK(q.dim() == 2, "q: expected a 2-D tensor, got ", q.sizes());
-  const int64_t n = q.size(0), m = k.size(0), d = q.size(1);
-  check_rows(q, "q", n, d);
-  check_rows(k, "k", m, d);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k: expected the dtype of q");
-  check_masks(q_lab, q_grp, k_lab, k_grp, table, n, m);
+  const auto [n, m, d] = check_features_and_masks(q, nullptr, k, q_lab, q_grp, k_lab, k_grp, table);
   check_group_ids_host(q_grp, "q_grp", table.size(0));
   check_group_ids_host(k_grp, "k_grp", table.size(0));
   const auto acc = acc_type(q.scalar_type());
