@@ -50,6 +50,21 @@ def loss_and_grads(inputs, backend, *, bank_grad=True, dtype=None, reduction="no
     return loss.detach(), grads
 
 
+def strided_copy(inputs):
+    """The same inputs with non-contiguous features (every other column of a wider tensor) and
+    int32 labels."""
+    out = dict(inputs)
+    for name in ("query", "positive", "bank"):
+        t = inputs[name]
+        wide = torch.zeros(t.shape[0], 2 * t.shape[1], dtype=t.dtype, device=t.device)
+        wide[:, ::2] = t
+        out[name] = wide[:, ::2]
+        assert not out[name].is_contiguous()
+    out["query_labels"] = inputs["query_labels"].to(torch.int32)
+    out["bank_labels"] = inputs["bank_labels"].to(torch.int32)
+    return out
+
+
 TOL = {torch.float64: (1e-9, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2),
        torch.float16: (1e-2, 1e-2)}
 PRECISION_TOL = {"tf32": (5e-3, 5e-3), "tf32x3": (5e-5, 5e-5)}  # fp32 features on tensor cores

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import cdcl_ops
-from helpers import assert_close_to_reference, loss_and_grads, make_inputs
+from helpers import assert_close_to_reference, loss_and_grads, make_inputs, strided_copy
 
 # (N, M, D): N, M not multiples of any block size; D over 1, 3, 64, 96, 128, 200
 SHAPES = [(37, 53, 1), (29, 45, 3), (21, 70, 64), (19, 41, 96), (33, 17, 128), (23, 39, 200)]
@@ -70,14 +70,7 @@ def test_reductions_agree(backend):
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
 def test_non_contiguous_and_label_dtypes(backend):
     base = make_inputs(18, 27, 10, dtype=torch.float32, seed=3)
-    strided = dict(base)
-    for name in ("query", "positive", "bank"):
-        wide = torch.zeros(base[name].shape[0], 2 * base[name].shape[1])
-        wide[:, ::2] = base[name]
-        strided[name] = wide[:, ::2]
-        assert not strided[name].is_contiguous()
-    strided["query_labels"] = base["query_labels"].to(torch.int32)
-    strided["bank_labels"] = base["bank_labels"].to(torch.int32)
+    strided = strided_copy(base)
     strided["group_table"] = base["group_table"].to(torch.uint8)
     expect = cdcl_ops.masked_infonce(**base, backend="reference", reduction="none")
     got = cdcl_ops.masked_infonce(**strided, backend=backend, reduction="none")

@@ -10,7 +10,8 @@ import torch
 import cdcl_ops
 from cdcl_ops._validate import canonical_masks
 from cdcl_ops.backends import native
-from helpers import assert_close_to_reference, assert_compiled_matches_eager, loss_and_grads, make_inputs
+from helpers import (assert_close_to_reference, assert_compiled_matches_eager, loss_and_grads,
+                     make_inputs, strided_copy)
 from test_backends import SHAPES
 
 needs_ext = pytest.mark.skipif(not native.HAS_CPU,
@@ -110,12 +111,7 @@ def test_gradcheck_float64():
 @needs_ext
 def test_non_contiguous_and_label_dtypes():
     base = make_inputs(70, 270, 10, dtype=torch.float32, seed=3)
-    strided = dict(base)
-    for name in ("query", "positive", "bank"):
-        wide = torch.zeros(base[name].shape[0], 2 * base[name].shape[1])
-        wide[:, ::2] = base[name]
-        strided[name] = wide[:, ::2]
-    strided["query_labels"] = base["query_labels"].to(torch.int32)
+    strided = strided_copy(base)
     strided["bank_labels"] = base["bank_labels"].to(torch.int16)
     strided["group_table"] = base["group_table"].to(torch.uint8)
     expect = cdcl_ops.masked_infonce(**base, backend="reference", reduction="none")
