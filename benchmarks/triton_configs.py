@@ -13,6 +13,7 @@ import triton
 
 from cdcl_ops._validate import canonical_masks
 from cdcl_ops.backends import triton_backward, triton_forward
+from cdcl_ops.normalize import inverse_norms
 
 from .contenders import SIZES, make_inputs
 
@@ -44,14 +45,16 @@ def main():
         masks = canonical_masks(inp["query_labels"], inp["bank_labels"], inp["query_groups"],
                                 inp["bank_groups"], inp["group_table"])
         q, p, k = inp["query"], inp["positive"], inp["bank"]
-        _, lse, _ = triton_forward.forward(q, p, k, *masks, 10.0, False, 0, prec)
+        inv = [inverse_norms(x) for x in (q, p, k)]
+        _, lse, _ = triton_forward.forward(q, p, k, *inv, *masks, 10.0, False, 0, prec)
         gs = torch.rand(n, device="cuda")
         flop = 4 * n * m * d
         for label, module, configs, call in (
                 ("fwd", triton_forward, FWD,
-                 lambda: triton_forward.forward(q, p, k, *masks, 10.0, True, 0, prec)),
+                 lambda: triton_forward.forward(q, p, k, *inv, *masks, 10.0, True, 0, prec)),
                 ("bank_grad", triton_backward, BWD,
-                 lambda: triton_backward.bank_grad(q, k, *masks, lse, gs, 10.0, 0, prec))):
+                 lambda: triton_backward.bank_grad(q, k, inv[0], inv[2], *masks, lse, gs, 10.0, 0,
+                                                   prec))):
             if label not in args.kernels.split(","):
                 continue
             module.CONFIG_OVERRIDE = None

@@ -8,7 +8,6 @@ import torch
 
 from . import ops
 from ._validate import canonical_masks, check_arguments, check_values
-from .normalize import unit_rows
 from .backends import native, reference
 
 BACKENDS = ("reference", "chunked", "triton", "cpu", "cuda")
@@ -114,9 +113,9 @@ def masked_infonce(query, positive, bank, query_labels, bank_labels, query_group
                                              table, temperature)
     else:
         need_o = torch.is_grad_enabled() and query.requires_grad
-        per_query, _, _ = ops.masked_infonce_fwd(
-            unit_rows(query), unit_rows(positive), unit_rows(bank), q_lab, q_grp, k_lab, k_grp, table,
-            1.0 / temperature, backend, chunk_size, precision, need_o)
+        per_query = ops.masked_infonce_fwd(
+            query.contiguous(), positive.contiguous(), bank.contiguous(), q_lab, q_grp, k_lab, k_grp,
+            table, 1.0 / temperature, backend, chunk_size, precision, need_o)[0]
     if reduction == "none":
         return per_query
     if reduction == "sum":

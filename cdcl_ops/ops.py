@@ -1,9 +1,11 @@
 """The `torch.library` custom ops behind `masked_infonce`, their fake kernels and autograd.
 
 Two ops, both taking the backend name, so one autograd formula (SPEC 2.2) serves every streaming
-backend:
+backend. They take the raw feature rows: L2 normalisation is part of the op (cdcl_ops.normalize),
+so no normalised copy is kept for backward.
 
-    cdcl_ops::masked_infonce_fwd        -> (loss (N,), lse (N,), o (N, D) or (0, D))
+    cdcl_ops::masked_infonce_fwd        -> (loss (N,), lse (N,), o (N, D) or (0, D),
+                                            inverse row norms of q (N,), p (N,), k (M,))
     cdcl_ops::masked_infonce_bank_grad  -> dK (M, D), called from backward only when the bank
                                            requires grad
 """
@@ -11,6 +13,8 @@ import importlib
 
 import torch
 from torch import Tensor
+
+from .normalize import acc_dtype, inverse_norms, project_
 
 _IMPLS = {
     "chunked": ("cdcl_ops.backends.chunked", "cdcl_ops.backends.chunked"),
@@ -27,53 +31,55 @@ def _impl(backend: str, which: int):
     return module.forward if which == 0 else module.bank_grad
 
 
-def _acc_dtype(t: Tensor):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("cdcl_ops::masked_infonce_fwd", mutates_args=())
 def masked_infonce_fwd(q: Tensor, p: Tensor, k: Tensor, q_lab: Tensor, q_grp: Tensor, k_lab: Tensor,
                        k_grp: Tensor, table: Tensor, inv_tau: float, backend: str, chunk_size: int,
-                       precision: str, need_o: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _impl(backend, 0)(q, p, k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o,
-                             chunk_size, precision)
+                       precision: str, need_o: bool
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    inv_q, inv_p, inv_k = inverse_norms(q), inverse_norms(p), inverse_norms(k)
+    loss, lse, o = _impl(backend, 0)(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp,
+                                     table, inv_tau, need_o, chunk_size, precision)
+    return loss, lse, o, inv_q, inv_p, inv_k
 
 
 @masked_infonce_fwd.register_fake
 def _(q, p, k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, backend, chunk_size, precision, need_o):
     n, d = q.shape
-    acc = _acc_dtype(q)
+    acc = acc_dtype(q)
     return (q.new_empty(n, dtype=acc), q.new_empty(n, dtype=acc),
-            q.new_empty((n if need_o else 0, d), dtype=acc))
+            q.new_empty((n if need_o else 0, d), dtype=acc), q.new_empty(n, dtype=acc),
+            q.new_empty(n, dtype=acc), k.new_empty(k.shape[0], dtype=acc))
 
 
 @torch.library.custom_op("cdcl_ops::masked_infonce_bank_grad", mutates_args=())
-def masked_infonce_bank_grad(q: Tensor, k: Tensor, q_lab: Tensor, q_grp: Tensor, k_lab: Tensor,
-                             k_grp: Tensor, table: Tensor, lse: Tensor, gs: Tensor, inv_tau: float,
-                             backend: str, chunk_size: int, precision: str) -> Tensor:
-    return _impl(backend, 1)(q, k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau,
-                             chunk_size, precision)
+def masked_infonce_bank_grad(q: Tensor, k: Tensor, inv_q: Tensor, inv_k: Tensor, q_lab: Tensor,
+                             q_grp: Tensor, k_lab: Tensor, k_grp: Tensor, table: Tensor, lse: Tensor,
+                             gs: Tensor, inv_tau: float, backend: str, chunk_size: int,
+                             precision: str) -> Tensor:
+    dk_unit = _impl(backend, 1)(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs,
+                                inv_tau, chunk_size, precision)
+    return project_(k, inv_k, dk_unit.to(inv_k.dtype)).to(k.dtype)
 
 
 @masked_infonce_bank_grad.register_fake
-def _(q, k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, backend, chunk_size, precision):
+def _(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, backend, chunk_size,
+      precision):
     return torch.empty_like(k)
 
 
 def _setup_context(ctx, inputs, output):
     q, p, k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, backend, chunk_size, precision, _ = inputs
-    loss, lse, o = output
-    # keep only what the gradients that will be asked for need (a detached bank is not kept)
+    loss, lse, o, inv_q, inv_p, inv_k = output
+    # the inputs themselves cost nothing to keep; a detached bank and an unused O are not kept
     need_q, need_p, need_k = ctx.needs_input_grad[:3]
-    ctx.save_for_backward(q if (need_p or need_k) else None, p if need_q else None,
-                          k if need_k else None, q_lab, q_grp, k_lab, k_grp, table, loss, lse,
-                          o if need_q else None)
+    ctx.save_for_backward(q, p, k if need_k else None, q_lab, q_grp, k_lab, k_grp, table, loss, lse,
+                          o if need_q else None, inv_q, inv_p, inv_k)
     ctx.options = (inv_tau, backend, chunk_size, precision)
-    ctx.mark_non_differentiable(lse, o)
+    ctx.mark_non_differentiable(lse, o, inv_q, inv_p, inv_k)
 
 
-def _backward(ctx, g_loss, g_lse, g_o):
-    q, p, k, q_lab, q_grp, k_lab, k_grp, table, loss, lse, o = ctx.saved_tensors
+def _backward(ctx, g_loss, g_lse, g_o, g_inv_q, g_inv_p, g_inv_k):
+    q, p, k, q_lab, q_grp, k_lab, k_grp, table, loss, lse, o, inv_q, inv_p, inv_k = ctx.saved_tensors
     inv_tau, backend, chunk_size, precision = ctx.options
     acc = loss.dtype
     gs = g_loss.to(acc) * inv_tau
@@ -84,12 +90,15 @@ def _backward(ctx, g_loss, g_lse, g_o):
         if o.shape[0] != p.shape[0]:
             raise RuntimeError("masked_infonce_fwd was called with need_o=False, so the query "
                                "gradient is unavailable; call it with need_o=True")
-        dq = torch.addcmul(o * gs[:, None], p, coef[:, None]).to(p.dtype)
+        # with respect to the unit query: gs * O + coef * p / |p|
+        g_unit = (o * gs[:, None]).addcmul_(p, (coef * inv_p)[:, None])
+        dq = project_(q, inv_q, g_unit).to(q.dtype)
     if ctx.needs_input_grad[1]:
-        dp = (q * coef[:, None]).to(q.dtype)
+        g_unit = q.to(acc) * (coef * inv_q)[:, None]
+        dp = project_(p, inv_p, g_unit).to(p.dtype)
     if ctx.needs_input_grad[2]:
-        dk = masked_infonce_bank_grad(q, k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau,
-                                      backend, chunk_size, precision)
+        dk = masked_infonce_bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse,
+                                      gs, inv_tau, backend, chunk_size, precision)
     return (dq, dp, dk) + (None,) * 10
 
 

@@ -65,13 +65,21 @@ inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The per-query vectors the bank-gradient kernels read: saved LSE and scaled upstream gradient.
-inline void check_query_vectors(const at::Tensor& lse, const at::Tensor& gs, int64_t n,
-                                at::ScalarType acc) {
-  for (const auto& [t, name] : {std::pair{&lse, "lse"}, std::pair{&gs, "gs"}})
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == acc && t->is_contiguous(),
-                name, ": expected a contiguous (", n, ",) tensor of dtype ", acc, ", got ",
-                t->sizes(), " ", t->scalar_type());
+// A per-row vector the kernels read: inverse norms, saved LSE, scaled upstream gradient.
+inline void check_vector(const at::Tensor& t, const char* name, int64_t rows, at::ScalarType acc) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == rows && t.scalar_type() == acc && t.is_contiguous(),
+              name, ": expected a contiguous (", rows, ",) tensor of dtype ", acc, ", got ",
+              t.sizes(), " ", t.scalar_type());
+}
+
+// Inverse row norms of q, p (when given) and k, in the accumulation dtype of the features.
+inline void check_inverse_norms(const at::Tensor& inv_q, const at::Tensor* inv_p,
+                                const at::Tensor& inv_k, int64_t n, int64_t m,
+                                at::ScalarType features) {
+  const at::ScalarType acc = acc_type(features);
+  check_vector(inv_q, "inv_q", n, acc);
+  if (inv_p != nullptr) check_vector(*inv_p, "inv_p", n, acc);
+  check_vector(inv_k, "inv_k", m, acc);
 }
 
 // patch_fg_counts input: (B, H, W) integer labels or (B, C, H, W) logits, H and W divisible by grid.

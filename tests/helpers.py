@@ -89,15 +89,17 @@ def assert_close_to_reference(inputs, backend, dtype, bank_grad=True, **kw):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
-def assert_compiled_matches_eager(inputs, backend, rtol=1e-5, atol=1e-6, **kw):
-    """masked_infonce under torch.compile(fullgraph=True): same loss and gradients as eager."""
+def assert_compiled_matches_eager(inputs, backend, rtol=1e-5, atol=1e-6, compiler="inductor", **kw):
+    """masked_infonce under torch.compile(fullgraph=True, backend=compiler): same loss and
+    gradients as eager. compiler="aot_eager" runs the traced graphs without Inductor's kernels,
+    which tells a tracing problem from a code-generation one."""
     torch._dynamo.reset()
 
     def loss_fn(q, p, k):
         return cdcl_ops.masked_infonce(**dict(inputs, query=q, positive=p, bank=k), backend=backend, **kw)
 
     results = []
-    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend=compiler)):
         feats = [inputs[n].clone().requires_grad_() for n in ("query", "positive", "bank")]
         loss = fn(*feats)
         loss.backward()

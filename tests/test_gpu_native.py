@@ -61,21 +61,25 @@ def test_cuda_deterministic():
     assert torch.equal(l1, l2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
-def test_cuda_compile_fullgraph():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_cuda_compile_fullgraph(compiler):
     assert_compiled_matches_eager(make_inputs(300, 900, 32, device=CUDA, dtype=torch.float32, seed=2),
-                                  "cuda")
+                                  "cuda", compiler=compiler)
 
 
 def test_cuda_opcheck():
     from cdcl_ops._validate import canonical_masks
+    from cdcl_ops.normalize import inverse_norms
     inp = make_inputs(70, 130, 24, device=CUDA, dtype=torch.float32, seed=4)
     masks = canonical_masks(inp["query_labels"], inp["bank_labels"], inp["query_groups"],
                             inp["bank_groups"], inp["group_table"])
-    q, p, k = (torch.nn.functional.normalize(inp[n], dim=1) for n in ("query", "positive", "bank"))
-    torch.library.opcheck(torch.ops.cdcl_ops_C.infonce_fwd, (q, p, k, *masks, 10.0, True))
-    _, lse, _ = torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, *masks, 10.0, False)
+    q, p, k = (inp[n] for n in ("query", "positive", "bank"))
+    iq, ip, ik = (inverse_norms(x) for x in (q, p, k))
+    torch.library.opcheck(torch.ops.cdcl_ops_C.infonce_fwd, (q, p, k, iq, ip, ik, *masks, 10.0, True))
+    _, lse, _ = torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, iq, ip, ik, *masks, 10.0, False)
     gs = torch.rand(70, device=CUDA)
-    torch.library.opcheck(torch.ops.cdcl_ops_C.infonce_bank_grad, (q, k, *masks, lse, gs, 10.0))
+    torch.library.opcheck(torch.ops.cdcl_ops_C.infonce_bank_grad,
+                          (q, k, iq, ik, *masks, lse, gs, 10.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.uint8])

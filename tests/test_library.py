@@ -14,9 +14,8 @@ def _op_args(backend, dtype, need_o=True, bank_grad=True):
     inp = make_inputs(23, 37, 6, dtype=dtype, seed=11)
     masks = canonical_masks(inp["query_labels"], inp["bank_labels"], inp["query_groups"],
                             inp["bank_groups"], inp["group_table"])
-    unit = [torch.nn.functional.normalize(inp[n], dim=1).requires_grad_(n != "bank" or bank_grad)
-            for n in ("query", "positive", "bank")]
-    return (*unit, *masks, 10.0, backend, 8, "ieee", need_o)
+    feats = [inp[n].requires_grad_(n != "bank" or bank_grad) for n in ("query", "positive", "bank")]
+    return (*feats, *masks, 10.0, backend, 8, "ieee", need_o)
 
 
 @pytest.mark.parametrize("backend,dtype", [("chunked", torch.float64), ("chunked", torch.float32),
@@ -28,12 +27,32 @@ def test_opcheck_forward(backend, dtype):
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
 def test_opcheck_bank_grad(backend):
     q, p, k, ql, qg, kl, kg, table, inv_tau, _, chunk, prec, _ = _op_args(backend, torch.float32)
-    _, lse, _ = torch.ops.cdcl_ops.masked_infonce_fwd(q, p, k, ql, qg, kl, kg, table, inv_tau,
-                                                      backend, chunk, prec, False)
+    _, lse, _, inv_q, _, inv_k = torch.ops.cdcl_ops.masked_infonce_fwd(
+        q, p, k, ql, qg, kl, kg, table, inv_tau, backend, chunk, prec, False)
     gs = torch.rand(q.shape[0]) * inv_tau
     torch.library.opcheck(torch.ops.cdcl_ops.masked_infonce_bank_grad,
-                          (q.detach(), k.detach(), ql, qg, kl, kg, table, lse, gs, inv_tau,
-                           backend, chunk, prec))
+                          (q.detach(), k.detach(), inv_q, inv_k, ql, qg, kl, kg, table, lse, gs,
+                           inv_tau, backend, chunk, prec))
+
+
+def _op_loss(q, p, k, rest):
+    return torch.ops.cdcl_ops.masked_infonce_fwd(q, p, k, *rest)[0].sum()
+
+
+def test_op_gradcheck_raw_rows():
+    # the op normalises its inputs itself: its gradients are those of the raw (not unit) rows
+    args = _op_args("chunked", torch.float64)
+    assert torch.autograd.gradcheck(lambda q, p, k: _op_loss(q, p, k, args[3:]), args[:3])
+
+
+def test_op_triton_gradients_match_float64():
+    args = _op_args("triton", torch.float32)
+    got = torch.autograd.grad(_op_loss(*args[:3], args[3:]), args[:3])
+    ref = [t.detach().double().requires_grad_() for t in args[:3]]
+    rest = (*args[3:9], "chunked", *args[10:])
+    want = torch.autograd.grad(_op_loss(*ref, rest), ref)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
@@ -45,9 +64,9 @@ def test_compile_fullgraph_matches_eager(backend):
 class LiveTensorBytes(TorchDispatchMode):
     """Peak bytes of tensor storages alive at once, over every op run inside the mode."""
 
-    def __init__(self):
+    def __init__(self, exclude=()):
         super().__init__()
-        self.live = {}
+        self.live = {t.untyped_storage().data_ptr(): 0 for t in exclude}  # e.g. the inputs
         self.current = 0
         self.peak = 0
 
@@ -92,3 +111,29 @@ def test_chunked_keeps_no_n_by_m_buffer():
     assert sum(saved) < 8 * rows_by_d, (sum(saved), rows_by_d)
     assert tracker.peak < n_by_m / 8, (tracker.peak, n_by_m)
     assert all(f.grad is not None for f in feats.values())
+
+
+@pytest.mark.parametrize("backend", ["chunked", "cpu", "triton"])
+def test_no_normalised_copies_kept(backend):
+    # Kept for backward beyond the inputs: O (N x D) and per-row vectors. Alive at the peak: the
+    # three gradients, O, and per-row vectors; no normalised copy of any input, no N x M buffer.
+    if backend not in cdcl_ops.available_backends("cpu"):
+        pytest.skip(f"{backend} is not available here")
+    n, m, d = (96, 160, 8) if backend == "triton" else (1024, 4096, 32)
+    inputs = make_inputs(n, m, d, dtype=torch.float32, seed=5)
+    feats = [inputs[k].requires_grad_() for k in ("query", "positive", "bank")]
+    input_ptrs = {f.untyped_storage().data_ptr() for f in feats}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in input_ptrs:
+            saved.append(t.untyped_storage().nbytes())
+        return t
+
+    tracker = LiveTensorBytes(exclude=feats)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), tracker:
+        cdcl_ops.masked_infonce(**inputs, backend=backend).backward()
+    row_vectors = 16 * (n + m) * 4  # labels, groups, masks, loss, LSE, inverse norms, ...
+    assert sum(saved) <= n * d * 4 + row_vectors, sum(saved)
+    assert tracker.peak <= (3 * n + m) * d * 4 + row_vectors, (tracker.peak, (3 * n + m) * d * 4)
+    assert all(f.grad is not None for f in feats)

@@ -9,7 +9,8 @@ import torch
 
 import cdcl_ops
 from cdcl_ops._validate import canonical_masks
-from cdcl_ops.backends import native
+from cdcl_ops.backends import chunked, native
+from cdcl_ops.normalize import inverse_norms
 from helpers import (assert_close_to_reference, assert_compiled_matches_eager, loss_and_grads,
                      make_inputs, strided_copy)
 from test_backends import SHAPES
@@ -138,33 +139,56 @@ def test_deterministic_and_independent_of_thread_count():
 
 
 def _raw_args(dtype, n=70, m=270, d=6, seed=11):
+    """Raw (not unit) rows, their inverse norms and canonical masks: the native ops' arguments."""
     inp = make_inputs(n, m, d, dtype=dtype, seed=seed)
     masks = canonical_masks(inp["query_labels"], inp["bank_labels"], inp["query_groups"],
                             inp["bank_groups"], inp["group_table"])
-    unit = [torch.nn.functional.normalize(inp[k], dim=1) for k in ("query", "positive", "bank")]
-    return unit, masks
+    feats = [inp[k] for k in ("query", "positive", "bank")]
+    return feats, [inverse_norms(x) for x in feats], masks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("need_o", [True, False])
 @needs_ext
 def test_opcheck_native_forward(dtype, need_o):
-    unit, masks = _raw_args(dtype)
-    torch.library.opcheck(torch.ops.cdcl_ops_C.infonce_fwd, (*unit, *masks, 10.0, need_o))
+    feats, invs, masks = _raw_args(dtype)
+    torch.library.opcheck(torch.ops.cdcl_ops_C.infonce_fwd, (*feats, *invs, *masks, 10.0, need_o))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @needs_ext
 def test_opcheck_native_bank_grad(dtype):
-    (q, p, k), masks = _raw_args(dtype)
-    _, lse, _ = torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, *masks, 10.0, False)
+    (q, p, k), (iq, ip, ik), masks = _raw_args(dtype)
+    _, lse, _ = torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, iq, ip, ik, *masks, 10.0, False)
     gs = torch.rand(q.shape[0], dtype=lse.dtype) * 10
-    torch.library.opcheck(torch.ops.cdcl_ops_C.infonce_bank_grad, (q, k, *masks, lse, gs, 10.0))
+    torch.library.opcheck(torch.ops.cdcl_ops_C.infonce_bank_grad,
+                          (q, k, iq, ik, *masks, lse, gs, 10.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@needs_ext
+def test_native_ops_work_on_unit_rows(dtype):
+    # scaling a raw row changes nothing: the kernels see x * inv, and O and the bank gradient are
+    # those of the unit rows (checked against the chunked backend fed the unit rows themselves)
+    (q, p, k), invs, masks = _raw_args(dtype, n=90, m=301, d=5)
+    (q1, p1, k1) = (torch.nn.functional.normalize(x.double(), dim=1).to(dtype) for x in (q, p, k))
+    fwd = chunked.forward(q1, p1, k1, *(inverse_norms(x) for x in (q1, p1, k1)), *masks, 10.0,
+                          True, 64, "auto")
+    got = torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, *invs, *masks, 10.0, True)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, fwd):
+        torch.testing.assert_close(a, b, **tol)
+    gs = torch.rand(q.shape[0], dtype=got[1].dtype)
+    want = chunked.bank_grad(q1, k1, inverse_norms(q1), inverse_norms(k1), *masks, fwd[1], gs,
+                             10.0, 64, "auto")
+    dk = torch.ops.cdcl_ops_C.infonce_bank_grad(q, k, invs[0], invs[2], *masks, got[1], gs, 10.0)
+    assert dk.dtype == got[1].dtype  # the accumulation dtype: ops.py projects it in place
+    torch.testing.assert_close(dk, want, **tol)
 
 
 @needs_ext
 def test_opcheck_library_op_with_cpu_backend():
-    (q, p, k), masks = _raw_args(torch.float32)
+    (q, p, k), _, masks = _raw_args(torch.float32)
     q.requires_grad_()
     p.requires_grad_()
     k.requires_grad_()
@@ -180,22 +204,29 @@ def test_compile_fullgraph_matches_eager():
 
 @needs_ext
 def test_direct_call_rejects_bad_arguments():
-    (q, p, k), masks = _raw_args(torch.float32)
+    (q, p, k), (iq, ip, ik), masks = _raw_args(torch.float32)
+    fwd = torch.ops.cdcl_ops_C.infonce_fwd
     with pytest.raises(RuntimeError, match="contiguous"):
-        torch.ops.cdcl_ops_C.infonce_fwd(q.t().contiguous().t(), p, k, *masks, 10.0, True)
+        fwd(q.t().contiguous().t(), p, k, iq, ip, ik, *masks, 10.0, True)
     with pytest.raises(RuntimeError, match="q_lab"):
-        torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, masks[0].long(), *masks[1:], 10.0, True)
+        fwd(q, p, k, iq, ip, ik, masks[0].long(), *masks[1:], 10.0, True)
     with pytest.raises(RuntimeError, match="k"):
-        torch.ops.cdcl_ops_C.infonce_fwd(q, p, k[:, :3].contiguous(), *masks, 10.0, True)
+        fwd(q, p, k[:, :3].contiguous(), iq, ip, ik, *masks, 10.0, True)
+    with pytest.raises(RuntimeError, match="inv_p"):
+        fwd(q, p, k, iq, ip.double(), ik, *masks, 10.0, True)
+    with pytest.raises(RuntimeError, match="inv_k"):
+        fwd(q, p, k, iq, ip, ik[1:], *masks, 10.0, True)
     ql, qg, kl, kg, table = masks
     bad = kg.clone()
     bad[3] = table.shape[0]  # one past the table: rejected instead of read out of bounds
     with pytest.raises(RuntimeError, match="k_grp"):
-        torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, ql, qg, kl, bad, table, 10.0, True)
+        fwd(q, p, k, iq, ip, ik, ql, qg, kl, bad, table, 10.0, True)
     lse = torch.zeros(q.shape[0])
+    grad = torch.ops.cdcl_ops_C.infonce_bank_grad
     with pytest.raises(RuntimeError, match="q_grp"):
-        torch.ops.cdcl_ops_C.infonce_bank_grad(q, k, ql, qg.clone().fill_(table.shape[0]), kl, kg,
-                                               table, lse, lse, 10.0)
+        grad(q, k, iq, ik, ql, qg.clone().fill_(table.shape[0]), kl, kg, table, lse, lse, 10.0)
+    with pytest.raises(RuntimeError, match="inv_q"):
+        grad(q, k, iq[:-1], ik, *masks, lse, lse, 10.0)
 
 
 # ---- patch foreground counts (SPEC 2.3) ----
@@ -264,7 +295,8 @@ def test_import_without_the_extension():
 import sys
 sys.modules["cdcl_ops._C"] = None  # makes `from .. import _C` raise ImportError
 import torch, cdcl_ops
-from cdcl_ops.backends import native
+from cdcl_ops.backends import chunked, native
+from cdcl_ops.normalize import inverse_norms
 assert not native.LOADED and native.LOAD_ERROR
 assert "cpu" not in cdcl_ops.available_backends("cpu")
 assert cdcl_ops.default_backend("cpu") == "chunked"

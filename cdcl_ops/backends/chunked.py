@@ -19,7 +19,12 @@ def _tiles(n, size):
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def forward(q, p, k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o, chunk_size, precision):
+def _unit(x, inv, a, b, acc):
+    return x[a:b].to(acc) * inv[a:b, None]
+
+
+def forward(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o,
+            chunk_size, precision):
     acc = _acc_dtype(q)
     n, d = q.shape
     chunk = chunk_size if chunk_size > 0 else DEFAULT_CHUNK
@@ -27,13 +32,13 @@ def forward(q, p, k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o, chunk_s
     lse = torch.empty(n, dtype=acc, device=q.device)
     o = torch.empty((n if need_o else 0, d), dtype=acc, device=q.device)
     for a, b in _tiles(n, QUERY_TILE):
-        qt = q[a:b].to(acc)
-        s_pos = (qt * p[a:b].to(acc)).sum(-1) * inv_tau
+        qt = _unit(q, inv_q, a, b, acc)
+        s_pos = (qt * _unit(p, inv_p, a, b, acc)).sum(-1) * inv_tau
         m_run = s_pos.clone()  # seeding the max with s+ keeps empty rows finite
         l_run = torch.ones_like(s_pos)
         o_run = torch.zeros_like(qt) if need_o else None
         for c0, c1 in _tiles(k.shape[0], chunk):
-            kc = k[c0:c1].to(acc)
+            kc = _unit(k, inv_k, c0, c1, acc)
             s = (qt @ kc.T) * inv_tau
             s.masked_fill_(~negative_mask(q_lab[a:b], q_grp[a:b], k_lab[c0:c1], k_grp[c0:c1], table),
                            float("-inf"))
@@ -52,17 +57,18 @@ def forward(q, p, k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o, chunk_s
     return loss, lse, o
 
 
-def bank_grad(q, k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, chunk_size, precision):
+def bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, chunk_size,
+              precision):
     acc = _acc_dtype(q)
     chunk = chunk_size if chunk_size > 0 else DEFAULT_CHUNK
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     # fixed loop order and no atomics: the result is bit-identical run to run
     for a, b in _tiles(q.shape[0], QUERY_TILE):
-        qt = q[a:b].to(acc)
+        qt = _unit(q, inv_q, a, b, acc)
         for c0, c1 in _tiles(k.shape[0], chunk):
-            kc = k[c0:c1].to(acc)
+            kc = _unit(k, inv_k, c0, c1, acc)
             s = (qt @ kc.T) * inv_tau
             w = torch.exp(s - lse[a:b, None]) * gs[a:b, None]
             w.masked_fill_(~negative_mask(q_lab[a:b], q_grp[a:b], k_lab[c0:c1], k_grp[c0:c1], table), 0)
             dk[c0:c1] += w.T @ qt
-    return dk.to(k.dtype)
+    return dk

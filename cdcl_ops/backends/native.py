@@ -28,15 +28,15 @@ def _acc_dtype(t):
 
 if LOADED:
     @torch.library.register_fake("cdcl_ops_C::infonce_fwd")
-    def _(q, p, k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o):
+    def _(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o):
         n, d = q.shape
         acc = _acc_dtype(q)
         return (q.new_empty(n, dtype=acc), q.new_empty(n, dtype=acc),
                 q.new_empty((n if need_o else 0, d), dtype=acc))
 
     @torch.library.register_fake("cdcl_ops_C::infonce_bank_grad")
-    def _(q, k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau):
-        return torch.empty_like(k)
+    def _(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau):
+        return k.new_empty(k.shape, dtype=_acc_dtype(k))
 
     @torch.library.register_fake("cdcl_ops_C::patch_fg_counts")
     def _(labels_or_logits, grid, fg_class):
@@ -49,16 +49,18 @@ def _require():
                            "`pip install --no-build-isolation -e .`")
 
 
-def forward(q, p, k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o, chunk_size, precision):
+def forward(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o,
+            chunk_size, precision):
     """Backend interface (see cdcl_ops.backends): chunk_size and precision do not apply here."""
     _require()
-    return torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, q_lab, q_grp, k_lab, k_grp, table,
-                                            float(inv_tau), bool(need_o))
+    return torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp,
+                                            table, float(inv_tau), bool(need_o))
 
 
-def bank_grad(q, k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, chunk_size, precision):
+def bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, chunk_size,
+              precision):
     _require()
     acc = _acc_dtype(q)
-    return torch.ops.cdcl_ops_C.infonce_bank_grad(q, k, q_lab, q_grp, k_lab, k_grp, table,
-                                                  lse.to(acc).contiguous(), gs.to(acc).contiguous(),
-                                                  float(inv_tau))
+    return torch.ops.cdcl_ops_C.infonce_bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp,
+                                                  table, lse.to(acc).contiguous(),
+                                                  gs.to(acc).contiguous(), float(inv_tau))

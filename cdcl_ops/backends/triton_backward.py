@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..normalize import unit_copy
 from .tl_utils import LOG2E, block_d, dot_precision, interpreting, negative_mask, query_codes
 
 
@@ -67,12 +68,15 @@ def bank_grad_config(bd: int, dtype, precision: str) -> dict:
     return dict(BLOCK_N=32, BLOCK_M=32, num_warps=8, num_stages=1)
 
 
-def bank_grad(q, k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, chunk_size, precision):
+def bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, chunk_size,
+              precision):
     n, d = q.shape
     m = k.shape[0]
-    dk = torch.empty_like(k)
+    dk = torch.empty((m, d), dtype=torch.float32, device=k.device)  # fp32 for the projection
     if m == 0:
         return dk
+    # the kernel takes unit rows: transient copies, freed when the launch returns
+    q, k = unit_copy(q, inv_q), unit_copy(k, inv_k)
     codes, use_bits = query_codes(q_grp, table)
     table = table.to(torch.uint8)  # a bool pointer would load as i1
     bd = block_d(d)

@@ -3,6 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..normalize import unit_copy
 from .tl_utils import LN2, LOG2E, block_d, dot_precision, interpreting, negative_mask, query_codes
 
 
@@ -80,7 +81,8 @@ def forward_config(bd: int, dtype, precision: str) -> dict:
     return dict(BLOCK_N=32, BLOCK_M=32, num_warps=8, num_stages=1)
 
 
-def forward(q, p, k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o, chunk_size, precision):
+def forward(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o,
+            chunk_size, precision):
     n, d = q.shape
     m = k.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=q.device)
@@ -88,6 +90,8 @@ def forward(q, p, k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o, chunk_s
     o = torch.empty((n if need_o else 0, d), dtype=torch.float32, device=q.device)
     if n == 0:
         return loss, lse, o
+    # the kernels take unit rows: transient copies, freed when the launch returns
+    q, p, k = unit_copy(q, inv_q), unit_copy(p, inv_p), unit_copy(k, inv_k)
     codes, use_bits = query_codes(q_grp, table)
     table = table.to(torch.uint8)  # a bool pointer would load as i1
     bd = block_d(d)

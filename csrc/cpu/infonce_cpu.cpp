@@ -6,6 +6,9 @@
 // addmm_out on views of the buffers, MKL on x86 builds); masking, the online log-sum-exp and
 // the gradient weights are fused row passes on the buffer while it is in cache (row_kernels.h).
 // fp32 and fp64 compute in their own precision; bf16/fp16 rows are upcast to fp32 per tile.
+// The kernels read the raw rows: the inverse row norms scale the inner products in the row passes
+// (cosine similarity without a normalised copy of the inputs), and the weights that multiply raw
+// rows carry their inverse norms, so O and the bank gradient are those of the unit rows.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
@@ -89,6 +92,7 @@ inline void negatives(uint8_t* __restrict ok, int64_t n, int32_t label, const in
 
 template <typename in_t, typename acc_t>
 void forward_kernel(const at::Tensor& q, const at::Tensor& p, const at::Tensor& k,
+                    const at::Tensor& inv_q, const at::Tensor& inv_p, const at::Tensor& inv_k,
                     const at::Tensor& q_lab, const at::Tensor& q_grp, const at::Tensor& k_lab,
                     const at::Tensor& k_grp, const at::Tensor& table, acc_t inv_tau, bool need_o,
                     at::Tensor& loss, at::Tensor& lse, at::Tensor& o) {
@@ -96,6 +100,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& p, const at::Tensor& 
   const in_t* qp = q.data_ptr<in_t>();
   const in_t* pp = p.data_ptr<in_t>();
   const in_t* kp = k.data_ptr<in_t>();
+  const acc_t *iq = inv_q.data_ptr<acc_t>(), *ip = inv_p.data_ptr<acc_t>();
+  const acc_t* ik = inv_k.data_ptr<acc_t>();
   const int32_t *ql = q_lab.data_ptr<int32_t>(), *qg = q_grp.data_ptr<int32_t>();
   const int32_t *kl = k_lab.data_ptr<int32_t>(), *kg = k_grp.data_ptr<int32_t>();
   const bool* tab = table.data_ptr<bool>();
@@ -117,7 +123,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& p, const at::Tensor& 
       for (int64_t i = 0; i < nb; ++i) {
         acc_t dot = 0;
         for (int64_t c = 0; c < d; ++c) dot += qb[i * d + c] * static_cast<acc_t>(pp[(a + i) * d + c]);
-        s_pos[i] = dot * inv_tau;
+        s_pos[i] = dot * iq[a + i] * ip[a + i] * inv_tau;
         run_max[i] = s_pos[i];  // seeding the max with s+ keeps rows without negatives finite
         run_sum[i] = 1;
         any_active |= qg[a + i] >= 0;
@@ -141,7 +147,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& p, const at::Tensor& 
           }
           negatives(ok.data(), mt, ql[a + i], kl + c0, kg + c0, bits.enabled(),
                     bits.enabled() ? bits.by_row[grp] : 0, tab + grp * g, 1);
-          const acc_t tile_max = mask_scale_max(row, ok.data(), mt, inv_tau);
+          const acc_t tile_max = mask_scale_max(row, ok.data(), ik + c0, mt, inv_tau * iq[a + i]);
           if (tile_max == -std::numeric_limits<acc_t>::infinity()) {
             std::fill(row, row + mt, acc_t(0));
             continue;
@@ -153,7 +159,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& p, const at::Tensor& 
               for (int64_t c = 0; c < d; ++c) out[i * d + c] *= alpha;
             run_max[i] = tile_max;
           }
-          run_sum[i] += exp_sum(row, mt, run_max[i]);
+          run_sum[i] += exp_sum(row, ik + c0, mt, run_max[i]);
           any_weight = true;
         }
         if (need_o && any_weight)
@@ -174,19 +180,21 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& p, const at::Tensor& 
 }
 
 template <typename in_t, typename acc_t>
-void bank_grad_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_lab,
+void bank_grad_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& inv_q,
+                      const at::Tensor& inv_k, const at::Tensor& q_lab,
                       const at::Tensor& q_grp, const at::Tensor& k_lab, const at::Tensor& k_grp,
                       const at::Tensor& table, const at::Tensor& lse, const at::Tensor& gs,
                       acc_t inv_tau, at::Tensor& dk) {
   const int64_t n = q.size(0), m = k.size(0), d = q.size(1), g = table.size(0);
   const in_t* qp = q.data_ptr<in_t>();
   const in_t* kp = k.data_ptr<in_t>();
+  const acc_t *iq = inv_q.data_ptr<acc_t>(), *ik = inv_k.data_ptr<acc_t>();
   const int32_t *ql = q_lab.data_ptr<int32_t>(), *qg = q_grp.data_ptr<int32_t>();
   const int32_t *kl = k_lab.data_ptr<int32_t>(), *kg = k_grp.data_ptr<int32_t>();
   const bool* tab = table.data_ptr<bool>();
   const acc_t* lse_p = lse.data_ptr<acc_t>();
   const acc_t* gs_p = gs.data_ptr<acc_t>();
-  in_t* dk_p = dk.data_ptr<in_t>();
+  acc_t* dk_p = dk.data_ptr<acc_t>();
   const GroupBits bits(table);
   const int64_t n_blocks = (m + GRAD_BANK_BLOCK - 1) / GRAD_BANK_BLOCK;
 
@@ -219,11 +227,11 @@ void bank_grad_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           }
           negatives(ok.data(), nt, kl[c0 + j], ql + a, qg + a, bits.enabled(),
                     bits.enabled() ? bits.by_col[grp] : 0, tab + grp, g);
-          grad_weights(row, ok.data(), lse_p + a, gs_p + a, nt, inv_tau);
+          grad_weights(row, ok.data(), lse_p + a, gs_p + a, iq + a, nt, inv_tau * ik[c0 + j]);
         }
         at::cpu::addmm_out(acc_view, acc_view, s_view, view(qt, nt, d, d, 1));
       }
-      for (int64_t i = 0; i < mb * d; ++i) dk_p[c0 * d + i] = static_cast<in_t>(acc[i]);
+      std::copy(acc.begin(), acc.begin() + mb * d, dk_p + c0 * d);
     }
   });
 }
@@ -240,10 +248,12 @@ void dispatch_input(at::ScalarType t, const char* name, Fn&& fn) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(
-    const at::Tensor& q, const at::Tensor& p, const at::Tensor& k, const at::Tensor& q_lab,
+    const at::Tensor& q, const at::Tensor& p, const at::Tensor& k, const at::Tensor& inv_q,
+    const at::Tensor& inv_p, const at::Tensor& inv_k, const at::Tensor& q_lab,
     const at::Tensor& q_grp, const at::Tensor& k_lab, const at::Tensor& k_grp,
     const at::Tensor& table, double inv_tau, bool need_o) {
   const auto [n, m, d] = check_features_and_masks(q, &p, k, q_lab, q_grp, k_lab, k_grp, table);
+  check_inverse_norms(inv_q, &inv_p, inv_k, n, m, q.scalar_type());
   check_group_ids_host(q_grp, "q_grp", table.size(0));
   check_group_ids_host(k_grp, "k_grp", table.size(0));
   const auto opts = q.options().dtype(acc_type(q.scalar_type()));
@@ -252,26 +262,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(
   dispatch_input(q.scalar_type(), "q", [&](auto in, auto acc) {
     using in_t = decltype(in);
     using acc_t = decltype(acc);
-    forward_kernel<in_t, acc_t>(q, p, k, q_lab, q_grp, k_lab, k_grp, table,
+    forward_kernel<in_t, acc_t>(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table,
                                 static_cast<acc_t>(inv_tau), need_o, loss, lse, o);
   });
   return {loss, lse, o};
 }
 
-at::Tensor infonce_bank_grad_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_lab,
+at::Tensor infonce_bank_grad_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& inv_q,
+                                 const at::Tensor& inv_k, const at::Tensor& q_lab,
                                  const at::Tensor& q_grp, const at::Tensor& k_lab,
                                  const at::Tensor& k_grp, const at::Tensor& table,
                                  const at::Tensor& lse, const at::Tensor& gs, double inv_tau) {
   const auto [n, m, d] = check_features_and_masks(q, nullptr, k, q_lab, q_grp, k_lab, k_grp, table);
+  check_inverse_norms(inv_q, nullptr, inv_k, n, m, q.scalar_type());
   check_group_ids_host(q_grp, "q_grp", table.size(0));
   check_group_ids_host(k_grp, "k_grp", table.size(0));
   const auto acc = acc_type(q.scalar_type());
-  check_query_vectors(lse, gs, n, acc);
-  at::Tensor dk = at::empty({m, d}, k.options());
+  check_vector(lse, "lse", n, acc);
+  check_vector(gs, "gs", n, acc);
+  at::Tensor dk = at::empty({m, d}, k.options().dtype(acc));
   dispatch_input(q.scalar_type(), "q", [&](auto in, auto acc_v) {
     using in_t = decltype(in);
     using acc_t = decltype(acc_v);
-    bank_grad_kernel<in_t, acc_t>(q, k, q_lab, q_grp, k_lab, k_grp, table, lse, gs,
+    bank_grad_kernel<in_t, acc_t>(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs,
                                   static_cast<acc_t>(inv_tau), dk);
   });
   return dk;

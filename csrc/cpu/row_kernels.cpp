@@ -3,17 +3,18 @@
 
 namespace cdcl::cpu {
 
-CDCL_MULTIVERSION float mask_scale_max(float* row, const uint8_t* ok, int64_t n, float scale) {
-  return mask_scale_max_impl(row, ok, n, scale);
+CDCL_MULTIVERSION float mask_scale_max(float* row, const uint8_t* ok, const float* col, int64_t n,
+                                        float scale) {
+  return mask_scale_max_impl(row, ok, col, n, scale);
 }
 
-CDCL_MULTIVERSION float exp_sum(float* row, int64_t n, float shift) {
-  return exp_sum_impl(row, n, shift);
+CDCL_MULTIVERSION float exp_sum(float* row, const float* col, int64_t n, float shift) {
+  return exp_sum_impl(row, col, n, shift);
 }
 
 CDCL_MULTIVERSION void grad_weights(float* row, const uint8_t* ok, const float* lse,
-                                    const float* gs, int64_t n, float scale) {
-  grad_weights_impl(row, ok, lse, gs, n, scale);
+                                    const float* gs, const float* col, int64_t n, float scale) {
+  grad_weights_impl(row, ok, lse, gs, col, n, scale);
 }
 
 CDCL_MULTIVERSION void negatives_by_bits(uint8_t* ok, int64_t n, int32_t label, const int32_t* lab,

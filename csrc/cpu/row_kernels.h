@@ -43,25 +43,31 @@ static inline __attribute__((always_inline)) float exp_nonpositive(float x) {
 
 static inline __attribute__((always_inline)) double exp_nonpositive(double x) { return std::exp(x); }
 
-// row := ok ? row * scale : -inf; returns the maximum (-inf when nothing is valid)
+// row := ok ? row * scale * col : -inf (raw inner products to scores: scale carries 1/tau and the
+// fixed row's inverse norm, col the other side's inverse norms); returns the maximum (-inf when
+// nothing is valid)
 template <typename T>
 static inline __attribute__((always_inline)) T mask_scale_max_impl(T* __restrict row,
                                                                    const uint8_t* __restrict ok,
+                                                                   const T* __restrict col,
                                                                    int64_t n, T scale) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
   T mx = neg_inf;
 #pragma omp simd reduction(max : mx)
   for (int64_t j = 0; j < n; ++j) {
-    T v = ok[j] ? row[j] * scale : neg_inf;
+    T v = ok[j] ? row[j] * scale * col[j] : neg_inf;
     row[j] = v;
     mx = v > mx ? v : mx;
   }
   return mx;
 }
 
-// row := exp(row - shift), exactly 0 where row is -inf; returns the sum
+// row := exp(row - shift) * col, exactly 0 where row is -inf; returns the sum of exp(row - shift)
+// (the written weights multiply raw bank rows, hence the inverse norms col)
 template <typename T>
-static inline __attribute__((always_inline)) T exp_sum_impl(T* __restrict row, int64_t n, T shift) {
+static inline __attribute__((always_inline)) T exp_sum_impl(T* __restrict row,
+                                                            const T* __restrict col, int64_t n,
+                                                            T shift) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
@@ -69,20 +75,21 @@ static inline __attribute__((always_inline)) T exp_sum_impl(T* __restrict row, i
     T v = row[j];
     T e = exp_nonpositive(v - shift);
     e = v == neg_inf ? T(0) : e;
-    row[j] = e;
+    row[j] = e * col[j];
     sum += e;
   }
   return sum;
 }
 
-// row_i := ok_i ? exp(row_i * scale - lse_i) * gs_i : 0   (one bank row against a query tile)
+// row_i := ok_i ? exp(row_i * scale * col_i - lse_i) * gs_i * col_i : 0   (one bank row against a
+// query tile: raw inner products in, weights of the raw query rows out; col = their inverse norms)
 template <typename T>
 static inline __attribute__((always_inline)) void grad_weights_impl(
     T* __restrict row, const uint8_t* __restrict ok, const T* __restrict lse,
-    const T* __restrict gs, int64_t n, T scale) {
+    const T* __restrict gs, const T* __restrict col, int64_t n, T scale) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    T w = exp_nonpositive(row[i] * scale - lse[i]) * gs[i];
+    T w = exp_nonpositive(row[i] * scale * col[i] - lse[i]) * gs[i] * col[i];
     row[i] = ok[i] ? w : T(0);
   }
 }
@@ -99,20 +106,23 @@ static inline __attribute__((always_inline)) void negatives_by_bits_impl(
 
 // defined in row_kernels.cpp with CDCL_MULTIVERSION (the attribute goes on the definition only:
 // callers in other files link to the load-time resolved symbol)
-float mask_scale_max(float* row, const uint8_t* ok, int64_t n, float scale);
-float exp_sum(float* row, int64_t n, float shift);
-void grad_weights(float* row, const uint8_t* ok, const float* lse, const float* gs, int64_t n,
-                  float scale);
+float mask_scale_max(float* row, const uint8_t* ok, const float* col, int64_t n, float scale);
+float exp_sum(float* row, const float* col, int64_t n, float shift);
+void grad_weights(float* row, const uint8_t* ok, const float* lse, const float* gs,
+                  const float* col, int64_t n, float scale);
 void negatives_by_bits(uint8_t* ok, int64_t n, int32_t label, const int32_t* lab,
                        const int32_t* grp, uint64_t bits);
 
-inline double mask_scale_max(double* row, const uint8_t* ok, int64_t n, double scale) {
-  return mask_scale_max_impl(row, ok, n, scale);
+inline double mask_scale_max(double* row, const uint8_t* ok, const double* col, int64_t n,
+                             double scale) {
+  return mask_scale_max_impl(row, ok, col, n, scale);
 }
-inline double exp_sum(double* row, int64_t n, double shift) { return exp_sum_impl(row, n, shift); }
+inline double exp_sum(double* row, const double* col, int64_t n, double shift) {
+  return exp_sum_impl(row, col, n, shift);
+}
 inline void grad_weights(double* row, const uint8_t* ok, const double* lse, const double* gs,
-                         int64_t n, double scale) {
-  grad_weights_impl(row, ok, lse, gs, n, scale);
+                         const double* col, int64_t n, double scale) {
+  grad_weights_impl(row, ok, lse, gs, col, n, scale);
 }
 
 }  // namespace cdcl::cpu

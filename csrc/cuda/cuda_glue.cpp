@@ -40,43 +40,53 @@ void check_device(const at::Tensor& q, std::initializer_list<std::pair<const at:
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cuda(
-    const at::Tensor& q, const at::Tensor& p, const at::Tensor& k, const at::Tensor& q_lab,
+    const at::Tensor& q, const at::Tensor& p, const at::Tensor& k, const at::Tensor& inv_q,
+    const at::Tensor& inv_p, const at::Tensor& inv_k, const at::Tensor& q_lab,
     const at::Tensor& q_grp, const at::Tensor& k_lab, const at::Tensor& k_grp,
     const at::Tensor& table, double inv_tau, bool need_o) {
   const auto [n, m, d] = check_features_and_masks(q, &p, k, q_lab, q_grp, k_lab, k_grp, table);
   TORCH_CHECK(d >= 1 && d <= MAX_D, "q: the cuda backend takes 1 <= D <= ", MAX_D, ", got D=", d);
-  check_device(q, {{&p, "p"}, {&k, "k"}, {&q_lab, "q_lab"}, {&q_grp, "q_grp"}, {&k_lab, "k_lab"},
-                   {&k_grp, "k_grp"}, {&table, "table"}});
   const Dtype dtype = feature_dtype(q, "q");
+  check_inverse_norms(inv_q, &inv_p, inv_k, n, m, q.scalar_type());
+  check_device(q, {{&p, "p"}, {&k, "k"}, {&inv_q, "inv_q"}, {&inv_p, "inv_p"}, {&inv_k, "inv_k"},
+                   {&q_lab, "q_lab"}, {&q_grp, "q_grp"}, {&k_lab, "k_lab"}, {&k_grp, "k_grp"},
+                   {&table, "table"}});
   const c10::cuda::CUDAGuard guard(q.device());
   const auto opts = q.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({n}, opts), lse = at::empty({n}, opts);
   at::Tensor o = at::empty({need_o ? n : 0, d}, opts);
   const cudaError_t err = launch_infonce_fwd(
-      dtype, q.data_ptr(), p.data_ptr(), k.data_ptr(), device_masks(q_lab, q_grp, k_lab, k_grp, table),
-      n, m, d, static_cast<float>(inv_tau), loss.data_ptr<float>(), lse.data_ptr<float>(),
+      dtype, q.data_ptr(), p.data_ptr(), k.data_ptr(),
+      InverseNorms{inv_q.data_ptr<float>(), inv_p.data_ptr<float>(), inv_k.data_ptr<float>()},
+      device_masks(q_lab, q_grp, k_lab, k_grp, table), n, m, d, static_cast<float>(inv_tau), loss.data_ptr<float>(), lse.data_ptr<float>(),
       need_o ? o.data_ptr<float>() : nullptr, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {loss, lse, o};
 }
 
-at::Tensor infonce_bank_grad_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_lab,
+at::Tensor infonce_bank_grad_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& inv_q,
+                                  const at::Tensor& inv_k, const at::Tensor& q_lab,
                                   const at::Tensor& q_grp, const at::Tensor& k_lab,
                                   const at::Tensor& k_grp, const at::Tensor& table,
                                   const at::Tensor& lse, const at::Tensor& gs, double inv_tau) {
   const auto [n, m, d] = check_features_and_masks(q, nullptr, k, q_lab, q_grp, k_lab, k_grp, table);
   TORCH_CHECK(d >= 1 && d <= MAX_D, "q: the cuda backend takes 1 <= D <= ", MAX_D, ", got D=", d);
-  check_query_vectors(lse, gs, n, at::kFloat);
-  check_device(q, {{&k, "k"}, {&q_lab, "q_lab"}, {&q_grp, "q_grp"}, {&k_lab, "k_lab"},
-                   {&k_grp, "k_grp"}, {&table, "table"}, {&lse, "lse"}, {&gs, "gs"}});
   const Dtype dtype = feature_dtype(q, "q");
+  check_inverse_norms(inv_q, nullptr, inv_k, n, m, q.scalar_type());
+  check_vector(lse, "lse", n, at::kFloat);
+  check_vector(gs, "gs", n, at::kFloat);
+  check_device(q, {{&k, "k"}, {&inv_q, "inv_q"}, {&inv_k, "inv_k"}, {&q_lab, "q_lab"},
+                   {&q_grp, "q_grp"}, {&k_lab, "k_lab"}, {&k_grp, "k_grp"}, {&table, "table"},
+                   {&lse, "lse"}, {&gs, "gs"}});
   const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor dk = at::empty({m, d}, k.options());
+  at::Tensor dk = at::empty({m, d}, k.options().dtype(at::kFloat));
   const cudaError_t err = launch_infonce_bank_grad(
-      dtype, q.data_ptr(), k.data_ptr(), device_masks(q_lab, q_grp, k_lab, k_grp, table),
-      lse.data_ptr<float>(), gs.data_ptr<float>(), n, m, d, static_cast<float>(inv_tau),
-      dk.data_ptr(), c10::cuda::getCurrentCUDAStream());
+      dtype, q.data_ptr(), k.data_ptr(), InverseNorms{inv_q.data_ptr<float>(), nullptr,
+                                                      inv_k.data_ptr<float>()},
+      device_masks(q_lab, q_grp, k_lab, k_grp, table), lse.data_ptr<float>(),
+      gs.data_ptr<float>(), n, m, d, static_cast<float>(inv_tau), dk.data_ptr<float>(),
+      c10::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dk;

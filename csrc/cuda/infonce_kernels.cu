@@ -7,7 +7,9 @@
 // and output row O_i (lane owns columns lane, lane + 32, ...) with the online log-sum-exp.
 // Bank gradient: the mirror image, a block owns 16 bank rows and streams query tiles; every dK row
 // is summed by one warp in a fixed order, so the result is deterministic (no atomics).
-// Inner products run on CUDA cores in fp32; tensor-core MMA is not used yet.
+// Rows are scaled by their inverse norms as they are loaded (the inputs are the raw features), so
+// everything below works on unit rows. Inner products run on CUDA cores in fp32; tensor-core MMA
+// is not used yet.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -28,12 +30,6 @@ constexpr unsigned FULL = 0xffffffffu;
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 __device__ __forceinline__ float warp_max(float v) {
   for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL, v, off));
@@ -52,15 +48,16 @@ __device__ __forceinline__ bool is_negative(int32_t q_lab, int32_t q_grp, int32_
          table[q_grp * groups + k_grp];
 }
 
-// Copy rows [row0, row0 + rows) of a (total, d) matrix into shared memory as fp32 with row stride
-// ld, zero-filling missing rows and the padding columns d..cols.
+// Copy rows [row0, row0 + rows) of a (total, d) matrix into shared memory as fp32 unit rows
+// (each scaled by its inverse norm) with row stride ld, zero-filling missing rows and the padding
+// columns d..cols.
 template <typename T>
-__device__ void load_rows(float* dst, const T* src, int64_t row0, int rows, int64_t total,
-                          int64_t d, int cols, int ld) {
+__device__ void load_rows(float* dst, const T* src, const float* inv_norm, int64_t row0, int rows,
+                          int64_t total, int64_t d, int cols, int ld) {
   for (int idx = threadIdx.x; idx < rows * cols; idx += blockDim.x) {
     const int r = idx / cols, c = idx % cols;
     const int64_t row = row0 + r;
-    dst[r * ld + c] = (row < total && c < d) ? to_f32(src[row * d + c]) : 0.0f;
+    dst[r * ld + c] = (row < total && c < d) ? to_f32(src[row * d + c]) * inv_norm[row] : 0.0f;
   }
 }
 
@@ -74,7 +71,7 @@ __host__ __device__ constexpr size_t smem_bytes(int cols) {
 template <typename T, int DT>
 __global__ void __launch_bounds__(WARPS * 32)
 forward_kernel(const T* __restrict__ q, const T* __restrict__ p, const T* __restrict__ k,
-               Masks masks, int64_t n, int64_t m, int64_t d, float inv_tau,
+               InverseNorms inv, Masks masks, int64_t n, int64_t m, int64_t d, float inv_tau,
                float* __restrict__ loss, float* __restrict__ lse, float* __restrict__ o) {
   constexpr int COLS = 32 * DT;
   extern __shared__ float smem[];
@@ -84,7 +81,7 @@ forward_kernel(const T* __restrict__ q, const T* __restrict__ p, const T* __rest
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t q0 = int64_t(blockIdx.x) * OWN_ROWS;
-  load_rows(q_s, q, q0, OWN_ROWS, n, d, COLS, COLS);
+  load_rows(q_s, q, inv.q, q0, OWN_ROWS, n, d, COLS, COLS);
   __syncthreads();
 
   float s_pos[ROWS_PER_WARP], run_max[ROWS_PER_WARP], run_sum[ROWS_PER_WARP];
@@ -97,7 +94,7 @@ forward_kernel(const T* __restrict__ q, const T* __restrict__ p, const T* __rest
     float dot = 0.0f;
     if (i < n)
       for (int64_t c = lane; c < d; c += 32) dot += q_s[local * COLS + c] * to_f32(p[i * d + c]);
-    s_pos[r] = warp_sum(dot) * inv_tau;
+    s_pos[r] = warp_sum(dot) * (i < n ? inv.p[i] : 0.0f) * inv_tau;
     run_max[r] = s_pos[r];  // seeded with s+: a row without negatives keeps LSE = s+, loss 0
     run_sum[r] = 1.0f;
     my_lab[r] = i < n ? masks.q_lab[i] : 0;
@@ -112,7 +109,7 @@ forward_kernel(const T* __restrict__ q, const T* __restrict__ p, const T* __rest
 
   for (int64_t c0 = 0; any_active && c0 < m; c0 += TILE) {
     __syncthreads();  // the previous tile is no longer read
-    load_rows(k_s, k, c0, TILE, m, d, COLS, tile_ld(COLS));
+    load_rows(k_s, k, inv.k, c0, TILE, m, d, COLS, tile_ld(COLS));
     if (threadIdx.x < TILE) {
       const int64_t j = c0 + threadIdx.x;
       k_lab_s[threadIdx.x] = j < m ? masks.k_lab[j] : 0;
@@ -176,9 +173,9 @@ forward_kernel(const T* __restrict__ q, const T* __restrict__ p, const T* __rest
 
 template <typename T, int DT>
 __global__ void __launch_bounds__(WARPS * 32)
-bank_grad_kernel(const T* __restrict__ q, const T* __restrict__ k, Masks masks,
+bank_grad_kernel(const T* __restrict__ q, const T* __restrict__ k, InverseNorms inv, Masks masks,
                  const float* __restrict__ lse, const float* __restrict__ gs, int64_t n, int64_t m,
-                 int64_t d, float inv_tau, T* __restrict__ dk) {
+                 int64_t d, float inv_tau, float* __restrict__ dk) {
   constexpr int COLS = 32 * DT;
   extern __shared__ float smem[];
   float* k_s = smem;                    // OWN_ROWS x COLS: the bank rows this block owns
@@ -188,7 +185,7 @@ bank_grad_kernel(const T* __restrict__ q, const T* __restrict__ k, Masks masks,
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t k0 = int64_t(blockIdx.x) * OWN_ROWS;
-  load_rows(k_s, k, k0, OWN_ROWS, m, d, COLS, COLS);
+  load_rows(k_s, k, inv.k, k0, OWN_ROWS, m, d, COLS, COLS);
 
   float acc[ROWS_PER_WARP][DT];
   int32_t my_lab[ROWS_PER_WARP], my_grp[ROWS_PER_WARP];
@@ -206,7 +203,7 @@ bank_grad_kernel(const T* __restrict__ q, const T* __restrict__ k, Masks masks,
 
   for (int64_t a = 0; any_usable && a < n; a += TILE) {
     __syncthreads();
-    load_rows(q_s, q, a, TILE, n, d, COLS, tile_ld(COLS));
+    load_rows(q_s, q, inv.q, a, TILE, n, d, COLS, tile_ld(COLS));
     if (threadIdx.x < TILE) {
       const int64_t i = a + threadIdx.x;
       q_lab_s[threadIdx.x] = i < n ? masks.q_lab[i] : 0;
@@ -245,7 +242,7 @@ bank_grad_kernel(const T* __restrict__ q, const T* __restrict__ k, Masks masks,
 #pragma unroll
     for (int t = 0; t < DT; ++t) {
       const int64_t c = lane + 32 * t;
-      if (c < d) dk[j * d + c] = from_f32<T>(acc[r][t]);
+      if (c < d) dk[j * d + c] = acc[r][t];
     }
   }
 }
@@ -271,17 +268,17 @@ cudaError_t launch(Kernel kernel, int64_t rows, int dt, cudaStream_t stream, Arg
 }
 
 template <typename T>
-cudaError_t forward_typed(const void* q, const void* p, const void* k, const Masks& masks,
-                          int64_t n, int64_t m, int64_t d, float inv_tau, float* loss, float* lse,
-                          float* o, cudaStream_t stream) {
+cudaError_t forward_typed(const void* q, const void* p, const void* k, const InverseNorms& inv,
+                          const Masks& masks, int64_t n, int64_t m, int64_t d, float inv_tau,
+                          float* loss, float* lse, float* o, cudaStream_t stream) {
   const auto* qt = static_cast<const T*>(q);
   const auto* pt = static_cast<const T*>(p);
   const auto* kt = static_cast<const T*>(k);
   switch (column_chunks(d)) {
 #define CDCL_FWD_CASE(DT)                                                                      \
   case DT:                                                                                     \
-    return launch(forward_kernel<T, DT>, n, DT, stream, qt, pt, kt, masks, n, m, d, inv_tau,  \
-                  loss, lse, o);
+    return launch(forward_kernel<T, DT>, n, DT, stream, qt, pt, kt, inv, masks, n, m, d,      \
+                  inv_tau, loss, lse, o);
     CDCL_FWD_CASE(1) CDCL_FWD_CASE(2) CDCL_FWD_CASE(4) CDCL_FWD_CASE(8) CDCL_FWD_CASE(16)
 #undef CDCL_FWD_CASE
     default: return cudaErrorInvalidValue;
@@ -289,17 +286,16 @@ cudaError_t forward_typed(const void* q, const void* p, const void* k, const Mas
 }
 
 template <typename T>
-cudaError_t bank_grad_typed(const void* q, const void* k, const Masks& masks, const float* lse,
-                            const float* gs, int64_t n, int64_t m, int64_t d, float inv_tau,
-                            void* dk, cudaStream_t stream) {
+cudaError_t bank_grad_typed(const void* q, const void* k, const InverseNorms& inv,
+                            const Masks& masks, const float* lse, const float* gs, int64_t n,
+                            int64_t m, int64_t d, float inv_tau, float* dk, cudaStream_t stream) {
   const auto* qt = static_cast<const T*>(q);
   const auto* kt = static_cast<const T*>(k);
-  auto* dkt = static_cast<T*>(dk);
   switch (column_chunks(d)) {
 #define CDCL_GRAD_CASE(DT)                                                                     \
   case DT:                                                                                     \
-    return launch(bank_grad_kernel<T, DT>, m, DT, stream, qt, kt, masks, lse, gs, n, m, d,    \
-                  inv_tau, dkt);
+    return launch(bank_grad_kernel<T, DT>, m, DT, stream, qt, kt, inv, masks, lse, gs, n, m,  \
+                  d, inv_tau, dk);
     CDCL_GRAD_CASE(1) CDCL_GRAD_CASE(2) CDCL_GRAD_CASE(4) CDCL_GRAD_CASE(8) CDCL_GRAD_CASE(16)
 #undef CDCL_GRAD_CASE
     default: return cudaErrorInvalidValue;
@@ -309,27 +305,35 @@ cudaError_t bank_grad_typed(const void* q, const void* k, const Masks& masks, co
 }  // namespace
 
 cudaError_t launch_infonce_fwd(Dtype dtype, const void* q, const void* p, const void* k,
-                               const Masks& masks, int64_t n, int64_t m, int64_t d, float inv_tau,
-                               float* loss, float* lse, float* o, cudaStream_t stream) {
+                               const InverseNorms& inv, const Masks& masks, int64_t n, int64_t m,
+                               int64_t d, float inv_tau, float* loss, float* lse, float* o,
+                               cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   switch (dtype) {
-    case Dtype::f32: return forward_typed<float>(q, p, k, masks, n, m, d, inv_tau, loss, lse, o, stream);
-    case Dtype::f16: return forward_typed<__half>(q, p, k, masks, n, m, d, inv_tau, loss, lse, o, stream);
+    case Dtype::f32:
+      return forward_typed<float>(q, p, k, inv, masks, n, m, d, inv_tau, loss, lse, o, stream);
+    case Dtype::f16:
+      return forward_typed<__half>(q, p, k, inv, masks, n, m, d, inv_tau, loss, lse, o, stream);
     case Dtype::bf16:
-      return forward_typed<__nv_bfloat16>(q, p, k, masks, n, m, d, inv_tau, loss, lse, o, stream);
+      return forward_typed<__nv_bfloat16>(q, p, k, inv, masks, n, m, d, inv_tau, loss, lse, o,
+                                          stream);
   }
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_infonce_bank_grad(Dtype dtype, const void* q, const void* k, const Masks& masks,
-                                     const float* lse, const float* gs, int64_t n, int64_t m,
-                                     int64_t d, float inv_tau, void* dk, cudaStream_t stream) {
+cudaError_t launch_infonce_bank_grad(Dtype dtype, const void* q, const void* k,
+                                     const InverseNorms& inv, const Masks& masks, const float* lse,
+                                     const float* gs, int64_t n, int64_t m, int64_t d,
+                                     float inv_tau, float* dk, cudaStream_t stream) {
   if (m == 0) return cudaSuccess;
   switch (dtype) {
-    case Dtype::f32: return bank_grad_typed<float>(q, k, masks, lse, gs, n, m, d, inv_tau, dk, stream);
-    case Dtype::f16: return bank_grad_typed<__half>(q, k, masks, lse, gs, n, m, d, inv_tau, dk, stream);
+    case Dtype::f32:
+      return bank_grad_typed<float>(q, k, inv, masks, lse, gs, n, m, d, inv_tau, dk, stream);
+    case Dtype::f16:
+      return bank_grad_typed<__half>(q, k, inv, masks, lse, gs, n, m, d, inv_tau, dk, stream);
     case Dtype::bf16:
-      return bank_grad_typed<__nv_bfloat16>(q, k, masks, lse, gs, n, m, d, inv_tau, dk, stream);
+      return bank_grad_typed<__nv_bfloat16>(q, k, inv, masks, lse, gs, n, m, d, inv_tau, dk,
+                                            stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -20,17 +20,29 @@ struct Masks {
   int64_t groups;
 };
 
+// Inverse L2 norms of the raw feature rows (device pointers, fp32): the kernels scale every row
+// as they load it, so they work on unit rows without a normalised copy. p is unused by the
+// bank gradient.
+struct InverseNorms {
+  const float* q;
+  const float* p;
+  const float* k;
+};
+
 constexpr int64_t MAX_D = 512;
 
 // loss, lse: (n,) fp32; o: (n, d) fp32 or nullptr when the query gradient is not needed.
 cudaError_t launch_infonce_fwd(Dtype dtype, const void* q, const void* p, const void* k,
-                               const Masks& masks, int64_t n, int64_t m, int64_t d, float inv_tau,
-                               float* loss, float* lse, float* o, cudaStream_t stream);
+                               const InverseNorms& inv, const Masks& masks, int64_t n, int64_t m,
+                               int64_t d, float inv_tau, float* loss, float* lse, float* o,
+                               cudaStream_t stream);
 
-// dk: (m, d) in the features' dtype; lse, gs: (n,) fp32 (gs = upstream gradient / tau).
-cudaError_t launch_infonce_bank_grad(Dtype dtype, const void* q, const void* k, const Masks& masks,
-                                     const float* lse, const float* gs, int64_t n, int64_t m,
-                                     int64_t d, float inv_tau, void* dk, cudaStream_t stream);
+// dk: (m, d) fp32, the gradient with respect to the unit bank rows; lse, gs: (n,) fp32
+// (gs = upstream gradient / tau).
+cudaError_t launch_infonce_bank_grad(Dtype dtype, const void* q, const void* k,
+                                     const InverseNorms& inv, const Masks& masks, const float* lse,
+                                     const float* gs, int64_t n, int64_t m, int64_t d,
+                                     float inv_tau, float* dk, cudaStream_t stream);
 
 enum class PixelType { i64, i32, i16, i8, u8, boolean, f32, f64, f16, bf16 };
 
