@@ -145,6 +145,8 @@ def contenders(device_type):
         table[device_type] = (lambda: ours(device_type), torch.float32)  # the native kernels
         if device_type == "cuda":
             table["cuda-bf16"] = (lambda: ours("cuda"), torch.bfloat16)
+            # the tensor-core kernels (on request until measured against the CUDA-core ones)
+            table["cuda-bf16-tc"] = (lambda: ours("cuda", precision="tf32"), torch.bfloat16)
     return table
 
 

@@ -26,14 +26,14 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 stamp "GPU tests"
 $PY -c "import cdcl_ops; print('backends on cuda:', cdcl_ops.available_backends('cuda'))"
-timeout ${TEST_TIMEOUT:-120} $PY -m pytest -q -m gpu tests -p no:cacheprovider --timeout 60 2>&1 \
+timeout ${TEST_TIMEOUT:-150} $PY -m pytest -q -m gpu tests -p no:cacheprovider --timeout 60 2>&1 \
     | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -15
 
 stamp "benchmark"
 # one invocation per size, so that a size that finishes is kept even if a later one runs out of time
 for size in ${BENCH_SIZES:-paper large}; do
     timeout ${BENCH_TIMEOUT:-150} $PY -m benchmarks.run --sizes "$size" --device cuda --out "$OUT" --time-limit 3 \
-        --contenders "${CONTENDERS:-reference,released-ckpt,chunked-ckpt,compile(reference),chunked,triton,triton-tf32,triton-bf16,cuda,cuda-bf16}" \
+        --contenders "${CONTENDERS:-reference,released-ckpt,chunked-ckpt,compile(reference),chunked,triton,triton-tf32,triton-bf16,cuda,cuda-bf16,cuda-bf16-tc}" \
         2>&1 | tee "$OUT/bench-$size.log" | grep -v "^benchmark:" | tail -25
 done
 

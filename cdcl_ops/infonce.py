@@ -90,6 +90,9 @@ def masked_infonce(query, positive, bank, query_labels, bank_labels, query_group
         precision: how "triton" multiplies fp32 features: "auto" (TF32 where
             torch.backends.cuda.matmul.allow_tf32 allows it, else "tf32x3"), "tf32x3" (three TF32
             products, fp32 accuracy on tensor cores), "tf32", or "ieee" (FMA units, slow).
+            For "cuda" with 16-bit features, "tf32" selects the tensor-core kernels (D <= 256;
+            the softmax weights of the second product are rounded to 16 bits, as in "triton");
+            anything else the CUDA-core kernels. Ignored by "chunked" and "cpu".
         check_inputs: check group ids against the table (one host sync; skipped under
             torch.compile). check_finite: also reject NaN/Inf features.
 

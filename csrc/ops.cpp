@@ -7,12 +7,14 @@ TORCH_LIBRARY(cdcl_ops_C, m) {
   // Raw contiguous feature rows with their inverse L2 norms (the kernels compare the unit rows
   // x * inv); masks in the canonical encoding of cdcl_ops/_validate.py. The bank gradient is with
   // respect to the unit bank rows, in the accumulation dtype (cdcl_ops/ops.py projects it).
+  // tensor_cores asks the CUDA kernels for their tensor-core path where it applies (16-bit
+  // features); the CPU kernels have none and ignore it.
   m.def("infonce_fwd(Tensor q, Tensor p, Tensor k, Tensor inv_q, Tensor inv_p, Tensor inv_k, "
         "Tensor q_lab, Tensor q_grp, Tensor k_lab, Tensor k_grp, Tensor table, float inv_tau, "
-        "bool need_o) -> (Tensor, Tensor, Tensor)");
+        "bool need_o, bool tensor_cores) -> (Tensor, Tensor, Tensor)");
   m.def("infonce_bank_grad(Tensor q, Tensor k, Tensor inv_q, Tensor inv_k, Tensor q_lab, "
         "Tensor q_grp, Tensor k_lab, Tensor k_grp, Tensor table, Tensor lse, Tensor gs, "
-        "float inv_tau) -> Tensor");
+        "float inv_tau, bool tensor_cores) -> Tensor");
   m.def("patch_fg_counts(Tensor labels_or_logits, int grid, int fg_class) -> Tensor");
 }
 

@@ -32,6 +32,32 @@ def test_cuda_16bit(d, dtype):
     _compare(make_inputs(777, 2049, d, device=CUDA), dtype)
 
 
+# The tensor-core kernels (16-bit features, D <= 256, on request): D = 3 and 200 pad to 16 and
+# 208 columns, 256 is the largest; 300 falls back to the CUDA-core kernels.
+@pytest.mark.parametrize("d", [3, 16, 128, 200, 256, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_tensor_cores_16bit(d, dtype):
+    _compare(make_inputs(777, 2049, d, device=CUDA), dtype, precision="tf32")
+
+
+def test_cuda_tensor_cores_bank_detached_many_groups_and_deterministic():
+    _compare(make_inputs(513, 1025, 64, device=CUDA, n_groups=70), torch.bfloat16, bank_grad=False,
+             precision="tf32")
+    inputs = make_inputs(1500, 2500, 128, device=CUDA, dtype=torch.bfloat16)
+    (l1, g1), (l2, g2) = (loss_and_grads(inputs, "cuda", precision="tf32") for _ in range(2))
+    assert torch.equal(l1, l2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_cuda_tensor_cores_rows_without_negatives_are_zero():
+    inputs = make_inputs(200, 300, 40, device=CUDA, groups=False)
+    inputs["query_labels"] = torch.ones(200, dtype=torch.long, device=CUDA)
+    inputs["bank_labels"] = torch.ones(300, dtype=torch.long, device=CUDA)
+    inputs["query_labels"][:50] = 0
+    loss, grads = loss_and_grads(inputs, "cuda", dtype=torch.bfloat16, precision="tf32")
+    assert torch.all(loss[50:] == 0) and torch.all(loss[:50] > 0)
+    assert torch.all(grads[0][50:] == 0) and torch.isfinite(grads[2]).all()
+
+
 def test_cuda_bank_detached_many_groups_no_groups():
     _compare(make_inputs(513, 1025, 64, device=CUDA, n_groups=70), torch.float32, bank_grad=False)
     _compare(make_inputs(300, 700, 64, device=CUDA, groups=False), torch.float32)
@@ -67,19 +93,20 @@ def test_cuda_compile_fullgraph(compiler):
                                   "cuda", compiler=compiler)
 
 
-def test_cuda_opcheck():
+@pytest.mark.parametrize("dtype,tensor_cores", [(torch.float32, False), (torch.bfloat16, True)])
+def test_cuda_opcheck(dtype, tensor_cores):
     from cdcl_ops._validate import canonical_masks
     from cdcl_ops.normalize import inverse_norms
-    inp = make_inputs(70, 130, 24, device=CUDA, dtype=torch.float32, seed=4)
+    inp = make_inputs(70, 130, 24, device=CUDA, dtype=dtype, seed=4)
     masks = canonical_masks(inp["query_labels"], inp["bank_labels"], inp["query_groups"],
                             inp["bank_groups"], inp["group_table"])
     q, p, k = (inp[n] for n in ("query", "positive", "bank"))
     iq, ip, ik = (inverse_norms(x) for x in (q, p, k))
-    torch.library.opcheck(torch.ops.cdcl_ops_C.infonce_fwd, (q, p, k, iq, ip, ik, *masks, 10.0, True))
-    _, lse, _ = torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, iq, ip, ik, *masks, 10.0, False)
+    fwd, grad = torch.ops.cdcl_ops_C.infonce_fwd, torch.ops.cdcl_ops_C.infonce_bank_grad
+    torch.library.opcheck(fwd, (q, p, k, iq, ip, ik, *masks, 10.0, True, tensor_cores))
+    _, lse, _ = fwd(q, p, k, iq, ip, ik, *masks, 10.0, False, tensor_cores)
     gs = torch.rand(70, device=CUDA)
-    torch.library.opcheck(torch.ops.cdcl_ops_C.infonce_bank_grad,
-                          (q, k, iq, ik, *masks, lse, gs, 10.0))
+    torch.library.opcheck(grad, (q, k, iq, ik, *masks, lse, gs, 10.0, tensor_cores))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.uint8])

@@ -152,17 +152,18 @@ def _raw_args(dtype, n=70, m=270, d=6, seed=11):
 @needs_ext
 def test_opcheck_native_forward(dtype, need_o):
     feats, invs, masks = _raw_args(dtype)
-    torch.library.opcheck(torch.ops.cdcl_ops_C.infonce_fwd, (*feats, *invs, *masks, 10.0, need_o))
+    torch.library.opcheck(torch.ops.cdcl_ops_C.infonce_fwd,
+                          (*feats, *invs, *masks, 10.0, need_o, False))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @needs_ext
 def test_opcheck_native_bank_grad(dtype):
     (q, p, k), (iq, ip, ik), masks = _raw_args(dtype)
-    _, lse, _ = torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, iq, ip, ik, *masks, 10.0, False)
+    _, lse, _ = torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, iq, ip, ik, *masks, 10.0, False, False)
     gs = torch.rand(q.shape[0], dtype=lse.dtype) * 10
     torch.library.opcheck(torch.ops.cdcl_ops_C.infonce_bank_grad,
-                          (q, k, iq, ik, *masks, lse, gs, 10.0))
+                          (q, k, iq, ik, *masks, lse, gs, 10.0, False))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -174,14 +175,15 @@ def test_native_ops_work_on_unit_rows(dtype):
     (q1, p1, k1) = (torch.nn.functional.normalize(x.double(), dim=1).to(dtype) for x in (q, p, k))
     fwd = chunked.forward(q1, p1, k1, *(inverse_norms(x) for x in (q1, p1, k1)), *masks, 10.0,
                           True, 64, "auto")
-    got = torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, *invs, *masks, 10.0, True)
+    got = torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, *invs, *masks, 10.0, True, False)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     for a, b in zip(got, fwd):
         torch.testing.assert_close(a, b, **tol)
     gs = torch.rand(q.shape[0], dtype=got[1].dtype)
     want = chunked.bank_grad(q1, k1, inverse_norms(q1), inverse_norms(k1), *masks, fwd[1], gs,
                              10.0, 64, "auto")
-    dk = torch.ops.cdcl_ops_C.infonce_bank_grad(q, k, invs[0], invs[2], *masks, got[1], gs, 10.0)
+    dk = torch.ops.cdcl_ops_C.infonce_bank_grad(q, k, invs[0], invs[2], *masks, got[1], gs, 10.0,
+                                                False)
     assert dk.dtype == got[1].dtype  # the accumulation dtype: ops.py projects it in place
     torch.testing.assert_close(dk, want, **tol)
 
@@ -207,26 +209,27 @@ def test_direct_call_rejects_bad_arguments():
     (q, p, k), (iq, ip, ik), masks = _raw_args(torch.float32)
     fwd = torch.ops.cdcl_ops_C.infonce_fwd
     with pytest.raises(RuntimeError, match="contiguous"):
-        fwd(q.t().contiguous().t(), p, k, iq, ip, ik, *masks, 10.0, True)
+        fwd(q.t().contiguous().t(), p, k, iq, ip, ik, *masks, 10.0, True, False)
     with pytest.raises(RuntimeError, match="q_lab"):
-        fwd(q, p, k, iq, ip, ik, masks[0].long(), *masks[1:], 10.0, True)
+        fwd(q, p, k, iq, ip, ik, masks[0].long(), *masks[1:], 10.0, True, False)
     with pytest.raises(RuntimeError, match="k"):
-        fwd(q, p, k[:, :3].contiguous(), iq, ip, ik, *masks, 10.0, True)
+        fwd(q, p, k[:, :3].contiguous(), iq, ip, ik, *masks, 10.0, True, False)
     with pytest.raises(RuntimeError, match="inv_p"):
-        fwd(q, p, k, iq, ip.double(), ik, *masks, 10.0, True)
+        fwd(q, p, k, iq, ip.double(), ik, *masks, 10.0, True, False)
     with pytest.raises(RuntimeError, match="inv_k"):
-        fwd(q, p, k, iq, ip, ik[1:], *masks, 10.0, True)
+        fwd(q, p, k, iq, ip, ik[1:], *masks, 10.0, True, False)
     ql, qg, kl, kg, table = masks
     bad = kg.clone()
     bad[3] = table.shape[0]  # one past the table: rejected instead of read out of bounds
     with pytest.raises(RuntimeError, match="k_grp"):
-        fwd(q, p, k, iq, ip, ik, ql, qg, kl, bad, table, 10.0, True)
+        fwd(q, p, k, iq, ip, ik, ql, qg, kl, bad, table, 10.0, True, False)
     lse = torch.zeros(q.shape[0])
     grad = torch.ops.cdcl_ops_C.infonce_bank_grad
     with pytest.raises(RuntimeError, match="q_grp"):
-        grad(q, k, iq, ik, ql, qg.clone().fill_(table.shape[0]), kl, kg, table, lse, lse, 10.0)
+        grad(q, k, iq, ik, ql, qg.clone().fill_(table.shape[0]), kl, kg, table, lse, lse, 10.0,
+             False)
     with pytest.raises(RuntimeError, match="inv_q"):
-        grad(q, k, iq[:-1], ik, *masks, lse, lse, 10.0)
+        grad(q, k, iq[:-1], ik, *masks, lse, lse, 10.0, False)
 
 
 # ---- patch foreground counts (SPEC 2.3) ----

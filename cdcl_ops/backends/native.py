@@ -28,14 +28,15 @@ def _acc_dtype(t):
 
 if LOADED:
     @torch.library.register_fake("cdcl_ops_C::infonce_fwd")
-    def _(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o):
+    def _(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o,
+          tensor_cores):
         n, d = q.shape
         acc = _acc_dtype(q)
         return (q.new_empty(n, dtype=acc), q.new_empty(n, dtype=acc),
                 q.new_empty((n if need_o else 0, d), dtype=acc))
 
     @torch.library.register_fake("cdcl_ops_C::infonce_bank_grad")
-    def _(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau):
+    def _(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, tensor_cores):
         return k.new_empty(k.shape, dtype=_acc_dtype(k))
 
     @torch.library.register_fake("cdcl_ops_C::patch_fg_counts")
@@ -49,12 +50,23 @@ def _require():
                            "`pip install --no-build-isolation -e .`")
 
 
+def tensor_cores(q, precision):
+    """Whether the CUDA kernels take their tensor-core path (16-bit features, D <= 256).
+
+    Only on request (precision="tf32") for now: that path has passed the compile-only check but
+    not yet the GPU tests, so "auto" stays on the CUDA-core kernels until a GPU run has compared
+    both. fp32 features always use the CUDA-core kernels.
+    """
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and precision == "tf32"
+
+
 def forward(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o,
             chunk_size, precision):
-    """Backend interface (see cdcl_ops.backends): chunk_size and precision do not apply here."""
+    """Backend interface (see cdcl_ops.backends); chunk_size does not apply here."""
     _require()
     return torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp,
-                                            table, float(inv_tau), bool(need_o))
+                                            table, float(inv_tau), bool(need_o),
+                                            tensor_cores(q, precision))
 
 
 def bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, chunk_size,
@@ -63,4 +75,5 @@ def bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, in
     acc = _acc_dtype(q)
     return torch.ops.cdcl_ops_C.infonce_bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp,
                                                   table, lse.to(acc).contiguous(),
-                                                  gs.to(acc).contiguous(), float(inv_tau))
+                                                  gs.to(acc).contiguous(), float(inv_tau),
+                                                  tensor_cores(q, precision))

@@ -251,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(
     const at::Tensor& q, const at::Tensor& p, const at::Tensor& k, const at::Tensor& inv_q,
     const at::Tensor& inv_p, const at::Tensor& inv_k, const at::Tensor& q_lab,
     const at::Tensor& q_grp, const at::Tensor& k_lab, const at::Tensor& k_grp,
-    const at::Tensor& table, double inv_tau, bool need_o) {
+    const at::Tensor& table, double inv_tau, bool need_o, bool /*tensor_cores: CUDA only*/) {
   const auto [n, m, d] = check_features_and_masks(q, &p, k, q_lab, q_grp, k_lab, k_grp, table);
   check_inverse_norms(inv_q, &inv_p, inv_k, n, m, q.scalar_type());
   check_group_ids_host(q_grp, "q_grp", table.size(0));
@@ -272,7 +272,8 @@ at::Tensor infonce_bank_grad_cpu(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& inv_k, const at::Tensor& q_lab,
                                  const at::Tensor& q_grp, const at::Tensor& k_lab,
                                  const at::Tensor& k_grp, const at::Tensor& table,
-                                 const at::Tensor& lse, const at::Tensor& gs, double inv_tau) {
+                                 const at::Tensor& lse, const at::Tensor& gs, double inv_tau,
+                                 bool /*tensor_cores: CUDA only*/) {
   const auto [n, m, d] = check_features_and_masks(q, nullptr, k, q_lab, q_grp, k_lab, k_grp, table);
   check_inverse_norms(inv_q, nullptr, inv_k, n, m, q.scalar_type());
   check_group_ids_host(q_grp, "q_grp", table.size(0));

@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cuda(
     const at::Tensor& q, const at::Tensor& p, const at::Tensor& k, const at::Tensor& inv_q,
     const at::Tensor& inv_p, const at::Tensor& inv_k, const at::Tensor& q_lab,
     const at::Tensor& q_grp, const at::Tensor& k_lab, const at::Tensor& k_grp,
-    const at::Tensor& table, double inv_tau, bool need_o) {
+    const at::Tensor& table, double inv_tau, bool need_o, bool tensor_cores) {
   const auto [n, m, d] = check_features_and_masks(q, &p, k, q_lab, q_grp, k_lab, k_grp, table);
   TORCH_CHECK(d >= 1 && d <= MAX_D, "q: the cuda backend takes 1 <= D <= ", MAX_D, ", got D=", d);
   const Dtype dtype = feature_dtype(q, "q");
@@ -58,7 +58,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cuda(
   const cudaError_t err = launch_infonce_fwd(
       dtype, q.data_ptr(), p.data_ptr(), k.data_ptr(),
       InverseNorms{inv_q.data_ptr<float>(), inv_p.data_ptr<float>(), inv_k.data_ptr<float>()},
-      device_masks(q_lab, q_grp, k_lab, k_grp, table), n, m, d, static_cast<float>(inv_tau), loss.data_ptr<float>(), lse.data_ptr<float>(),
+      device_masks(q_lab, q_grp, k_lab, k_grp, table), n, m, d, static_cast<float>(inv_tau),
+      tensor_cores, loss.data_ptr<float>(), lse.data_ptr<float>(),
       need_o ? o.data_ptr<float>() : nullptr, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -69,7 +70,8 @@ at::Tensor infonce_bank_grad_cuda(const at::Tensor& q, const at::Tensor& k, cons
                                   const at::Tensor& inv_k, const at::Tensor& q_lab,
                                   const at::Tensor& q_grp, const at::Tensor& k_lab,
                                   const at::Tensor& k_grp, const at::Tensor& table,
-                                  const at::Tensor& lse, const at::Tensor& gs, double inv_tau) {
+                                  const at::Tensor& lse, const at::Tensor& gs, double inv_tau,
+                                  bool tensor_cores) {
   const auto [n, m, d] = check_features_and_masks(q, nullptr, k, q_lab, q_grp, k_lab, k_grp, table);
   TORCH_CHECK(d >= 1 && d <= MAX_D, "q: the cuda backend takes 1 <= D <= ", MAX_D, ", got D=", d);
   const Dtype dtype = feature_dtype(q, "q");
@@ -85,8 +87,8 @@ at::Tensor infonce_bank_grad_cuda(const at::Tensor& q, const at::Tensor& k, cons
       dtype, q.data_ptr(), k.data_ptr(), InverseNorms{inv_q.data_ptr<float>(), nullptr,
                                                       inv_k.data_ptr<float>()},
       device_masks(q_lab, q_grp, k_lab, k_grp, table), lse.data_ptr<float>(),
-      gs.data_ptr<float>(), n, m, d, static_cast<float>(inv_tau), dk.data_ptr<float>(),
-      c10::cuda::getCurrentCUDAStream());
+      gs.data_ptr<float>(), n, m, d, static_cast<float>(inv_tau), tensor_cores,
+      dk.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dk;

@@ -8,14 +8,11 @@
 // Bank gradient: the mirror image, a block owns 16 bank rows and streams query tiles; every dK row
 // is summed by one warp in a fixed order, so the result is deterministic (no atomics).
 // Rows are scaled by their inverse norms as they are loaded (the inputs are the raw features), so
-// everything below works on unit rows. Inner products run on CUDA cores in fp32; tensor-core MMA
-// is not used yet.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
+// everything below works on unit rows. Inner products run on CUDA cores in fp32; the tensor-core
+// kernels for 16-bit features are in infonce_mma_kernels.cu, chosen by the launchers at the end.
 #include <cstdint>
 
+#include "device_utils.cuh"
 #include "launch.h"
 
 namespace cdcl::cuda {
@@ -25,41 +22,6 @@ constexpr int WARPS = 4;
 constexpr int ROWS_PER_WARP = 4;
 constexpr int OWN_ROWS = WARPS * ROWS_PER_WARP;  // rows a block owns
 constexpr int TILE = 32;                         // streamed rows per tile: one per lane
-constexpr unsigned FULL = 0xffffffffu;
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-__device__ __forceinline__ float warp_max(float v) {
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL, v, off));
-  return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(FULL, v, off);
-  return v;
-}
-
-// J(query, bank row) of SPEC 2.1 in the canonical encoding. Group ids >= groups (possible only
-// when the caller skipped the input checks) count as no negative rather than reading past the table.
-__device__ __forceinline__ bool is_negative(int32_t q_lab, int32_t q_grp, int32_t k_lab,
-                                            int32_t k_grp, const bool* table, int64_t groups) {
-  return q_grp >= 0 && k_grp >= 0 && q_grp < groups && k_grp < groups && q_lab != k_lab &&
-         table[q_grp * groups + k_grp];
-}
-
-// Copy rows [row0, row0 + rows) of a (total, d) matrix into shared memory as fp32 unit rows
-// (each scaled by its inverse norm) with row stride ld, zero-filling missing rows and the padding
-// columns d..cols.
-template <typename T>
-__device__ void load_rows(float* dst, const T* src, const float* inv_norm, int64_t row0, int rows,
-                          int64_t total, int64_t d, int cols, int ld) {
-  for (int idx = threadIdx.x; idx < rows * cols; idx += blockDim.x) {
-    const int r = idx / cols, c = idx % cols;
-    const int64_t row = row0 + r;
-    dst[r * ld + c] = (row < total && c < d) ? to_f32(src[row * d + c]) * inv_norm[row] : 0.0f;
-  }
-}
 
 // Layout of the dynamic shared memory: own rows (OWN_ROWS x cols), then the streamed tile
 // (TILE x (cols + 1): the odd stride keeps lanes reading different rows off the same bank).
@@ -306,9 +268,14 @@ cudaError_t bank_grad_typed(const void* q, const void* k, const InverseNorms& in
 
 cudaError_t launch_infonce_fwd(Dtype dtype, const void* q, const void* p, const void* k,
                                const InverseNorms& inv, const Masks& masks, int64_t n, int64_t m,
-                               int64_t d, float inv_tau, float* loss, float* lse, float* o,
-                               cudaStream_t stream) {
+                               int64_t d, float inv_tau, bool tensor_cores, float* loss,
+                               float* lse, float* o, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
+  if (tensor_cores) {
+    const cudaError_t err =
+        launch_infonce_fwd_mma(dtype, q, p, k, inv, masks, n, m, d, inv_tau, loss, lse, o, stream);
+    if (err != cudaErrorNotSupported) return err;
+  }
   switch (dtype) {
     case Dtype::f32:
       return forward_typed<float>(q, p, k, inv, masks, n, m, d, inv_tau, loss, lse, o, stream);
@@ -324,8 +291,14 @@ cudaError_t launch_infonce_fwd(Dtype dtype, const void* q, const void* p, const 
 cudaError_t launch_infonce_bank_grad(Dtype dtype, const void* q, const void* k,
                                      const InverseNorms& inv, const Masks& masks, const float* lse,
                                      const float* gs, int64_t n, int64_t m, int64_t d,
-                                     float inv_tau, float* dk, cudaStream_t stream) {
+                                     float inv_tau, bool tensor_cores, float* dk,
+                                     cudaStream_t stream) {
   if (m == 0) return cudaSuccess;
+  if (tensor_cores) {
+    const cudaError_t err = launch_infonce_bank_grad_mma(dtype, q, k, inv, masks, lse, gs, n, m, d,
+                                                         inv_tau, dk, stream);
+    if (err != cudaErrorNotSupported) return err;
+  }
   switch (dtype) {
     case Dtype::f32:
       return bank_grad_typed<float>(q, k, inv, masks, lse, gs, n, m, d, inv_tau, dk, stream);

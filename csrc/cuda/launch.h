@@ -32,17 +32,32 @@ struct InverseNorms {
 constexpr int64_t MAX_D = 512;
 
 // loss, lse: (n,) fp32; o: (n, d) fp32 or nullptr when the query gradient is not needed.
+// tensor_cores: use the tensor-core kernels where they apply (16-bit features, d <= MMA_MAX_D,
+// enough shared memory), the CUDA-core kernels otherwise.
 cudaError_t launch_infonce_fwd(Dtype dtype, const void* q, const void* p, const void* k,
                                const InverseNorms& inv, const Masks& masks, int64_t n, int64_t m,
-                               int64_t d, float inv_tau, float* loss, float* lse, float* o,
-                               cudaStream_t stream);
+                               int64_t d, float inv_tau, bool tensor_cores, float* loss,
+                               float* lse, float* o, cudaStream_t stream);
 
 // dk: (m, d) fp32, the gradient with respect to the unit bank rows; lse, gs: (n,) fp32
 // (gs = upstream gradient / tau).
 cudaError_t launch_infonce_bank_grad(Dtype dtype, const void* q, const void* k,
                                      const InverseNorms& inv, const Masks& masks, const float* lse,
                                      const float* gs, int64_t n, int64_t m, int64_t d,
-                                     float inv_tau, float* dk, cudaStream_t stream);
+                                     float inv_tau, bool tensor_cores, float* dk,
+                                     cudaStream_t stream);
+
+// The tensor-core kernels (infonce_mma_kernels.cu), same arguments; cudaErrorNotSupported where
+// they do not apply (fp32 features, d > MMA_MAX_D, too little shared memory on this device).
+constexpr int64_t MMA_MAX_D = 256;
+cudaError_t launch_infonce_fwd_mma(Dtype dtype, const void* q, const void* p, const void* k,
+                                   const InverseNorms& inv, const Masks& masks, int64_t n,
+                                   int64_t m, int64_t d, float inv_tau, float* loss, float* lse,
+                                   float* o, cudaStream_t stream);
+cudaError_t launch_infonce_bank_grad_mma(Dtype dtype, const void* q, const void* k,
+                                         const InverseNorms& inv, const Masks& masks,
+                                         const float* lse, const float* gs, int64_t n, int64_t m,
+                                         int64_t d, float inv_tau, float* dk, cudaStream_t stream);
 
 enum class PixelType { i64, i32, i16, i8, u8, boolean, f32, f64, f16, bf16 };
 

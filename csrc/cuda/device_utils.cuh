@@ -1,0 +1,55 @@
+// Device helpers shared by the CUDA-core and tensor-core InfoNCE kernels.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace cdcl::cuda {
+
+constexpr unsigned FULL = 0xffffffffu;
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL, v, off));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(FULL, v, off);
+  return v;
+}
+
+// J(query, bank row) of SPEC 2.1 in the canonical encoding. Group ids >= groups (possible only
+// when the caller skipped the input checks) count as no negative rather than reading past the table.
+__device__ __forceinline__ bool is_negative(int32_t q_lab, int32_t q_grp, int32_t k_lab,
+                                            int32_t k_grp, const bool* table, int64_t groups) {
+  return q_grp >= 0 && k_grp >= 0 && q_grp < groups && k_grp < groups && q_lab != k_lab &&
+         table[q_grp * groups + k_grp];
+}
+
+// Copy rows [row0, row0 + rows) of a (total, d) matrix into shared memory as unit rows (each
+// scaled by its inverse norm, computed in fp32, stored as Dst) with row stride ld, zero-filling
+// missing rows and the padding columns d..cols. All threads of the block take part.
+template <typename Dst, typename T>
+__device__ void load_rows(Dst* dst, const T* src, const float* inv_norm, int64_t row0, int rows,
+                          int64_t total, int64_t d, int cols, int ld) {
+  for (int idx = threadIdx.x; idx < rows * cols; idx += blockDim.x) {
+    const int r = idx / cols, c = idx % cols;
+    const int64_t row = row0 + r;
+    dst[r * ld + c] =
+        from_f32<Dst>((row < total && c < d) ? to_f32(src[row * d + c]) * inv_norm[row] : 0.0f);
+  }
+}
+
+}  // namespace cdcl::cuda
