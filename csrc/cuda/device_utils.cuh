@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "launch.h"
+
 namespace cdcl::cuda {
 
 constexpr unsigned FULL = 0xffffffffu;
@@ -36,6 +38,41 @@ __device__ __forceinline__ bool is_negative(int32_t q_lab, int32_t q_grp, int32_
                                             int32_t k_grp, const bool* table, int64_t groups) {
   return q_grp >= 0 && k_grp >= 0 && q_grp < groups && k_grp < groups && q_lab != k_lab &&
          table[q_grp * groups + k_grp];
+}
+
+// Query i's results from its final running max and sum (online log-sum-exp seeded with s+);
+// lane 0 of the warp writes them.
+__device__ __forceinline__ void store_loss_lse(float* loss, float* lse, int64_t i, float s_pos,
+                                               float run_max, float run_sum) {
+  if (threadIdx.x % 32 == 0) {
+    const float log_sum = logf(run_sum);
+    loss[i] = (run_max - s_pos) + log_sum;
+    lse[i] = run_max + log_sum;
+  }
+}
+
+// Stage the per-row vectors of a streamed tile in shared memory (threads 0..tile-1 of the block):
+// bank labels and groups for the forward; query labels, groups, LSE and gs for the bank gradient.
+// Rows past the end get group -1 (no negative) and zero weight.
+__device__ __forceinline__ void stage_bank_ids(int32_t* lab_s, int32_t* grp_s, const Masks& masks,
+                                               int64_t row0, int tile, int64_t m) {
+  if (threadIdx.x < tile) {
+    const int64_t j = row0 + threadIdx.x;
+    lab_s[threadIdx.x] = j < m ? masks.k_lab[j] : 0;
+    grp_s[threadIdx.x] = j < m ? masks.k_grp[j] : -1;
+  }
+}
+__device__ __forceinline__ void stage_query_rows(int32_t* lab_s, int32_t* grp_s, float* lse_s,
+                                                 float* gs_s, const Masks& masks, const float* lse,
+                                                 const float* gs, int64_t row0, int tile,
+                                                 int64_t n) {
+  if (threadIdx.x < tile) {
+    const int64_t i = row0 + threadIdx.x;
+    lab_s[threadIdx.x] = i < n ? masks.q_lab[i] : 0;
+    grp_s[threadIdx.x] = i < n ? masks.q_grp[i] : -1;
+    lse_s[threadIdx.x] = i < n ? lse[i] : 0.0f;
+    gs_s[threadIdx.x] = i < n ? gs[i] : 0.0f;
+  }
 }
 
 // Copy rows [row0, row0 + rows) of a (total, d) matrix into shared memory as unit rows (each

@@ -72,11 +72,7 @@ forward_kernel(const T* __restrict__ q, const T* __restrict__ p, const T* __rest
   for (int64_t c0 = 0; any_active && c0 < m; c0 += TILE) {
     __syncthreads();  // the previous tile is no longer read
     load_rows(k_s, k, inv.k, c0, TILE, m, d, COLS, tile_ld(COLS));
-    if (threadIdx.x < TILE) {
-      const int64_t j = c0 + threadIdx.x;
-      k_lab_s[threadIdx.x] = j < m ? masks.k_lab[j] : 0;
-      k_grp_s[threadIdx.x] = j < m ? masks.k_grp[j] : -1;
-    }
+    stage_bank_ids(k_lab_s, k_grp_s, masks, c0, TILE, m);
     __syncthreads();
 
     float s[ROWS_PER_WARP] = {};
@@ -117,11 +113,7 @@ forward_kernel(const T* __restrict__ q, const T* __restrict__ p, const T* __rest
   for (int r = 0; r < ROWS_PER_WARP; ++r) {
     const int64_t i = q0 + warp * ROWS_PER_WARP + r;
     if (i >= n) continue;
-    const float log_sum = logf(run_sum[r]);
-    if (lane == 0) {
-      loss[i] = (run_max[r] - s_pos[r]) + log_sum;
-      lse[i] = run_max[r] + log_sum;
-    }
+    store_loss_lse(loss, lse, i, s_pos[r], run_max[r], run_sum[r]);
     if (o != nullptr) {
       const float inv_sum = 1.0f / run_sum[r];
 #pragma unroll
@@ -166,13 +158,7 @@ bank_grad_kernel(const T* __restrict__ q, const T* __restrict__ k, InverseNorms 
   for (int64_t a = 0; any_usable && a < n; a += TILE) {
     __syncthreads();
     load_rows(q_s, q, inv.q, a, TILE, n, d, COLS, tile_ld(COLS));
-    if (threadIdx.x < TILE) {
-      const int64_t i = a + threadIdx.x;
-      q_lab_s[threadIdx.x] = i < n ? masks.q_lab[i] : 0;
-      q_grp_s[threadIdx.x] = i < n ? masks.q_grp[i] : -1;
-      lse_s[threadIdx.x] = i < n ? lse[i] : 0.0f;
-      gs_s[threadIdx.x] = i < n ? gs[i] : 0.0f;
-    }
+    stage_query_rows(q_lab_s, q_grp_s, lse_s, gs_s, masks, lse, gs, a, TILE, n);
     __syncthreads();
 
     float s[ROWS_PER_WARP] = {};

@@ -136,11 +136,7 @@ forward_mma_kernel(const T* __restrict__ q, const T* __restrict__ p, const T* __
   for (int64_t c0 = 0; any_active && c0 < m; c0 += BT) {
     __syncthreads();  // the previous tile is no longer read
     load_rows(k_s, k, inv.k, c0, BT, m, d, L.dp, L.ldh);
-    if (threadIdx.x < BT) {
-      const int64_t j = c0 + threadIdx.x;
-      k_lab_s[threadIdx.x] = j < m ? masks.k_lab[j] : 0;
-      k_grp_s[threadIdx.x] = j < m ? masks.k_grp[j] : -1;
-    }
+    stage_bank_ids(k_lab_s, k_grp_s, masks, c0, BT, m);
     __syncthreads();
 
     scores_mma(s_w, q_s + warp * WR * L.ldh, k_s, L.dp, L.ldh);
@@ -189,11 +185,7 @@ forward_mma_kernel(const T* __restrict__ q, const T* __restrict__ p, const T* __
   for (int r = 0; r < WR; ++r) {
     const int64_t i = q0 + warp * WR + r;
     if (i >= n) continue;
-    const float log_sum = logf(run_sum[r]);
-    if (lane == 0) {
-      loss[i] = (run_max[r] - s_pos[r]) + log_sum;
-      lse[i] = run_max[r] + log_sum;
-    }
+    store_loss_lse(loss, lse, i, s_pos[r], run_max[r], run_sum[r]);
     if (o != nullptr) {
       const float inv_sum = 1.0f / run_sum[r];
       for (int64_t c = lane; c < d; c += 32) o[i * d + c] = o_w[r * L.ldo + c] * inv_sum;
@@ -236,13 +228,7 @@ bank_grad_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, InverseNo
   for (int64_t a = 0; any_usable && a < n; a += BT) {
     __syncthreads();
     load_rows(q_s, q, inv.q, a, BT, n, d, L.dp, L.ldh);
-    if (threadIdx.x < BT) {
-      const int64_t i = a + threadIdx.x;
-      q_lab_s[threadIdx.x] = i < n ? masks.q_lab[i] : 0;
-      q_grp_s[threadIdx.x] = i < n ? masks.q_grp[i] : -1;
-      lse_s[threadIdx.x] = i < n ? lse[i] : 0.0f;
-      gs_s[threadIdx.x] = i < n ? gs[i] : 0.0f;
-    }
+    stage_query_rows(q_lab_s, q_grp_s, lse_s, gs_s, masks, lse, gs, a, BT, n);
     __syncthreads();
 
     scores_mma(s_w, k_s + warp * WR * L.ldh, q_s, L.dp, L.ldh);
