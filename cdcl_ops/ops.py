@@ -76,11 +76,15 @@ def _setup_context(ctx, inputs, output):
                           o if need_q else None, inv_q, inv_p, inv_k)
     ctx.options = (inv_tau, backend, chunk_size, precision)
     ctx.mark_non_differentiable(lse, o, inv_q, inv_p, inv_k)
+    # no zero gradients for the non-differentiable outputs: for O that would be an N x D buffer
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, g_loss, g_lse, g_o, g_inv_q, g_inv_p, g_inv_k):
     q, p, k, q_lab, q_grp, k_lab, k_grp, table, loss, lse, o, inv_q, inv_p, inv_k = ctx.saved_tensors
     inv_tau, backend, chunk_size, precision = ctx.options
+    if g_loss is None:  # only reached through the non-differentiable outputs: nothing flows
+        return (None,) * 13
     acc = loss.dtype
     gs = g_loss.to(acc) * inv_tau
     # pi+ = exp(s+ - LSE) = exp(-loss): exactly 1 for rows without negatives, so they get 0

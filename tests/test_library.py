@@ -133,7 +133,9 @@ def test_no_normalised_copies_kept(backend):
     tracker = LiveTensorBytes(exclude=feats)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), tracker:
         cdcl_ops.masked_infonce(**inputs, backend=backend).backward()
-    row_vectors = 16 * (n + m) * 4  # labels, groups, masks, loss, LSE, inverse norms, ...
+    # a few per-row vectors: labels and groups, loss, LSE, inverse norms (measured: 4 (N + M)
+    # floats); zero gradients materialised for the non-differentiable O would add N x D
+    row_vectors = 6 * (n + m) * 4
     assert sum(saved) <= n * d * 4 + row_vectors, sum(saved)
     assert tracker.peak <= (3 * n + m) * d * 4 + row_vectors, (tracker.peak, (3 * n + m) * d * 4)
     assert all(f.grad is not None for f in feats)
