@@ -6,13 +6,10 @@ backward, as in SPEC 2.2. Works on any device and dtype (fp64 included, used by 
 import torch
 
 from .._validate import negative_mask
+from ..normalize import acc_dtype
 
 QUERY_TILE = 4096
 DEFAULT_CHUNK = 2048
-
-
-def _acc_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _tiles(n, size):
@@ -25,7 +22,7 @@ def _unit(x, inv, a, b, acc):
 
 def forward(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o,
             chunk_size, precision):
-    acc = _acc_dtype(q)
+    acc = acc_dtype(q)
     n, d = q.shape
     chunk = chunk_size if chunk_size > 0 else DEFAULT_CHUNK
     loss = torch.empty(n, dtype=acc, device=q.device)
@@ -59,7 +56,7 @@ def forward(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv
 
 def bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, chunk_size,
               precision):
-    acc = _acc_dtype(q)
+    acc = acc_dtype(q)
     chunk = chunk_size if chunk_size > 0 else DEFAULT_CHUNK
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     # fixed loop order and no atomics: the result is bit-identical run to run

@@ -8,6 +8,8 @@ opcheck), and implements the backend interface of `cdcl_ops.backends` on top of 
 """
 import torch
 
+from ..normalize import acc_dtype
+
 try:
     from .. import _C  # noqa: F401  (loading the library registers the ops)
 except ImportError as exc:  # not built, or built against another torch
@@ -22,22 +24,18 @@ HAS_CUDA = LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("cdcl_ops_C
 CUDA_MAX_D = 512  # the CUDA kernels keep a query row's output in registers, 16 per lane
 
 
-def _acc_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 if LOADED:
     @torch.library.register_fake("cdcl_ops_C::infonce_fwd")
     def _(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o,
           tensor_cores):
         n, d = q.shape
-        acc = _acc_dtype(q)
+        acc = acc_dtype(q)
         return (q.new_empty(n, dtype=acc), q.new_empty(n, dtype=acc),
                 q.new_empty((n if need_o else 0, d), dtype=acc))
 
     @torch.library.register_fake("cdcl_ops_C::infonce_bank_grad")
     def _(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, tensor_cores):
-        return k.new_empty(k.shape, dtype=_acc_dtype(k))
+        return k.new_empty(k.shape, dtype=acc_dtype(k))
 
     @torch.library.register_fake("cdcl_ops_C::patch_fg_counts")
     def _(labels_or_logits, grid, fg_class):
@@ -72,7 +70,7 @@ def forward(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv
 def bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, chunk_size,
               precision):
     _require()
-    acc = _acc_dtype(q)
+    acc = acc_dtype(q)
     return torch.ops.cdcl_ops_C.infonce_bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp,
                                                   table, lse.to(acc).contiguous(),
                                                   gs.to(acc).contiguous(), float(inv_tau),
