@@ -6,7 +6,8 @@ import torch
 import cdcl_ops
 from cdcl_ops._validate import canonical_masks
 from cdcl_ops.normalize import inverse_norms, project_
-from helpers import assert_close_to_reference, assert_compiled_matches_eager, loss_and_grads, make_inputs
+from helpers import (assert_bank_grad_of_mean_close, assert_close_to_reference,
+                     assert_compiled_matches_eager, loss_and_grads, make_inputs)
 
 pytestmark = pytest.mark.gpu
 CUDA = "cuda"
@@ -119,3 +120,7 @@ def test_64bit_offsets_bank_grad():
     want = project_(k[tail].double(), inv_k[tail].double(), w.T @ qh)
     torch.testing.assert_close(dk[tail].double(), want, rtol=2e-2,
                                atol=2e-2 * want.abs().max().item())
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_16bit_bank_grad_of_mean(dtype):
+    assert_bank_grad_of_mean_close("triton", dtype)

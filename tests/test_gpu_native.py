@@ -5,7 +5,8 @@ import torch
 
 import cdcl_ops
 from cdcl_ops.backends import native
-from helpers import assert_close_to_reference, assert_compiled_matches_eager, loss_and_grads, make_inputs
+from helpers import (assert_bank_grad_of_mean_close, assert_close_to_reference,
+                     assert_compiled_matches_eager, loss_and_grads, make_inputs)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not native.HAS_CUDA,
@@ -56,6 +57,11 @@ def test_cuda_tensor_cores_rows_without_negatives_are_zero():
     loss, grads = loss_and_grads(inputs, "cuda", dtype=torch.bfloat16, precision="tf32")
     assert torch.all(loss[50:] == 0) and torch.all(loss[:50] > 0)
     assert torch.all(grads[0][50:] == 0) and torch.isfinite(grads[2]).all()
+
+
+@pytest.mark.parametrize("precision", ["auto", "tf32"])
+def test_cuda_fp16_bank_grad_of_mean(precision):
+    assert_bank_grad_of_mean_close("cuda", torch.float16, precision=precision)
 
 
 def test_cuda_bank_detached_many_groups_no_groups():

@@ -139,3 +139,14 @@ def test_no_normalised_copies_kept(backend):
     assert sum(saved) <= n * d * 4 + row_vectors, sum(saved)
     assert tracker.peak <= (3 * n + m) * d * 4 + row_vectors, (tracker.peak, (3 * n + m) * d * 4)
     assert all(f.grad is not None for f in feats)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "cpu", "triton"])
+def test_zero_upstream_gradient_gives_zero_bank_gradient(backend):
+    # the bank-gradient op divides gs by its largest magnitude: an all-zero gs must stay finite
+    if backend not in cdcl_ops.available_backends("cpu"):
+        pytest.skip(f"{backend} is not available here")
+    inputs = make_inputs(40, 70, 8, dtype=torch.float32, seed=6)
+    feats = [inputs[k].requires_grad_() for k in ("query", "positive", "bank")]
+    (cdcl_ops.masked_infonce(**inputs, backend=backend, reduction="sum") * 0.0).backward()
+    assert all(torch.equal(f.grad, torch.zeros_like(f)) for f in feats)

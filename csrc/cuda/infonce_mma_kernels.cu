@@ -143,8 +143,8 @@ forward_mma_kernel(const T* __restrict__ q, const T* __restrict__ p, const T* __
     __syncwarp();
 
     bool any_weight = false;
-  #pragma unroll
-  for (int r = 0; r < WR; ++r) {
+#pragma unroll
+    for (int r = 0; r < WR; ++r) {
       float v[2], e[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
