@@ -26,8 +26,9 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 stamp "GPU tests"
 $PY -c "import cdcl_ops; print('backends on cuda:', cdcl_ops.available_backends('cuda'))"
-timeout ${TEST_TIMEOUT:-150} $PY -m pytest -q -m gpu tests -p no:cacheprovider --timeout 60 2>&1 \
-    | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -15
+# -v: one line per test as it finishes, so a stage that runs out of time still says what passed
+timeout ${TEST_TIMEOUT:-180} $PY -m pytest -v -m gpu tests -p no:cacheprovider --timeout 60 2>&1 \
+    | tee "$OUT/gpu_tests.log" | grep -E "FAILED|ERROR|[0-9]+ (passed|failed)" | tail -25
 
 stamp "benchmark"
 # one invocation per size, so that a size that finishes is kept even if a later one runs out of time
