@@ -1,0 +1,3 @@
+// Shim for the CUDA emulator (see ../emu.h).
+#pragma once
+#include "../emu.h"

@@ -1,0 +1,262 @@
+"""The CUDA kernels of csrc/cuda, run on the CPU by the emulator of tests/cuda_emu (see
+tests/cuda_emulator.py): their results against the float64 reference through the public API, on
+shapes that cross every block and tile edge, both the CUDA-core and the tensor-core (WMMA) paths.
+
+This checks the kernels' logic (indexing, ragged tiles, masks, online log-sum-exp, barriers,
+launch configuration, shared-memory limits), not the hardware: the GPU tests (tests/test_gpu*.py)
+stay the word on real devices. The emulator's own checks are tested first, with kernels that
+break its rules (tests/cuda_emu/selftest.cu). Skipped where no C++ compiler is found.
+"""
+import ctypes
+
+import pytest
+import torch
+
+import cdcl_ops
+from cdcl_ops import infonce, ops
+from cuda_emulator import Emulator, EmulatorError, compiler
+from helpers import (assert_close_to_reference, assert_compiled_matches_eager, loss_and_grads,
+                     make_inputs)
+
+pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++ compiler for the CUDA emulator")
+
+# CUDA-core kernels: blocks own 16 rows, tiles stream 32. Tensor-core kernels: 64 and 64, columns
+# padded to a multiple of 16. D picks 1, 2, 4, 8 or 16 column chunks of 32 per lane.
+SHAPES = [(37, 53, 1), (29, 45, 3), (19, 41, 96), (23, 39, 200), (65, 129, 33)]
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    return Emulator()
+
+
+@pytest.fixture
+def emulated_cuda(emulator, monkeypatch):
+    """backend="cuda" on CPU tensors, served by the emulated kernels: the public API end to end
+    (validation, the custom op, its autograd, the bank-gradient rescaling) over the CUDA code."""
+    real_impl, real_available = ops._impl, infonce.available_backends
+    monkeypatch.setattr(ops, "_impl", lambda backend, which: (
+        (emulator.forward, emulator.bank_grad)[which] if backend == "cuda" else real_impl(backend, which)))
+    monkeypatch.setattr(infonce, "available_backends",
+                        lambda device="cpu": real_available(device) + ["cuda"])
+    emulator.schedule_seed = 0
+    return emulator
+
+
+# -- the emulator's own checks ---------------------------------------------------------------------
+
+def _ptr(t):
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def test_selftest_block_barrier(emulator):
+    x, out = torch.rand(128), torch.zeros(1)
+    assert emulator.lib.cdcl_emu_selftest_block_sum(_ptr(x), _ptr(out), 1) == 0
+    torch.testing.assert_close(out[0], x.sum())
+    # without the barrier thread 0 reads shared memory the others have not written yet
+    assert emulator.lib.cdcl_emu_selftest_block_sum(_ptr(x), _ptr(out), 0) == 0
+    assert torch.isnan(out[0])
+
+
+def test_selftest_warp_collectives(emulator):
+    x = torch.randn(128)
+    x[32:64] = -x[32:64].abs()  # warp 1 has no positive lane
+    out, anyp = torch.zeros(4), torch.zeros(4, dtype=torch.int32)
+    assert emulator.lib.cdcl_emu_selftest_warp_sum(_ptr(x), _ptr(out), _ptr(anyp)) == 0
+    torch.testing.assert_close(out, x.view(4, 32).sum(1))
+    assert anyp.tolist() == [int(bool((w > 0).any())) for w in x.view(4, 32)]
+
+
+def test_selftest_divergent_barrier_is_a_deadlock(emulator):
+    out = torch.zeros(128)
+    err = emulator.lib.cdcl_emu_selftest_divergent_barrier(_ptr(out))
+    assert err == 719 and b"deadlock" in emulator.lib.cdcl_emu_message()
+
+
+def test_selftest_wmma(emulator):
+    a, b = torch.randn(16, 16).half(), torch.randn(16, 16).half()
+    b_col = b.t().contiguous()  # column-major b
+    c = torch.zeros(16, 16)
+    assert emulator.lib.cdcl_emu_selftest_wmma(_ptr(a), _ptr(b_col), _ptr(c), 0) == 0
+    torch.testing.assert_close(c, a.float() @ b.float(), rtol=1e-5, atol=1e-5)
+    # a tile 2 elements (4 bytes) off the 256-bit alignment WMMA requires
+    assert emulator.lib.cdcl_emu_selftest_wmma(_ptr(a), _ptr(b_col), _ptr(c), 2) == 719
+    assert b"aligned" in emulator.lib.cdcl_emu_message()
+
+
+def test_selftest_shared_memory_limit(emulator):
+    x, out = torch.rand(128), torch.zeros(1)
+    assert emulator.lib.cdcl_emu_selftest_smem_optin(_ptr(x), _ptr(out), 0) == 1  # InvalidValue
+    assert emulator.lib.cdcl_emu_selftest_smem_optin(_ptr(x), _ptr(out), 1) == 0
+    torch.testing.assert_close(out[0], x.sum())
+
+
+def test_selftest_16bit_conversions_match_torch(emulator):
+    # every fp16 and bf16 value and the points halfway between neighbours (ties to even), the
+    # fp16 subnormals, overflow to inf, signs, inf and NaN
+    half = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    bf16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    finite = torch.cat([half, bf16])
+    finite = finite[torch.isfinite(finite)].unique()
+    mids = (finite[:-1].double() + finite[1:].double()).div(2).float()
+    x = torch.cat([finite, mids, torch.randn(10000) * 1e-5, torch.randn(10000) * 3e4,
+                   torch.tensor([65519.0, 65520.0, 1e38, float("inf"), -float("inf"), float("nan")])])
+    n = x.numel()
+    hb, bb = torch.zeros(n, dtype=torch.int16), torch.zeros(n, dtype=torch.int16)
+    hf, bf = torch.zeros(n), torch.zeros(n)
+    f = emulator.lib.cdcl_emu_selftest_convert
+    f.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 4
+    f(_ptr(x), n, _ptr(hb), _ptr(bb), _ptr(hf), _ptr(bf))
+    for bits, back, dtype in ((hb, hf, torch.float16), (bb, bf, torch.bfloat16)):
+        expect = x.to(dtype)
+        got = bits.view(dtype)
+        nan = torch.isnan(expect)
+        assert torch.equal(torch.isnan(got), nan) and torch.isnan(back[nan]).all()
+        assert torch.equal(got[~nan].view(torch.int16), expect[~nan].view(torch.int16))
+        assert torch.equal(back[~nan], expect[~nan].float())
+
+
+# -- the library's kernels -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cuda_core_fp32(emulated_cuda, shape):
+    assert_close_to_reference(make_inputs(*shape), "cuda", torch.float32, True)
+
+
+@pytest.mark.parametrize("shape", [(29, 45, 3), (23, 39, 200)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_core_16bit(emulated_cuda, shape, dtype):
+    assert_close_to_reference(make_inputs(*shape), "cuda", dtype, True)
+
+
+def test_cuda_core_largest_d_needs_the_shared_memory_opt_in(emulated_cuda):
+    # D = 512: 98 KB of shared memory per block, over the 48 KB default
+    assert_close_to_reference(make_inputs(20, 40, 512), "cuda", torch.float32, True)
+
+
+# D = 16 and 256 are the edges of the tensor-core kernels' padding; 300 falls back to CUDA cores
+@pytest.mark.parametrize("shape", [(37, 53, 1), (70, 130, 16), (65, 129, 33), (23, 39, 200),
+                                   (17, 70, 256), (9, 20, 300)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tensor_cores_16bit(emulated_cuda, shape, dtype):
+    assert_close_to_reference(make_inputs(*shape), "cuda", dtype, True, precision="tf32")
+
+
+@pytest.mark.parametrize("precision", ["auto", "tf32"])
+@pytest.mark.parametrize("groups", [True, False])
+def test_bank_detached_and_groups(emulated_cuda, precision, groups):
+    assert_close_to_reference(make_inputs(70, 90, 24, groups=groups), "cuda", torch.bfloat16, False,
+                              precision=precision)
+
+
+@pytest.mark.parametrize("precision", ["auto", "tf32"])
+def test_many_groups_table_lookup(emulated_cuda, precision):
+    inputs = make_inputs(40, 100, 8, n_groups=70)
+    inputs["bank_groups"][::3] = 69
+    assert_close_to_reference(inputs, "cuda", torch.float16, True, precision=precision)
+
+
+@pytest.mark.parametrize("precision", ["auto", "tf32"])
+def test_rows_without_negatives_are_zero(emulated_cuda, precision):
+    inputs = make_inputs(80, 70, 16)
+    inputs["query_labels"][40:] = -1  # inactive queries: loss and gradients exactly 0
+    loss, grads = loss_and_grads(inputs, "cuda", dtype=torch.bfloat16, precision=precision)
+    assert torch.all(loss[40:] == 0) and torch.all(grads[0][40:] == 0)
+    assert torch.isfinite(grads[2]).all()
+
+
+@pytest.mark.parametrize("precision", ["auto", "tf32"])
+def test_no_negative_anywhere(emulated_cuda, precision):
+    # every block skips its tile loop (the block-uniform early exit): loss 0, zero gradients
+    inputs = make_inputs(40, 70, 16)
+    inputs["bank_labels"][:] = -1
+    loss, grads = loss_and_grads(inputs, "cuda", dtype=torch.float16, precision=precision)
+    assert torch.all(loss == 0) and all(torch.all(g == 0) for g in grads)
+
+
+@pytest.mark.parametrize("n,m", [(0, 40), (40, 0), (0, 0)])
+def test_empty(emulated_cuda, n, m):
+    loss, grads = loss_and_grads(make_inputs(n, m, 8), "cuda", dtype=torch.float32)
+    assert loss.shape == (n,) and torch.all(loss == 0)
+    assert all(torch.all(g == 0) for g in grads)
+
+
+@pytest.mark.parametrize("precision", ["auto", "tf32"])
+def test_other_thread_orders(emulated_cuda, precision):
+    # a fresh random order of the threads at every barrier round: other interleavings
+    emulated_cuda.schedule_seed = 12345
+    inputs = make_inputs(70, 130, 40)
+    assert_close_to_reference(inputs, "cuda", torch.bfloat16, True, precision=precision)
+    first = loss_and_grads(inputs, "cuda", dtype=torch.bfloat16, precision=precision)
+    emulated_cuda.schedule_seed = 999
+    second = loss_and_grads(inputs, "cuda", dtype=torch.bfloat16, precision=precision)
+    assert torch.equal(first[0], second[0])  # deterministic whatever the order
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+def test_fp16_bank_grad_weights_need_the_rescaling(emulator):
+    # The WMMA bank gradient rounds the weights exp(s - lse) gs to fp16 before its second product.
+    # Under a mean over 51,200 queries gs = 1 / (N tau) ~ 2e-4, and against a 25,600-row bank
+    # exp(s - lse) ~ 1e-4: the weights fall below fp16's smallest subnormal (6e-8) unless gs is
+    # divided by its largest magnitude first, as the bank-gradient op does. dK rows are independent,
+    # so 64 bank rows (with the LSE of the whole bank) and 4,096 of the queries show it.
+    from cdcl_ops._validate import canonical_masks
+    from cdcl_ops.backends import chunked
+    from cdcl_ops.normalize import inverse_norms
+    n, m = 4096, 25600
+    inp = make_inputs(n, m, 64, seed=3)
+    ql, qg, kl, kg, table = canonical_masks(inp["query_labels"], inp["bank_labels"],
+                                            inp["query_groups"], inp["bank_groups"], inp["group_table"])
+    q, p, k = (inp[name].float() for name in ("query", "positive", "bank"))
+    lse = chunked.forward(q, p, k, inverse_norms(q), inverse_norms(p), inverse_norms(k), ql, qg, kl,
+                          kg, table, 10.0, False, 0, "auto")[1]
+    masks = (ql, qg, kl[:64].contiguous(), kg[:64].contiguous(), table)
+    gs = torch.full((n,), 10.0 / 51200)
+    qd, kd = q.double(), k[:64].double()
+    ref = chunked.bank_grad(qd, kd, inverse_norms(qd), inverse_norms(kd), *masks, lse.double(),
+                            gs.double(), 10.0, 0, "auto")
+    qh, kh = q.half(), k[:64].half()
+
+    def rel_err(scale):
+        got = emulator.infonce_bank_grad(qh, kh, inverse_norms(qh), inverse_norms(kh), *masks, lse,
+                                         gs / scale, 10.0, True) * scale
+        return ((got.double() - ref).abs().max() / ref.abs().max()).item()
+
+    assert rel_err(gs.abs().max()) < 5e-3  # the op's rescaling (measured 6e-4)
+    assert rel_err(1.0) > 3e-2  # without it (measured 8%)
+
+
+def test_deterministic(emulated_cuda):
+    inputs = make_inputs(50, 100, 24)
+    l1, g1 = loss_and_grads(inputs, "cuda", dtype=torch.float32)
+    l2, g2 = loss_and_grads(inputs, "cuda", dtype=torch.float32)
+    assert torch.equal(l1, l2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool, torch.float32,
+                                   torch.bfloat16, torch.float16])
+def test_patch_fg_counts_match_cpu(emulator, dtype):
+    native = pytest.importorskip("cdcl_ops.backends.native")
+    if not native.HAS_CPU:
+        pytest.skip(f"cdcl_ops._C not built: {native.LOAD_ERROR}")
+    if dtype.is_floating_point:
+        x = torch.randint(0, 3, (2, 3, 24, 40)).to(dtype)  # ties: the first maximum wins
+        x[0, 1, :3, :5] = float("nan")  # NaN counts as the maximum, as torch.argmax
+    else:
+        x = torch.randint(0, 2 if dtype == torch.bool else 3, (2, 24, 40)).to(dtype)
+    expect = torch.ops.cdcl_ops_C.patch_fg_counts(x, 4, 1)
+    assert torch.equal(emulator.patch_fg_counts(x, 4, 1), expect)
+
+
+def test_public_api_reaches_the_emulated_kernels(emulated_cuda):
+    before = emulated_cuda.fiber_switches
+    inputs = make_inputs(5, 7, 4, dtype=torch.float32)
+    cdcl_ops.masked_infonce(**inputs, backend="cuda")
+    assert emulated_cuda.fiber_switches > before
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph(emulated_cuda, compiler):
+    # the dtype and D of the GPU test that failed on the H200 in the first GPU run (smaller N, M)
+    assert_compiled_matches_eager(make_inputs(70, 130, 32, dtype=torch.float32, seed=2), "cuda",
+                                  compiler=compiler)
