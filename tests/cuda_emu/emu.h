@@ -178,14 +178,11 @@ inline float __half2float(__half h) {
     const float f = float(mant) * 5.9604644775390625e-8f;
     return sign ? -f : f;
   }
-  const uint32_t u = sign | (exp == 31 ? 0x7f800000u | (mant << 13) : ((exp + 112u) << 23) | (mant << 13));
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+  return cdcl_emu::from_bits<float>(
+      sign | (exp == 31 ? 0x7f800000u | (mant << 13) : ((exp + 112u) << 23) | (mant << 13)));
 }
 inline __half __float2half_rn(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
+  const uint32_t u = uint32_t(cdcl_emu::to_bits(x));
   const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
   const uint32_t a = u & 0x7fffffffu;
   __half h;
@@ -194,9 +191,7 @@ inline __half __float2half_rn(float x) {
   } else if (a >= 0x477ff000u) {  // 65520 and above round to inf
     h.bits = sign | 0x7c00u;
   } else if (a < 0x38800000u) {  // below 2^-14: a subnormal half, round(|x| * 2^24) to even
-    float f;
-    std::memcpy(&f, &a, 4);
-    h.bits = sign | uint16_t(std::nearbyint(f * 16777216.0f));
+    h.bits = sign | uint16_t(std::nearbyint(cdcl_emu::from_bits<float>(a) * 16777216.0f));
   } else {
     uint32_t bits = ((a >> 23) - 112u) << 10 | ((a & 0x7fffffu) >> 13);
     const uint32_t rest = a & 0x1fffu;
@@ -205,15 +200,9 @@ inline __half __float2half_rn(float x) {
   }
   return h;
 }
-inline float __bfloat162float(__nv_bfloat16 h) {
-  const uint32_t u = uint32_t(h.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline float __bfloat162float(__nv_bfloat16 h) { return cdcl_emu::from_bits<float>(uint32_t(h.bits) << 16); }
 inline __nv_bfloat16 __float2bfloat16_rn(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
+  const uint32_t u = uint32_t(cdcl_emu::to_bits(x));
   __nv_bfloat16 h;
   if (std::isnan(x)) {
     h.bits = uint16_t((u >> 16) | 0x40);  // stays a quiet NaN
