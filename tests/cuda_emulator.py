@@ -18,6 +18,8 @@ import subprocess
 
 import torch
 
+from cdcl_ops.backends import native
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU_DIR = os.path.join(ROOT, "tests", "cuda_emu")
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
@@ -64,6 +66,10 @@ def build() -> str:
     lib = os.path.join(out_dir, "libcdcl_cuda_emu.so")
     if os.path.exists(lib):
         return lib
+    parent = os.path.dirname(out_dir)
+    if os.path.isdir(parent):  # builds of older sources
+        for old in os.listdir(parent):
+            shutil.rmtree(os.path.join(parent, old), ignore_errors=True)
     os.makedirs(out_dir, exist_ok=True)
     sources = []
     for path in KERNEL_SOURCES + [SELFTEST_SOURCE]:
@@ -187,15 +193,10 @@ class Emulator:
     def forward(self, q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o,
                 chunk_size, precision):
         return self.infonce_fwd(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table,
-                                inv_tau, need_o, self.tensor_cores_for(q, precision))
+                                inv_tau, need_o, native.wants_tensor_cores(q.dtype, precision))
 
     def bank_grad(self, q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau,
                   chunk_size, precision):
         return self.infonce_bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table,
                                       lse.float().contiguous(), gs.float().contiguous(), inv_tau,
-                                      self.tensor_cores_for(q, precision))
-
-    @staticmethod
-    def tensor_cores_for(q, precision):
-        # native.tensor_cores without its CUDA-device condition
-        return q.dtype in (torch.bfloat16, torch.float16) and precision == "tf32"
+                                      native.wants_tensor_cores(q.dtype, precision))

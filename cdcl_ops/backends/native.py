@@ -51,11 +51,16 @@ def _require():
 def tensor_cores(q, precision):
     """Whether the CUDA kernels take their tensor-core path (16-bit features, D <= 256).
 
-    Only on request (precision="tf32") for now: that path has passed the compile-only check but
-    not yet the GPU tests, so "auto" stays on the CUDA-core kernels until a GPU run has compared
-    both. fp32 features always use the CUDA-core kernels.
+    Only on request (precision="tf32") for now: that path passes the compile-only check and the
+    CPU emulator's tests (tests/cuda_emu) but has not yet run on a GPU, so "auto" stays on the
+    CUDA-core kernels until a GPU run has compared both. fp32 features always use the CUDA-core
+    kernels. `q.is_cuda` aside, the rule is `wants_tensor_cores`, which the emulator shares.
     """
-    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and precision == "tf32"
+    return q.is_cuda and wants_tensor_cores(q.dtype, precision)
+
+
+def wants_tensor_cores(dtype, precision):
+    return dtype in (torch.bfloat16, torch.float16) and precision == "tf32"
 
 
 def forward(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o,
