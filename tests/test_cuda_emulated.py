@@ -14,7 +14,7 @@ import torch
 
 import cdcl_ops
 from cdcl_ops import infonce, ops
-from cuda_emulator import Emulator, EmulatorError, compiler
+from cuda_emulator import Emulator, compiler
 from helpers import (assert_close_to_reference, assert_compiled_matches_eager, loss_and_grads,
                      make_inputs)
 
@@ -40,7 +40,8 @@ def emulated_cuda(emulator, monkeypatch):
     monkeypatch.setattr(infonce, "available_backends",
                         lambda device="cpu": real_available(device) + ["cuda"])
     emulator.schedule_seed = 0
-    return emulator
+    yield emulator
+    emulator.schedule_seed = 0
 
 
 # -- the emulator's own checks ---------------------------------------------------------------------
@@ -49,49 +50,56 @@ def _ptr(t):
     return ctypes.c_void_p(t.data_ptr())
 
 
-def test_selftest_block_barrier(emulator):
+@pytest.fixture
+def lib(emulator):
+    """The emulator's library with threads run in index order (the self-tests rely on it)."""
+    emulator.lib.cdcl_emu_set_schedule(0)
+    return emulator.lib
+
+
+def test_selftest_block_barrier(lib):
     x, out = torch.rand(128), torch.zeros(1)
-    assert emulator.lib.cdcl_emu_selftest_block_sum(_ptr(x), _ptr(out), 1) == 0
+    assert lib.cdcl_emu_selftest_block_sum(_ptr(x), _ptr(out), 1) == 0
     torch.testing.assert_close(out[0], x.sum())
     # without the barrier thread 0 reads shared memory the others have not written yet
-    assert emulator.lib.cdcl_emu_selftest_block_sum(_ptr(x), _ptr(out), 0) == 0
+    assert lib.cdcl_emu_selftest_block_sum(_ptr(x), _ptr(out), 0) == 0
     assert torch.isnan(out[0])
 
 
-def test_selftest_warp_collectives(emulator):
+def test_selftest_warp_collectives(lib):
     x = torch.randn(128)
     x[32:64] = -x[32:64].abs()  # warp 1 has no positive lane
     out, anyp = torch.zeros(4), torch.zeros(4, dtype=torch.int32)
-    assert emulator.lib.cdcl_emu_selftest_warp_sum(_ptr(x), _ptr(out), _ptr(anyp)) == 0
+    assert lib.cdcl_emu_selftest_warp_sum(_ptr(x), _ptr(out), _ptr(anyp)) == 0
     torch.testing.assert_close(out, x.view(4, 32).sum(1))
     assert anyp.tolist() == [int(bool((w > 0).any())) for w in x.view(4, 32)]
 
 
-def test_selftest_divergent_barrier_is_a_deadlock(emulator):
+def test_selftest_divergent_barrier_is_a_deadlock(lib):
     out = torch.zeros(128)
-    err = emulator.lib.cdcl_emu_selftest_divergent_barrier(_ptr(out))
-    assert err == 719 and b"deadlock" in emulator.lib.cdcl_emu_message()
+    err = lib.cdcl_emu_selftest_divergent_barrier(_ptr(out))
+    assert err == 719 and b"deadlock" in lib.cdcl_emu_message()
 
 
-def test_selftest_wmma(emulator):
+def test_selftest_wmma(lib):
     a, b = torch.randn(16, 16).half(), torch.randn(16, 16).half()
     b_col = b.t().contiguous()  # column-major b
     c = torch.zeros(16, 16)
-    assert emulator.lib.cdcl_emu_selftest_wmma(_ptr(a), _ptr(b_col), _ptr(c), 0) == 0
+    assert lib.cdcl_emu_selftest_wmma(_ptr(a), _ptr(b_col), _ptr(c), 0) == 0
     torch.testing.assert_close(c, a.float() @ b.float(), rtol=1e-5, atol=1e-5)
     # a tile 2 elements (4 bytes) off the 256-bit alignment WMMA requires
-    assert emulator.lib.cdcl_emu_selftest_wmma(_ptr(a), _ptr(b_col), _ptr(c), 2) == 719
-    assert b"aligned" in emulator.lib.cdcl_emu_message()
+    assert lib.cdcl_emu_selftest_wmma(_ptr(a), _ptr(b_col), _ptr(c), 2) == 719
+    assert b"aligned" in lib.cdcl_emu_message()
 
 
-def test_selftest_shared_memory_limit(emulator):
+def test_selftest_shared_memory_limit(lib):
     x, out = torch.rand(128), torch.zeros(1)
-    assert emulator.lib.cdcl_emu_selftest_smem_optin(_ptr(x), _ptr(out), 0) == 1  # InvalidValue
-    assert emulator.lib.cdcl_emu_selftest_smem_optin(_ptr(x), _ptr(out), 1) == 0
+    assert lib.cdcl_emu_selftest_smem_optin(_ptr(x), _ptr(out), 0) == 1  # InvalidValue
+    assert lib.cdcl_emu_selftest_smem_optin(_ptr(x), _ptr(out), 1) == 0
     torch.testing.assert_close(out[0], x.sum())
 
 
-def test_selftest_16bit_conversions_match_torch(emulator):
+def test_selftest_16bit_conversions_match_torch(lib):
     # every fp16 and bf16 value and the points halfway between neighbours (ties to even), the
     # fp16 subnormals, overflow to inf, signs, inf and NaN
     half = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
@@ -104,7 +112,7 @@ def test_selftest_16bit_conversions_match_torch(emulator):
     n = x.numel()
     hb, bb = torch.zeros(n, dtype=torch.int16), torch.zeros(n, dtype=torch.int16)
     hf, bf = torch.zeros(n), torch.zeros(n)
-    f = emulator.lib.cdcl_emu_selftest_convert
+    f = lib.cdcl_emu_selftest_convert
     f.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 4
     f(_ptr(x), n, _ptr(hb), _ptr(bb), _ptr(hf), _ptr(bf))
     for bits, back, dtype in ((hb, hf, torch.float16), (bb, bf, torch.bfloat16)):
