@@ -1,0 +1,44 @@
+"""The emulated CUDA kernels under AddressSanitizer: no read or write outside any buffer.
+
+The emulator's guard bands (tests/cuda_emulator.py) catch what changes a result; an access past
+an end whose value is then discarded (say a label read for a row past the last) does not, and on a
+GPU it can still fault. This runs a part of tests/test_cuda_emulated.py in a child process with
+the emulator built with -fsanitize=address and exact-size buffers. Skipped where the compiler has
+no AddressSanitizer runtime.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cuda_emulator import ASAN, compiler
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _libasan():
+    cxx = compiler()
+    if cxx is None:
+        return None
+    path = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+LIBASAN = _libasan()
+
+
+@pytest.mark.skipif(ASAN, reason="already inside the AddressSanitizer run")
+@pytest.mark.skipif(LIBASAN is None, reason="no AddressSanitizer runtime for the C++ compiler")
+def test_kernels_stay_inside_their_buffers(tmp_path):
+    env = dict(os.environ, CDCL_EMU_ASAN="1", LD_PRELOAD=LIBASAN,
+               ASAN_OPTIONS=f"detect_leaks=0:log_path={tmp_path / 'asan'}")
+    # CUDA-core and tensor-core kernels on shapes with ragged edges, the G > 64 table, empty inputs
+    select = "cuda_core_fp32 or tensor_cores_16bit or many_groups or empty or no_negative or patch_fg"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           os.path.join(HERE, "test_cuda_emulated.py"), "-k", select],
+                          capture_output=True, text=True, env=env, cwd=os.path.dirname(HERE), timeout=1200)
+    reports = "".join(p.read_text() for p in tmp_path.glob("asan*"))
+    assert "AddressSanitizer" not in reports, reports[:4000]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout, proc.stdout[-500:]
