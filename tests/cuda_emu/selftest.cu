@@ -84,8 +84,8 @@ int cdcl_emu_selftest_wmma(const __half* a, const __half* b, float* c, int offse
   return cudaGetLastError();
 }
 
-// The emulator's 16-bit conversions on the host: out16 gets the bits of x rounded to fp16 and
-// bf16, back[] the fp32 value of those bits.
+// The emulator's 16-bit conversions, on the host: half_bits / bf16_bits get the bits of x rounded
+// to fp16 / bf16, half_back / bf16_back the fp32 values of those bits.
 void cdcl_emu_selftest_convert(const float* x, int64_t n, uint16_t* half_bits, uint16_t* bf16_bits,
                                float* half_back, float* bf16_back) {
   for (int64_t i = 0; i < n; ++i) {
