@@ -48,16 +48,12 @@ struct State {
   std::vector<uint64_t> exchange;  // one slot per thread for the warp collectives
   int block_or_acc = 0;
   unsigned char* smem = nullptr;
-  size_t smem_bytes = 0;
 };
 State S;
 
 void yield() {
   ++S.fiber_switches;
   swapcontext(&S.fibers[S.current].ctx, &S.scheduler);
-  if (S.failed) {  // another fiber failed: park here for good, the scheduler will not resume us
-    swapcontext(&S.fibers[S.current].ctx, &S.scheduler);
-  }
 }
 
 void wait(Barrier& b, unsigned expected) {
@@ -86,12 +82,12 @@ void fiber_main() {
 }  // namespace
 
 void fail(const char* what) {
-  if (S.current < 0) return;
   S.failed = true;
   S.message = what;
+  if (S.current < 0) return;  // host side: the launch reports it
   S.message += " (block " + std::to_string(blockIdx.x) + ", thread " + std::to_string(threadIdx.x) + ")";
-  swapcontext(&S.fibers[S.current].ctx, &S.scheduler);
-  std::abort();  // never resumed
+  swapcontext(&S.fibers[S.current].ctx, &S.scheduler);  // the scheduler never resumes this fiber
+  std::abort();
 }
 
 void set_last_error(cudaError_t err) {
@@ -171,7 +167,6 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem,
   S.warp_barriers.assign((threads + 31) / 32, Barrier{});
   S.exchange.assign(threads, 0);
   S.smem = smem_aligned;
-  S.smem_bytes = smem;
   S.failed = false;
   blockDim = block;
   gridDim = grid;
