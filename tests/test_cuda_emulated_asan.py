@@ -25,14 +25,30 @@ def _libasan():
     return path if os.path.isabs(path) and os.path.exists(path) else None
 
 
+def _asan_env(log_dir):
+    return dict(os.environ, CDCL_EMU_ASAN="1", LD_PRELOAD=LIBASAN,
+                ASAN_OPTIONS=f"detect_leaks=0:log_path={log_dir / 'asan'}")
+
+
+def _asan_runs_python(tmp_path):
+    """Whether python with torch starts under the preloaded runtime here (it does not on some
+    kernels whose address-space randomisation collides with the sanitizer's shadow memory)."""
+    try:
+        return subprocess.run([sys.executable, "-c", "import torch"], env=_asan_env(tmp_path),
+                              capture_output=True, timeout=300).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
 LIBASAN = _libasan()
 
 
 @pytest.mark.skipif(ASAN, reason="already inside the AddressSanitizer run")
 @pytest.mark.skipif(LIBASAN is None, reason="no AddressSanitizer runtime for the C++ compiler")
 def test_kernels_stay_inside_their_buffers(tmp_path):
-    env = dict(os.environ, CDCL_EMU_ASAN="1", LD_PRELOAD=LIBASAN,
-               ASAN_OPTIONS=f"detect_leaks=0:log_path={tmp_path / 'asan'}")
+    if not _asan_runs_python(tmp_path / "probe"):
+        pytest.skip("python does not start under AddressSanitizer on this machine")
+    env = _asan_env(tmp_path)
     # CUDA-core and tensor-core kernels on shapes with ragged edges, the G > 64 table, empty inputs
     select = "cuda_core_fp32 or tensor_cores_16bit or many_groups or empty or no_negative or patch_fg"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
