@@ -37,6 +37,10 @@ def _extensions():
     # no trapping math / errno (as torch itself is built): lets the masked row loops of
     # csrc/cpu/row_kernels.h if-convert and vectorise
     cxx = ["-O3", "-fopenmp", "-fvisibility=hidden", "-fno-trapping-math", "-fno-math-errno"]
+    link = ["-fopenmp"]
+    if os.environ.get("CDCL_ASAN") == "1":  # a checking build of the CPU kernels (docs/native.md)
+        cxx = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address"] + cxx[1:]
+        link.append("-fsanitize=address")
     sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
     want_cuda = torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1"
     use_cuda = want_cuda and torch.version.cuda is not None and _find_nvcc() is not None
@@ -47,10 +51,10 @@ def _extensions():
                 "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
         ext = CUDAExtension("cdcl_ops._C", sources + _sources("csrc/cuda/*.cpp", "csrc/cuda/*.cu"),
                             extra_compile_args={"cxx": cxx + ["-DCDCL_WITH_CUDA"], "nvcc": nvcc},
-                            extra_link_args=["-fopenmp"])
+                            extra_link_args=link)
     else:
         ext = CppExtension("cdcl_ops._C", sources, extra_compile_args={"cxx": cxx},
-                           extra_link_args=["-fopenmp"])
+                           extra_link_args=link)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -17,16 +17,18 @@ from cuda_emulator import ASAN, compiler
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _libasan():
+def _runtime(name):
     cxx = compiler()
     if cxx is None:
         return None
-    path = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    path = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
     return path if os.path.isabs(path) and os.path.exists(path) else None
 
 
 def _asan_env(log_dir):
-    return dict(os.environ, CDCL_EMU_ASAN="1", LD_PRELOAD=LIBASAN,
+    # libstdc++ preloaded too: the sanitizer's __cxa_throw interceptor needs it loaded first, or
+    # the first C++ exception torch throws (and catches) aborts the process
+    return dict(os.environ, CDCL_EMU_ASAN="1", LD_PRELOAD=f"{LIBASAN} {LIBSTDCXX}",
                 ASAN_OPTIONS=f"detect_leaks=0:log_path={log_dir / 'asan'}")
 
 
@@ -40,11 +42,12 @@ def _asan_runs_python(tmp_path):
         return False
 
 
-LIBASAN = _libasan()
+LIBASAN, LIBSTDCXX = _runtime("libasan.so"), _runtime("libstdc++.so.6")
 
 
 @pytest.mark.skipif(ASAN, reason="already inside the AddressSanitizer run")
-@pytest.mark.skipif(LIBASAN is None, reason="no AddressSanitizer runtime for the C++ compiler")
+@pytest.mark.skipif(LIBASAN is None or LIBSTDCXX is None,
+                    reason="no AddressSanitizer runtime (or libstdc++) for the C++ compiler")
 def test_kernels_stay_inside_their_buffers(tmp_path):
     if not _asan_runs_python(tmp_path / "probe"):
         pytest.skip("python does not start under AddressSanitizer on this machine")
