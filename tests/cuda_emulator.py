@@ -127,15 +127,18 @@ class Emulator:
         self._keep.append(buf)
         return ctypes.c_void_p(view.data_ptr())
 
+    @staticmethod
+    def _sentinel(dtype):
+        return 1234.5 if dtype.is_floating_point else -99
+
     def _out(self, shape, dtype):
-        buf = torch.full((int(torch.Size(shape).numel()) + 2 * GUARD,), 1234.5 if dtype.is_floating_point else -99,
-                         dtype=dtype)
-        view = buf[GUARD:GUARD + torch.Size(shape).numel()].view(shape)
-        return buf, view
+        """An output buffer, sentinel-filled (an element the kernel leaves unwritten shows)."""
+        fill = self._sentinel(dtype)
+        return _guarded(torch.full(shape, fill, dtype=dtype), fill)
 
     def _check_guards(self, *bufs):
         for buf in bufs if GUARD else ():
-            fill = 1234.5 if buf.dtype.is_floating_point else -99
+            fill = self._sentinel(buf.dtype)
             if not (torch.all(buf[:GUARD] == fill) and torch.all(buf[-GUARD:] == fill)):
                 raise EmulatorError("a kernel wrote outside its output buffer")
 
