@@ -6,9 +6,13 @@
 --images is either a plain folder of images (.png/.tif/.jpg) or a dataset folder (images/ + labels/,
 DSB2018 <id>/images + masks, MoNuSeg .tif + .xml); with ground truth (found there or given by --labels,
 a folder of <id>.png instance maps) the overlays show prediction green, ground truth red and their
-overlap yellow (the paper's Figure 3), and metrics.json / metrics.md are written. Without ground truth
+overlap yellow (the paper's Figure 3), and metrics.json / metrics.md are written, with Otsu's
+threshold on the same images beside the model. Without ground truth
 the overlays show the prediction in green. Label masks (uint16 instance maps, one id per 4-connected
 component of the predicted foreground) go to OUT/masks/<id>.png (or .tif with --mask-format tif).
+Images of any size are predicted at native resolution over overlapping, blended windows (the window
+and overlap of the checkpoint's run unless given here); a checkpoint of a --resize run resizes as
+it was trained.
 """
 from __future__ import annotations
 
@@ -21,10 +25,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from cdcl_ops.nuclei import data, models
-from cdcl_ops.nuclei.checkpoint import CheckpointError, load_checkpoint, load_into
-from cdcl_ops.nuclei.evaluate import foreground_probability, overlay, save_label_map, write_report
-from cdcl_ops.nuclei.metrics import SegmentationMeter, connected_components
+from cdcl_nuclei import data, models
+from cdcl_nuclei.checkpoint import CheckpointError, load_checkpoint, load_into
+from cdcl_nuclei.evaluate import Comparison, inference_config, overlay, predict_probability, save_label_map, \
+    summary_lines, write_report
+from cdcl_nuclei.metrics import connected_components
 
 
 def parse_args(argv=None):
@@ -34,7 +39,12 @@ def parse_args(argv=None):
     p.add_argument("--labels", default=None, help="folder of <id>.png ground-truth instance maps")
     p.add_argument("--out", required=True)
     p.add_argument("--mask-format", default="png", choices=("png", "tif"))
-    p.add_argument("--threshold", type=float, default=0.5, help="foreground probability threshold")
+    p.add_argument("--threshold", type=float, default=None, help="foreground probability threshold "
+                   "(default: the checkpoint's, 0.5)")
+    p.add_argument("--window", type=int, default=None, help="inference window side (multiple of 32)")
+    p.add_argument("--overlap", type=int, default=None, help="overlap of neighbouring windows, pixels")
+    p.add_argument("--batch", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--device", default="auto")
     return p.parse_args(argv)
 
@@ -81,26 +91,29 @@ def main(argv=None):
         model = models.build_model(cfg).to(device)
         load_into(model, st["student"], args.checkpoint, "student")
         model.eval()
+        given = {k: v for k, v in (("window", args.window), ("overlap", args.overlap), ("batch", args.batch),
+                                   ("threshold", args.threshold)) if v is not None}
+        icfg = inference_config({**st["config"].get("inference", {}), **given})
         inputs = gather_inputs(args.images, args.labels)
         os.makedirs(os.path.join(args.out, "masks"), exist_ok=True)
         os.makedirs(os.path.join(args.out, "overlays"), exist_ok=True)
-        meter = SegmentationMeter()
+        comp = Comparison()
         has_gt = False
-        for sid, load in tqdm(inputs, desc="predicting"):
+        for sid, load in tqdm(inputs, desc="predicting", disable=args.no_progress):
             image, labels = load()
-            prob = foreground_probability(model, image, cfg.input_size, device)
-            pred = prob > args.threshold
+            pred = predict_probability(model, image, icfg, device, progress=not args.no_progress) > icfg.threshold
             save_label_map(os.path.join(args.out, "masks", f"{sid}.{args.mask_format}"), connected_components(pred))
             Image.fromarray(overlay(image, pred, labels, stretch=True)).save(os.path.join(args.out, "overlays", f"{sid}.png"))
             if labels is not None:
                 has_gt = True
-                meter.update(pred, labels, sid)
+                comp.update(pred, image, labels, sid)
         print(f"{len(inputs)} images -> {args.out}/masks, {args.out}/overlays")
         if has_gt:
-            summary = write_report(meter, args.out, "metrics", "Prediction metrics",
-                                   extra={"checkpoint": args.checkpoint, "images": args.images})
-            print(f"Dice over the set {summary['over_set']['DC']:.4f}, mean per image "
-                  f"{summary['per_image_mean']['DC']:.4f} -> {args.out}/metrics.md")
+            report = write_report(comp, args.out, "metrics", "Prediction metrics",
+                                  extra={"checkpoint": args.checkpoint, "images_folder": args.images})
+            print(f"metrics -> {args.out}/metrics.md")
+            for line in summary_lines(report):
+                print(line)
     except (CheckpointError, data.DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

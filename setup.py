@@ -65,10 +65,13 @@ setup(
     version="0.1.0",
     description="Fused, memory-bounded pseudo-label-masked InfoNCE for cross-patch dense "
                 "contrastive learning (CDCL)",
-    packages=find_packages(include=["cdcl_ops", "cdcl_ops.*"]),
+    # cdcl_ops: the loss library (torch and numpy only); cdcl_nuclei: the training application
+    packages=find_packages(include=["cdcl_ops", "cdcl_ops.*", "cdcl_nuclei", "cdcl_nuclei.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton>=3.0"]},
+    extras_require={"triton": ["triton>=3.0"],
+                    # what train.py / predict.py / cdcl_nuclei need beyond the library
+                    "train": ["pillow", "scipy", "tqdm"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

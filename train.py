@@ -1,4 +1,4 @@
-"""Semi-supervised nuclei segmentation with mean teacher and the CDCL loss (SPEC 4).
+"""Semi-supervised nuclei segmentation with mean teacher and the CDCL loss (docs/training.md).
 
     python train.py --data data/dsb2018_sample --preset small --method cdcl --out runs/demo
     torchrun --nproc_per_node 2 train.py ...            # DDP (gloo on CPU, nccl on CUDA)
@@ -7,8 +7,11 @@ Methods: suponly (labeled part only), fullsup (every training image labeled), me
 (L_sup + w_cons L_cons), cdcl (L_sup + 0.1 L_contr + w_cons L_cons + 0.01 L_ent). --no-contr,
 --no-cons, --no-ent, --sampling give the ablations. One epoch is ceil(training images / batch)
 iterations for every method (--iters-per-epoch overrides), so budgets compare across methods.
-Outputs in --out: config.json, splits.json, log.csv, last.pt, best.pt, metrics.json/.md (test set at
-the original resolution), overlays/.
+Training sees random --input-size crops of each image at its own pixel scale; validation, the test
+and predict.py run the model over overlapping, blended windows at native resolution. --resize gives
+the paper's protocol instead (every image resized to --input-size squared, for Table-1-style runs).
+Outputs in --out: config.json, splits.json, log.csv, last.pt, best.pt, metrics.json/.md (the test
+images at native resolution, with Otsu's threshold beside the model), overlays/.
 """
 from __future__ import annotations
 
@@ -27,9 +30,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cdcl_ops import CrossPatchInfoNCE
-from cdcl_ops.nuclei import augment, data, models, schedules
-from cdcl_ops.nuclei.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_into, save_checkpoint
-from cdcl_ops.nuclei.evaluate import batch_dice, evaluate_samples, write_report
+from cdcl_nuclei import augment, crops, data, models, schedules
+from cdcl_nuclei.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_into, save_checkpoint
+from cdcl_nuclei.evaluate import (InferenceConfig, evaluate_samples, overlay, predict_probability, summary_lines,
+                                  validation_dice, write_report)
 
 METHODS = ("suponly", "fullsup", "meanteacher", "cdcl")
 # losses on by default per method: (cons, contr, ent)
@@ -37,7 +41,7 @@ DEFAULT_LOSSES = {"suponly": (False, False, False), "fullsup": (False, False, Fa
                   "meanteacher": (True, False, False), "cdcl": (True, True, True)}
 # settings a resumed run must share with its checkpoint
 RESUME_KEYS = ("method", "dataset", "seed", "split_seed", "labeled_fraction", "batch_size", "unlabeled_batch_size",
-               "iters_per_epoch", "model", "cons", "contr", "ent", "sampling", "max_images")
+               "iters_per_epoch", "model", "cons", "contr", "ent", "sampling", "max_images", "resize")
 
 
 def parse_args(argv=None):
@@ -52,7 +56,13 @@ def parse_args(argv=None):
     a("--method", default="cdcl", choices=METHODS)
     a("--labeled-fraction", default="1/8", help="1/32, 1/16, 1/8, 1 or any fraction")
     a("--preset", default="small", choices=sorted(models.PRESETS))
-    a("--input-size", type=int, default=None, help="model input side (default: the preset's)")
+    a("--input-size", type=int, default=None, help="side of the training crops, a multiple of 8 x --grid "
+      "(default: the preset's)")
+    a("--resize", action="store_true", help="the paper's protocol: resize every image (MoNuSeg: every "
+      "250x250 tile) to --input-size x --input-size for training and inference, instead of native-"
+      "resolution crops and tiled inference")
+    a("--window", type=int, default=256, help="inference window side at native resolution (multiple of 32)")
+    a("--overlap", type=int, default=64, help="overlap of neighbouring inference windows, in pixels")
     a("--pretrained", default=None, help="local torchvision DenseNet state dict for the encoder")
     a("--epochs", type=int, default=80)
     a("--iters-per-epoch", type=int, default=None)
@@ -102,18 +112,21 @@ def resolve(args):
             raise ValueError(f"--{name}: method {args.method} trains on labeled images only")
         setattr(args, name, default if v is None else v)
     cfg = models.model_config(args.preset, input_size=args.input_size)
-    if cfg.input_size % 64:
-        raise ValueError(f"--input-size: expected a multiple of 64 (stride-8 features cut into the "
-                         f"grid), got {cfg.input_size}")
+    if cfg.input_size <= 0 or cfg.input_size % (8 * args.grid):
+        raise ValueError(f"--input-size: expected a positive multiple of {8 * args.grid} (stride-8 features "
+                         f"cut into a {args.grid}x{args.grid} grid), got {cfg.input_size}")
     args.model = cfg
+    args.inference = InferenceConfig(window=args.window, overlap=args.overlap,
+                                     resize=cfg.input_size if args.resize else None)
     if args.rampup_epochs is None:
         args.rampup_epochs = float(args.epochs)
     return args
 
 
 def run_config(args):
-    d = {k: v for k, v in vars(args).items() if k not in ("model",)}
+    d = {k: v for k, v in vars(args).items() if k not in ("model", "inference")}
     d["model"] = models.asdict(args.model)
+    d["inference"] = models.asdict(args.inference)
     return d
 
 
@@ -161,18 +174,17 @@ def load_data(args, rank):
     splits = data.dataset_splits(args.dataset, args.data, seed=args.split_seed, fmt=args.format,
                                  max_images=args.max_images)
     tile = 250 if args.dataset == "monuseg" else None
-    size = args.model.input_size
     show = rank == 0 and not args.no_progress
-    train_x, train_y, train_ids = data.load_resized(splits["train"], size, tile, "train images", show)
-    val_x, val_y, _ = data.load_resized(splits["val"], size, tile, "val images", show)
-    labeled = data.labeled_indices(len(train_ids), args.labeled_fraction, args.seed)
+    train = data.training_samples(splits["train"], tile, args.model.input_size if args.resize else None,
+                                  "train images", show)
+    labeled = data.labeled_indices(len(train), args.labeled_fraction, args.seed)
     lab_set = set(labeled)
-    unlabeled = [i for i in range(len(train_ids)) if i not in lab_set]
-    split_ids = {"train_labeled": [train_ids[i] for i in labeled],
-                 "train_unlabeled": [train_ids[i] for i in unlabeled],
+    unlabeled = [i for i in range(len(train)) if i not in lab_set]
+    split_ids = {"train_labeled": [train[i].id for i in labeled],
+                 "train_unlabeled": [train[i].id for i in unlabeled],
                  "val": [e.id for e in splits["val"]], "test": [e.id for e in splits["test"]]}
-    return dict(train_x=train_x, train_y=train_y, labeled=labeled, unlabeled=unlabeled,
-                val_x=val_x, val_y=val_y, test_entries=splits["test"], tile=tile, split_ids=split_ids)
+    return dict(train=train, labeled=labeled, unlabeled=unlabeled, val=data.load_full(splits["val"], tile),
+                test_entries=splits["test"], tile=tile, split_ids=split_ids)
 
 
 # ---------------------------------------------------------------- losses
@@ -180,6 +192,17 @@ def load_data(args, rank):
 def entropy(logits):
     p = logits.float().softmax(dim=1)
     return -(p * torch.log(p.clamp_min(1e-8))).sum(dim=1).mean()
+
+
+def contrast_shares(stats, feats, grid):
+    """What the contrastive loss saw in one step: the share of student patches that are FDP and BDP,
+    the share of pixels that are queries with at least one negative, negatives per query."""
+    b, _, h, w = feats.shape
+    patches, pixels = b * grid * grid, b * h * w
+    return {"fdp_share": stats["fdp_patches"] / patches, "bdp_share": stats["bdp_patches"] / patches,
+            "query_share": stats["queries"] / pixels,
+            "with_negative_share": stats["queries_with_negative"] / pixels,
+            "negatives_per_query": stats["negatives_per_query"]}
 
 
 def epoch_seed(seed, epoch, rank):
@@ -199,7 +222,7 @@ class Trainer:
         self.semi = args.method in ("meanteacher", "cdcl")
         if self.semi and not self.d["unlabeled"]:
             raise ValueError(f"--labeled-fraction: {args.labeled_fraction} leaves no unlabeled image for {args.method}")
-        n_train = self.d["train_x"].shape[0]
+        n_train = len(self.d["train"])
         self.iters = args.iters_per_epoch or max(1, math.ceil(n_train / args.batch_size))
         args.iters_per_epoch = self.iters
         self.student = models.build_model(args.model, args.pretrained).to(device)
@@ -256,9 +279,9 @@ class Trainer:
 
     # -- one step
     def batch(self, idx, g, labeled):
-        x = self.d["train_x"][idx]
+        x, labels = crops.random_crops(self.d["train"], idx, self.args.model.input_size, g)
         if labeled:
-            xs, y = augment.labeled_view(x, self.d["train_y"][idx], self.aug, g)
+            xs, y = augment.labeled_view(x, labels, self.aug, g)
             return augment.normalize(xs).to(self.device), (y > 0).long().to(self.device)
         weak, strong = augment.weak_strong_pair(x, self.aug, g)
         return augment.normalize(weak).to(self.device), augment.normalize(strong).to(self.device)
@@ -286,9 +309,10 @@ class Trainer:
                 parts["ent"] = entropy(s_logits)
                 loss = loss + a.w_ent * parts["ent"]
             if a.contr:
-                parts["contr"] = self.contr(out["proj"][self.bl:], t_out["proj"],
-                                            out["logits_s4"][self.bl:], t_out["logits_s4"])
+                parts["contr"], st = self.contr(out["proj"][self.bl:], t_out["proj"],
+                                                out["logits_s4"][self.bl:], t_out["logits_s4"], return_stats=True)
                 loss = loss + a.w_contr * parts["contr"]
+                parts.update(contrast_shares(st, out["proj"][self.bl:], a.grid))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -324,7 +348,8 @@ class Trainer:
 
     def fit(self, log_path, tb, resumed=False):
         a = self.args
-        fields = ["epoch", "step", "lr", "loss", "sup", "cons", "contr", "ent", "w_cons", "val_dice", "seconds"]
+        fields = ["epoch", "step", "lr", "loss", "sup", "cons", "contr", "ent", "w_cons", "fdp_share", "bdp_share",
+                  "query_share", "with_negative_share", "negatives_per_query", "val_dice", "seconds"]
         if self.main and not (resumed and os.path.exists(log_path)):  # a fresh run starts a fresh log
             with open(log_path, "w", newline="") as f:
                 csv.writer(f).writerow(fields)
@@ -333,9 +358,8 @@ class Trainer:
             t0 = time.time()
             stats = self.train_epoch()
             self.epoch += 1
-            dice = batch_dice(self.student.eval(), self.d["val_x"], self.d["val_y"], self.device) \
-                if self.d["val_x"].shape[0] else float("nan")
-            self.student.train()
+            dice = validation_dice(self.student, self.d["val"], a.inference, self.device) \
+                if self.d["val"] else float("nan")
             row = {"epoch": self.epoch, "step": self.step, "lr": self.opt.param_groups[0]["lr"],
                    **stats, "val_dice": dice, "seconds": round(time.time() - t0, 2)}
             if self.main:
@@ -347,7 +371,7 @@ class Trainer:
                     for k, v in row.items():
                         if k not in ("epoch", "step"):
                             tb.add_scalar(k, v, self.epoch)
-                    preview(tb, self.student, self.d["val_x"], self.device, self.epoch)
+                    preview(tb, self.student, self.d["val"], a.inference, self.device, self.epoch)
             improved = not math.isnan(dice) and dice > self.best
             if improved:
                 self.best = dice
@@ -357,15 +381,11 @@ class Trainer:
 
 
 @torch.no_grad()
-def preview(tb, model, images, device, epoch, n=4):
-    if not images.shape[0]:
-        return
-    model.eval()
-    x = images[:n].float() / 255.0
-    pred = model(augment.normalize(x).to(device))["logits"].argmax(dim=1).cpu().float()
-    model.train()
-    tb.add_images("val/images", x, epoch)
-    tb.add_images("val/prediction", pred[:, None], epoch)
+def preview(tb, model, samples, cfg, device, epoch, n=4):
+    """Overlays of the first validation images (prediction green, ground truth red, overlap yellow)."""
+    for k, s in enumerate(samples[:n]):
+        pred = predict_probability(model, s.image, cfg, device) > cfg.threshold
+        tb.add_image(f"val/{s.id}", overlay(s.image, pred, s.labels, stretch=True), epoch, dataformats="HWC")
 
 
 def tensorboard_writer(out):
@@ -394,9 +414,14 @@ def main(argv=None):
             with open(os.path.join(args.out, "splits.json"), "w") as f:
                 json.dump(trainer.d["split_ids"], f, indent=1)
             print(f"{args.method}: {len(trainer.d['labeled'])} labeled + {len(trainer.d['unlabeled'])} unlabeled "
-                  f"training {'tiles' if trainer.d['tile'] else 'images'}, {trainer.d['val_x'].shape[0]} val, "
+                  f"training {'tiles' if trainer.d['tile'] else 'images'}, {len(trainer.d['val'])} val, "
                   f"{len(trainer.d['test_entries'])} test images{' (tiled)' if trainer.d['tile'] else ''}; "
                   f"{trainer.iters} iterations/epoch, {world} process(es) on {device}", flush=True)
+        if rank == 0 and not args.resume:
+            # a fresh run must never report a model left behind by an earlier run in the same folder
+            for name in ("best.pt", "last.pt"):
+                if os.path.exists(os.path.join(args.out, name)):
+                    os.remove(os.path.join(args.out, name))
         tb = tensorboard_writer(args.out) if rank == 0 else None
         trainer.fit(os.path.join(args.out, "log.csv"), tb, resumed=bool(args.resume))
         if tb is not None:
@@ -408,14 +433,15 @@ def main(argv=None):
             if os.path.exists(best):
                 load_into(model, load_checkpoint(best, device)["student"], best, "student")
             samples = data.load_full(trainer.d["test_entries"], trainer.d["tile"])
-            meter = evaluate_samples(model, samples, args.model.input_size, device, args.out, args.overlays,
-                                     progress=not args.no_progress)
-            summary = write_report(meter, args.out, "metrics", f"Test metrics ({args.method}, {args.labeled_fraction} labeled)",
-                                   extra={"method": args.method, "labeled_fraction": args.labeled_fraction,
-                                          "checkpoint": "best.pt" if os.path.exists(best) else "last epoch"})
-            print(f"test: Dice over the set {summary['over_set']['DC']:.4f}, mean per image "
-                  f"{summary['per_image_mean']['DC']:.4f}; AJI {summary['per_image_mean']['AJI']:.4f} "
-                  f"-> {os.path.join(args.out, 'metrics.md')}", flush=True)
+            comp = evaluate_samples(model, samples, args.inference, device, args.out, args.overlays,
+                                    progress=not args.no_progress)
+            report = write_report(comp, args.out, "metrics",
+                                  f"Test metrics ({args.method}, {args.labeled_fraction} labeled)",
+                                  extra={"method": args.method, "labeled_fraction": args.labeled_fraction,
+                                         "checkpoint": "best.pt" if os.path.exists(best) else "last epoch"})
+            print(f"test images -> {os.path.join(args.out, 'metrics.md')}", flush=True)
+            for line in summary_lines(report):
+                print(line, flush=True)
     except (CheckpointError, data.DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

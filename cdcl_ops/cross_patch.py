@@ -109,7 +109,9 @@ def cross_patch_infonce(student_feats, teacher_feats, student_pred, teacher_pred
             every other bank pixel is a negative, no pseudo labels).
         backend: masked_infonce backend (None: the fastest for the device).
         return_stats: also return a dict of device tensors: "queries" (active queries),
-            "fdp_patches", "bdp_patches" (student patches), "positive_prob" (mean e^{s+} / denominator).
+            "queries_with_negative" (active queries with at least one valid negative),
+            "negatives_per_query" (mean over active queries), "fdp_patches", "bdp_patches" (student
+            patches), "positive_prob" (mean e^{s+} / denominator).
         compact: gather the active queries and bank rows before the op. Same result with less
             work when many pixels are MP or the bank has empty slots, at the price of one host
             synchronisation and data-dependent shapes (eager mode only: not under torch.compile).
@@ -196,7 +198,17 @@ def cross_patch_infonce(student_feats, teacher_feats, student_pred, teacher_pred
     if not return_stats:
         return loss
     with torch.no_grad():
+        # negatives per query from the same masks: with all-equal unit features every logit is 1,
+        # so a row's loss is log(1 + its number of negatives)
+        ones_q = torch.ones(q.shape[0], 1, dtype=torch.float32, device=q.device)
+        ones_k = torch.ones(k.shape[0], 1, dtype=torch.float32, device=q.device)
+        count = masked_infonce(ones_q, ones_q, ones_k, torch.where(active, q_lab, -1), k_lab, q_grp,
+                               k_grp, table, temperature=1.0, reduction="none", backend=backend,
+                               check_inputs=False)
+        negatives = torch.expm1(count.double()).round()
         stats = {"queries": n_active,
+                 "queries_with_negative": (active & (negatives > 0)).sum(),
+                 "negatives_per_query": (negatives * active).sum() / denom,
                  "fdp_patches": (kind_s == FDP).sum(),
                  "bdp_patches": (kind_s == BDP).sum(),
                  "positive_prob": (torch.exp(-per) * active).sum() / denom}

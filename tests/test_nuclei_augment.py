@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from cdcl_ops.nuclei import augment
+from cdcl_nuclei import augment
 
 
 def _blobs(n=4, size=48, seed=0):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cdcl_ops.nuclei import data
+from cdcl_nuclei import data
 
 
 def _rng(seed=0):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cdcl_ops.nuclei.metrics import (SegmentationMeter, confusion, connected_components, instance_scores,
+from cdcl_nuclei.metrics import (SegmentationMeter, confusion, connected_components, instance_scores,
                                      instance_terms, markdown_table, pixel_scores)
 
 

@@ -3,7 +3,7 @@ import re
 import pytest
 import torch
 
-from cdcl_ops.nuclei import models
+from cdcl_nuclei import models
 
 
 def test_paper_encoder_is_densenet161():

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from cdcl_ops.nuclei.schedules import ema_alpha, ema_update, poly_factor, poly_scheduler, sigmoid_rampup
+from cdcl_nuclei.schedules import ema_alpha, ema_update, poly_factor, poly_scheduler, sigmoid_rampup
 
 
 def test_ema_alpha_warmup():

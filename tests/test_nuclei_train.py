@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cdcl_ops.nuclei.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cdcl_nuclei.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "dsb2018_sample"
@@ -95,7 +95,7 @@ def test_checkpoint_errors(tmp_path, capsys):
     assert "truncated.pt" in err and "not a readable checkpoint" in err and "Traceback" not in err
     # foreign
     torch.save({"weights": torch.zeros(2)}, bad)
-    with pytest.raises(CheckpointError, match="not a cdcl_ops.nuclei/1"):
+    with pytest.raises(CheckpointError, match="not a cdcl_nuclei/1"):
         load_checkpoint(bad)
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
@@ -161,7 +161,7 @@ def test_end_to_end_loss_falls_and_outputs_written(tmp_path):
 
 
 def test_overlay_colours():
-    from cdcl_ops.nuclei.evaluate import overlay
+    from cdcl_nuclei.evaluate import overlay
 
     img = np.zeros((1, 4, 3), np.uint8)
     pred = np.array([[1, 1, 0, 0]])

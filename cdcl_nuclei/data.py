@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
-LABELED_FRACTIONS = ("1/32", "1/16", "1/8", "1")
 
 
 class DataError(ValueError):
@@ -317,35 +316,38 @@ def stretch_contrast(image: np.ndarray, low=0.5, high=99.5) -> np.ndarray:
     return out.clip(0, 255).round().astype(np.uint8)
 
 
-def resize_sample(sample: Sample, size: int):
-    """(image uint8 (3, S, S), labels int32 (S, S)) tensors: contrast stretched (`stretch_contrast`),
-    bilinear with antialiasing for the image, nearest for the labels."""
-    img = torch.from_numpy(stretch_contrast(sample.image)).permute(2, 0, 1)[None].float()
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (size, size, 3): bilinear with antialiasing."""
+    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
     img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    lab = torch.from_numpy(np.array(sample.labels))[None, None].float()
-    lab = F.interpolate(lab, size=(size, size), mode="nearest-exact")
-    return img[0].round().clamp(0, 255).to(torch.uint8), lab[0, 0].to(torch.int32)
+    return img[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def load_resized(entries, size, tile=None, desc="loading", progress=True):
-    """Stack of resized images (N, 3, S, S) uint8 and labels (N, S, S) int32, and the sample ids."""
+def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
+    """int32 (size, size): nearest, so every id stays an id."""
+    lab = torch.from_numpy(np.ascontiguousarray(labels))[None, None].float()
+    return F.interpolate(lab, size=(size, size), mode="nearest-exact")[0, 0].to(torch.int32).numpy()
+
+
+def training_samples(entries, tile=None, resize=None, desc="loading", progress=True) -> list[Sample]:
+    """Samples ready for training crops: contrast stretched (`stretch_contrast`), at their own pixel
+    scale, or resized to `resize` x `resize` (the paper's protocol) when given."""
     from tqdm import tqdm
 
-    images, labels, ids = [], [], []
+    out = []
     for e in tqdm(entries, desc=desc, leave=False, disable=not progress or len(entries) < 50):
         s = e.load()
         for part in (tile_sample(s, tile) if tile else [s]):
-            i, l = resize_sample(part, size)
-            images.append(i)
-            labels.append(l)
-            ids.append(part.id)
-    if not images:
-        return torch.zeros(0, 3, size, size, dtype=torch.uint8), torch.zeros(0, size, size, dtype=torch.int32), ids
-    return torch.stack(images), torch.stack(labels), ids
+            image = stretch_contrast(part.image)
+            labels = part.labels
+            if resize:
+                image, labels = resize_image(image, resize), resize_labels(labels, resize)
+            out.append(Sample(part.id, image, labels))
+    return out
 
 
 def load_full(entries, tile=None):
-    """Samples at their original resolution (tiled when asked), for evaluation."""
+    """Samples as stored (tiled when asked), for evaluation."""
     out = []
     for e in entries:
         s = e.load()

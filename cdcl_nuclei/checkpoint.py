@@ -14,7 +14,7 @@ import zipfile
 
 import torch
 
-FORMAT = "cdcl_ops.nuclei/1"
+FORMAT = "cdcl_nuclei/1"
 REQUIRED = ("format", "epoch", "config", "student")
 
 
