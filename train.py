@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 train.py ...            # DDP (gloo on CPU, nccl on CUDA)
 
 Methods: suponly (labeled part only), fullsup (every training image labeled), meanteacher
-(L_sup + w_cons L_cons), cdcl (L_sup + 0.1 L_contr + w_cons L_cons + 0.01 L_ent). --no-contr,
+(L_sup + w_cons L_cons + 0.01 L_ent: the paper's Scheme 6, CDCL without L_contr), cdcl (L_sup + 0.1 L_contr + w_cons L_cons + 0.01 L_ent). --no-contr,
 --no-cons, --no-ent, --sampling give the ablations. One epoch is ceil(training images / batch)
 iterations for every method (--iters-per-epoch overrides), so budgets compare across methods.
 Training sees random --input-size crops of each image at its own pixel scale; validation, the test
@@ -38,7 +38,7 @@ from cdcl_nuclei.evaluate import (InferenceConfig, evaluate_samples, overlay, pr
 METHODS = ("suponly", "fullsup", "meanteacher", "cdcl")
 # losses on by default per method: (cons, contr, ent)
 DEFAULT_LOSSES = {"suponly": (False, False, False), "fullsup": (False, False, False),
-                  "meanteacher": (True, False, False), "cdcl": (True, True, True)}
+                  "meanteacher": (True, False, True), "cdcl": (True, True, True)}
 # settings a resumed run must share with its checkpoint
 RESUME_KEYS = ("method", "dataset", "seed", "split_seed", "labeled_fraction", "batch_size", "unlabeled_batch_size",
                "iters_per_epoch", "model", "cons", "contr", "ent", "sampling", "max_images", "resize")
@@ -92,6 +92,9 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0, help="initialisation, labeled subset, sampling and augmentation")
     a("--split-seed", type=int, default=0, help="the train/val/test split (fixed across --seed)")
     a("--device", default="auto")
+    a("--autocast", default="none", choices=("none", "bf16"), help="bf16 autocast for the training "
+      "forward passes (GPU runs of the paper preset)")
+    a("--channels-last", action="store_true", help="channels_last memory format for model and inputs")
     a("--threads", type=int, default=None)
     a("--resume", default=None, help="checkpoint to continue from ('auto': OUT/last.pt if present)")
     a("--stop-after-epochs", type=int, default=None,
@@ -226,6 +229,8 @@ class Trainer:
         self.iters = args.iters_per_epoch or max(1, math.ceil(n_train / args.batch_size))
         args.iters_per_epoch = self.iters
         self.student = models.build_model(args.model, args.pretrained).to(device)
+        if args.channels_last:
+            self.student = self.student.to(memory_format=torch.channels_last)
         self.teacher = copy.deepcopy(self.student).eval() if self.semi else None
         if self.teacher is not None:
             for p in self.teacher.parameters():
@@ -280,27 +285,32 @@ class Trainer:
     # -- one step
     def batch(self, idx, g, labeled):
         x, labels = crops.random_crops(self.d["train"], idx, self.args.model.input_size, g)
+        fmt = torch.channels_last if self.args.channels_last else torch.contiguous_format
         if labeled:
             xs, y = augment.labeled_view(x, labels, self.aug, g)
-            return augment.normalize(xs).to(self.device), (y > 0).long().to(self.device)
+            return augment.normalize(xs).to(self.device, memory_format=fmt), (y > 0).long().to(self.device)
         weak, strong = augment.weak_strong_pair(x, self.aug, g)
-        return augment.normalize(weak).to(self.device), augment.normalize(strong).to(self.device)
+        return (augment.normalize(weak).to(self.device, memory_format=fmt),
+                augment.normalize(strong).to(self.device, memory_format=fmt))
 
     def train_step(self, lab_stream, unl_stream, g, t_epoch, unsup):
         a = self.args
         xl, yl = self.batch(lab_stream.take(self.bl), g, True)
         parts = {}
+        cast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=a.autocast == "bf16")
         if unsup:
             weak, strong = self.batch(unl_stream.take(self.bu), g, False)
-            out = self.net(torch.cat([xl, strong]), features=a.contr)
+            with cast:
+                out = self.net(torch.cat([xl, strong]), features=a.contr)
         else:
-            out = self.net(xl, features=False)
+            with cast:
+                out = self.net(xl, features=False)
         logits = out["logits"]
         loss = parts["sup"] = F.cross_entropy(logits[:self.bl].float(), yl)
         w_cons = a.w_cons * schedules.sigmoid_rampup(t_epoch, a.rampup_epochs)
         if unsup:
             s_logits = logits[self.bl:]
-            with torch.no_grad():
+            with torch.no_grad(), cast:
                 t_out = self.teacher(weak, features=a.contr)
             if a.cons:
                 parts["cons"] = F.cross_entropy(s_logits.float(), t_out["logits"].argmax(dim=1))
@@ -310,7 +320,7 @@ class Trainer:
                 loss = loss + a.w_ent * parts["ent"]
             if a.contr:
                 parts["contr"], st = self.contr(out["proj"][self.bl:], t_out["proj"],
-                                                out["logits_s4"][self.bl:], t_out["logits_s4"], return_stats=True)
+                                                out["logits_low"][self.bl:], t_out["logits_low"], return_stats=True)
                 loss = loss + a.w_contr * parts["contr"]
                 parts.update(contrast_shares(st, out["proj"][self.bl:], a.grid))
         self.opt.zero_grad(set_to_none=True)

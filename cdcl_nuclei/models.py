@@ -3,9 +3,12 @@
 The encoder has the architecture and the state_dict key names of torchvision's DenseNet
 (``features.conv0``, ``features.denseblock1.denselayer1.norm1``, ...), so ``load_pretrained`` takes a
 torchvision ``densenet161`` state dict from a local file. The decoder has 3 up-blocks (bilinear x2,
-add the encoder skip, 3x3 conv, BN, ReLU) down to stride 4; the classifier (3x3 conv -> hidden,
-dropout2d, 1x1 conv -> classes) predicts at stride 4 and is upsampled to the input; the projector
-(2x2 average pool, 1x1 conv, ReLU, 1x1 conv) gives the contrastive features at stride 8.
+add the encoder skip, 3x3 conv, BN, ReLU) down to stride 4, and with a fourth decoder width a
+fourth up-block to stride 2 on the encoder's stem (sharper boundaries for small nuclei; the CPU
+preset has it, the paper's model does not); the classifier (3x3 conv -> hidden, dropout2d, 1x1 conv
+-> classes) predicts at the decoder's last stride and is upsampled to the input; the projector (2x2
+average pool, 1x1 conv, ReLU, 1x1 conv) gives the contrastive features at stride 8, from the
+stride-4 decoder output.
 """
 from __future__ import annotations
 
@@ -35,8 +38,8 @@ class ModelConfig:
 PRESETS = {
     # DenseNet-161 encoder, the paper's model
     "paper": ModelConfig(),
-    # a narrow DenseNet that trains on a couple of CPU cores
-    "small": ModelConfig(growth=16, blocks=(2, 2, 2, 2), init_features=32, decoder=(64, 64, 64),
+    # a narrow DenseNet that trains on a couple of CPU cores; its decoder goes on to stride 2
+    "small": ModelConfig(growth=16, blocks=(2, 2, 2, 2), init_features=32, decoder=(64, 64, 64, 32),
                          cls_hidden=32, proj=(64, 32), input_size=128),
     # for tests only
     "tiny": ModelConfig(growth=4, blocks=(1, 1, 1, 1), init_features=8, decoder=(8, 8, 8),
@@ -113,9 +116,10 @@ class DenseNetEncoder(nn.Module):
                 nn.init.kaiming_normal_(m.weight)
 
     def forward(self, x):
+        """(skips at strides 2 (the stem), 4, 8, 16; final features at stride 32)."""
         skips = []
         for name, module in self.features.named_children():
-            if name.startswith("transition"):
+            if name.startswith("transition") or name == "pool0":
                 skips.append(x)
             x = module(x)
         return skips, F.relu(x)
@@ -136,35 +140,39 @@ class UpBlock(nn.Module):
 class DenseUNet(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if len(cfg.blocks) != 4 or len(cfg.decoder) != 3 or len(cfg.proj) != 2:
-            raise ValueError("cfg: expected 4 dense blocks, 3 decoder widths and 2 projector widths, "
+        if len(cfg.blocks) != 4 or len(cfg.decoder) not in (3, 4) or len(cfg.proj) != 2:
+            raise ValueError("cfg: expected 4 dense blocks, 3 or 4 decoder widths and 2 projector widths, "
                              f"got {cfg.blocks}, {cfg.decoder}, {cfg.proj}")
         self.cfg = cfg
         self.encoder = DenseNetEncoder(cfg.growth, cfg.blocks, cfg.init_features, cfg.bn_size)
-        skips = self.encoder.skip_channels[::-1]
+        skips = ([cfg.init_features] + self.encoder.skip_channels)[::-1]
         widths = (self.encoder.out_channels,) + tuple(cfg.decoder)
-        self.decoder = nn.ModuleList(UpBlock(widths[i], skips[i], widths[i + 1]) for i in range(3))
+        self.decoder = nn.ModuleList(UpBlock(widths[i], skips[i], widths[i + 1])
+                                     for i in range(len(cfg.decoder)))
         d = cfg.decoder[-1]
         self.classifier = nn.Sequential(
             nn.Conv2d(d, cfg.cls_hidden, 3, padding=1, bias=False), nn.BatchNorm2d(cfg.cls_hidden),
             nn.ReLU(inplace=True), nn.Dropout2d(cfg.dropout), nn.Conv2d(cfg.cls_hidden, cfg.num_classes, 1))
         self.projector = nn.Sequential(
-            nn.AvgPool2d(2, 2), nn.Conv2d(d, cfg.proj[0], 1), nn.ReLU(inplace=True),
+            nn.AvgPool2d(2, 2), nn.Conv2d(cfg.decoder[2], cfg.proj[0], 1), nn.ReLU(inplace=True),
             nn.Conv2d(cfg.proj[0], cfg.proj[1], 1))
 
     def forward(self, x, features: bool = False):
-        """Returns {'logits': (B, C, H, W) at the input size, 'logits_s4': at stride 4} and, with
-        features=True, 'proj': projector features (B, D, H/8, W/8)."""
+        """Returns {'logits': (B, C, H, W) at the input size, 'logits_low': at the decoder's last
+        stride (4 or 2)} and, with features=True, 'proj': projector features (B, D, H/8, W/8)."""
         if x.shape[-1] % 32 or x.shape[-2] % 32:
             raise ValueError(f"x: expected height and width divisible by 32, got {tuple(x.shape[-2:])}")
         skips, y = self.encoder(x)
-        for block, skip in zip(self.decoder, skips[::-1]):
+        s4 = None
+        for i, (block, skip) in enumerate(zip(self.decoder, skips[::-1])):
             y = block(y, skip)
+            if i == 2:
+                s4 = y
         low = self.classifier(y)
-        out = {"logits_s4": low,
+        out = {"logits_low": low,
                "logits": F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False)}
         if features:
-            out["proj"] = self.projector(y)
+            out["proj"] = self.projector(s4)
         return out
 
 

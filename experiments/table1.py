@@ -1,14 +1,15 @@
-"""The paper's Table 1 protocol: SupOnly vs CDCL (and optionally other methods) at one labeled
-fraction, several seeds, same split; writes a results table.
+"""The paper's Table 1 protocol at one labeled fraction: several methods, several seeds, one split,
+with each seed's labeled subset shared by every method; paired differences against CDCL and Otsu's
+threshold on the same test images.
 
-    python experiments/table1.py --data ../shared/nuclei/dsb2018/stage1_train --dataset dsb \\
-        --fraction 1/8 --seeds 0 1 2 --preset small --epochs 10 --iters-per-epoch 30 --out runs/table1
+    python experiments/table1.py --data ../shared/nuclei/dsb2018/stage1_train --fraction 1/32 \\
+        --seeds 0 1 2 3 4 --out runs/table1/dsb-1_32 -- --epochs 30 --iters-per-epoch 10 --threads 1
 
 Each (method, seed) run is `train.py` in a subprocess writing to OUT/<method>-seed<k>/; a run whose
-metrics.json exists is not repeated, so an interrupted table continues where it stopped. Arguments
-after `--` go to every train.py call unchanged (e.g. `-- --lr 1e-3 --threads 2`). The split is the
-same for every seed (--split-seed); the seed changes the labeled subset, the initialisation, the
-sampling and the augmentation. Writes OUT/results.md, OUT/results.json and OUT/runs.csv.
+metrics.json exists is not repeated and an interrupted one resumes from its last.pt, so the table
+can be built piece by piece (`--seeds 0` today, `--seeds 0 1 2` tomorrow). Arguments after `--` go
+to every train.py call unchanged. After every finished run OUT/runs.csv, OUT/results.md and
+OUT/results.json are rewritten from all finished runs.
 """
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER_DICE = {  # Table 1 of the paper, Dice %
-    "dsb": {"1/32": (83.93, 87.49), "1/16": (86.10, 89.88), "1/8": (87.38, 90.09), "1": 90.46},
-    "monuseg": {"1/32": (71.83, 75.97), "1/16": (74.72, 77.77), "1/8": (75.81, 78.93), "1": 79.97},
+PAPER_DICE = {  # Table 1 of the paper, Dice %: (SupOnly, CDCL)
+    "dsb": {"1/32": (83.93, 87.49), "1/16": (86.10, 89.88), "1/8": (87.38, 90.09)},
+    "monuseg": {"1/32": (71.83, 75.97), "1/16": (74.72, 77.77), "1/8": (75.81, 78.93)},
 }
+METRICS = ("dice_set", "dice_image", "aji_image")
 
 
 def parse_args(argv=None):
@@ -39,12 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True)
     p.add_argument("--dataset", default="dsb", choices=("dsb", "monuseg"))
     p.add_argument("--fraction", default="1/8")
-    p.add_argument("--methods", nargs="+", default=["suponly", "cdcl"])
+    p.add_argument("--methods", nargs="+", default=["suponly", "meanteacher", "cdcl"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--preset", default="small")
-    p.add_argument("--epochs", type=int, default=80)
-    p.add_argument("--iters-per-epoch", type=int, default=None)
     p.add_argument("--out", default="runs/table1")
     p.add_argument("--in-process", action="store_true", help="call train.main here instead of a subprocess")
     args = p.parse_args(argv)
@@ -61,41 +61,57 @@ def _train_module():
     return mod
 
 
-def run_one(args, method, seed):
-    out = os.path.join(args.out, f"{method}-seed{seed}")
-    metrics = os.path.join(out, "metrics.json")
-    if os.path.exists(metrics):
-        print(f"{method} seed {seed}: done already ({metrics})", flush=True)
-    else:
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", args.data, "--dataset", args.dataset,
-               "--method", method, "--labeled-fraction", args.fraction, "--seed", str(seed),
-               "--split-seed", str(args.split_seed), "--preset", args.preset, "--epochs", str(args.epochs),
-               "--out", out, "--resume", "auto", "--no-progress"]
-        if args.iters_per_epoch:
-            cmd += ["--iters-per-epoch", str(args.iters_per_epoch)]
-        cmd += args.extra
-        print(f"{method} seed {seed}: " + " ".join(cmd), flush=True)
-        t0 = time.time()
-        if args.in_process:
-            code = _train_module().main(cmd[2:])
-        else:
-            code = subprocess.run(cmd, cwd=ROOT).returncode
-        if code != 0:
-            raise SystemExit(f"{method} seed {seed}: train.py failed with exit status {code}")
-        print(f"{method} seed {seed}: {time.time() - t0:.0f} s", flush=True)
-    with open(metrics) as f:
+def run_dir(args, method, seed):
+    return os.path.join(args.out, f"{method}-seed{seed}")
+
+
+def train_once(args, method, seed):
+    out = run_dir(args, method, seed)
+    if os.path.exists(os.path.join(out, "metrics.json")):
+        print(f"{method} seed {seed}: done already", flush=True)
+        return
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", args.data, "--dataset", args.dataset,
+           "--method", method, "--labeled-fraction", args.fraction, "--seed", str(seed),
+           "--split-seed", str(args.split_seed), "--preset", args.preset, "--out", out,
+           "--resume", "auto", "--no-progress", *args.extra]
+    print(f"{method} seed {seed}: " + " ".join(cmd[1:]), flush=True)
+    t0 = time.time()
+    code = _train_module().main(cmd[2:]) if args.in_process else subprocess.run(cmd, cwd=ROOT).returncode
+    if code != 0:
+        raise SystemExit(f"{method} seed {seed}: train.py failed with exit status {code}")
+    print(f"{method} seed {seed}: {time.time() - t0:.0f} s", flush=True)
+
+
+def read_run(args, method, seed):
+    out = run_dir(args, method, seed)
+    with open(os.path.join(out, "metrics.json")) as f:
         m = json.load(f)
     with open(os.path.join(out, "log.csv")) as f:
-        seconds = sum(float(r["seconds"]) for r in csv.DictReader(f))
-    return {"method": method, "seed": seed, "dice_set": m["over_set"]["DC"], "dice_image": m["per_image_mean"]["DC"],
-            "jc_set": m["over_set"]["JC"], "aji_image": m["per_image_mean"]["AJI"], "images": m["images"],
-            "train_seconds": round(seconds, 1)}
+        log = list(csv.DictReader(f))
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    model, otsu = m["model"], m["otsu"]
+    return {"method": method, "seed": seed,
+            "dice_set": 100 * model["over_set"]["DC"], "dice_image": 100 * model["per_image_mean"]["DC"],
+            "aji_image": 100 * model["per_image_mean"]["AJI"],
+            "otsu_dice_set": 100 * otsu["over_set"]["DC"], "otsu_dice_image": 100 * otsu["per_image_mean"]["DC"],
+            "test_images": m["images"], "steps": int(log[-1]["step"]), "crop": cfg["model"]["input_size"],
+            "resize": cfg.get("resize", False), "train_seconds": round(sum(float(r["seconds"]) for r in log), 1)}
 
 
-def summarise(rows, key):
-    vals = [100 * r[key] for r in rows]
-    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return statistics.mean(vals), sd, min(vals), max(vals)
+def t_interval(diffs):
+    """mean and the 95% Student-t interval of paired differences (None with fewer than 2)."""
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return mean, None
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return mean, (mean - half, mean + half)
+
+
+def _ms(vals):
+    return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else f"{vals[0]:.2f}"
 
 
 def write_results(args, rows):
@@ -104,38 +120,64 @@ def write_results(args, rows):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    table, lines = {}, []
-    lines += [f"# Table 1 protocol: {args.dataset}, {args.fraction} labeled, preset {args.preset}", "",
-              f"Budget: {args.epochs} epochs x {args.iters_per_epoch or 'ceil(train/batch)'} iterations; "
-              f"seeds {args.seeds}; split seed {args.split_seed}; extra train.py arguments: "
-              f"`{' '.join(args.extra) or '(none)'}`.", "",
-              "Test Dice (%) over the whole test set and as the mean per image; mean ± sample standard "
-              "deviation over seeds, [min, max].", "",
-              "| method | runs | Dice over the set | Dice mean per image | JC over the set | AJI per image | train s/run |",
-              "|---|---|---|---|---|---|---|"]
-    for method in args.methods:
-        rs = [r for r in rows if r["method"] == method]
-        s = {k: summarise(rs, k) for k in ("dice_set", "dice_image", "jc_set", "aji_image")}
-        table[method] = {k: {"mean": v[0], "sd": v[1], "min": v[2], "max": v[3]} for k, v in s.items()}
-        fmt = lambda v: f"{v[0]:.2f} ± {v[1]:.2f} [{v[2]:.2f}, {v[3]:.2f}]"
-        lines.append(f"| {method} | {len(rs)} | {fmt(s['dice_set'])} | {fmt(s['dice_image'])} | "
-                     f"{fmt(s['jc_set'])} | {fmt(s['aji_image'])} | "
-                     f"{statistics.mean(r['train_seconds'] for r in rs):.0f} |")
+    by = {(r["method"], r["seed"]): r for r in rows}
+    methods = [m for m in args.methods if any(r["method"] == m for r in rows)]
+    r0 = rows[0]
+    lines = [f"# Table 1 protocol: {args.dataset}, {args.fraction} labeled, preset {args.preset}", "",
+             f"Split seed {args.split_seed}, {r0['test_images']} test images; "
+             f"{'images resized to' if r0['resize'] else 'native-resolution crops of'} {r0['crop']} px; "
+             f"{r0['steps']} steps per run; train.py arguments `{' '.join(args.extra) or '(none)'}`.", "",
+             "Test Dice (%), over the whole test set and as the mean per image; mean ± sample sd over "
+             "the seeds.", "",
+             "| method | seeds | Dice over the set | Dice mean per image | AJI per image | train s/run |",
+             "|---|---|---|---|---|---|"]
+    summary = {}
+    for m in methods:
+        rs = [r for r in rows if r["method"] == m]
+        summary[m] = {k: [r[k] for r in rs] for k in METRICS}
+        lines.append(f"| {m} | {len(rs)} | {_ms(summary[m]['dice_set'])} | {_ms(summary[m]['dice_image'])} | "
+                     f"{_ms(summary[m]['aji_image'])} | {statistics.mean(r['train_seconds'] for r in rs):.0f} |")
+    lines.append(f"| Otsu (no learning) | - | {r0['otsu_dice_set']:.2f} | {r0['otsu_dice_image']:.2f} | - | - |")
+    lines += ["", "Every seed (Dice over the set / mean per image):", "",
+              "| seed | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for s in sorted({r["seed"] for r in rows}):
+        cells = [f"{by[(m, s)]['dice_set']:.2f} / {by[(m, s)]['dice_image']:.2f}" if (m, s) in by else "-"
+                 for m in methods]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    paired = {}
+    if "cdcl" in methods:
+        lines += ["", "Paired differences (same seed, same labeled subset), mean and 95% t-interval:", "",
+                  "| difference | seeds | Dice over the set | Dice mean per image |", "|---|---|---|---|"]
+        for other in [m for m in methods if m != "cdcl"]:
+            seeds = sorted(s for (m, s) in by if m == "cdcl" and ("cdcl", s) in by and (other, s) in by)
+            if not seeds:
+                continue
+            cells = []
+            for k in ("dice_set", "dice_image"):
+                mean, ci = t_interval([by[("cdcl", s)][k] - by[(other, s)][k] for s in seeds])
+                paired.setdefault(other, {})[k] = {"mean": mean, "ci95": ci}
+                cells.append(f"{mean:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""))
+            lines.append(f"| cdcl - {other} | {len(seeds)} | {cells[0]} | {cells[1]} |")
     paper = PAPER_DICE.get(args.dataset, {}).get(args.fraction)
     if paper:
-        lines += ["", f"The paper (DenseNet-161, 320x320, 80 epochs, ImageNet weights): SupOnly {paper[0]}, "
-                      f"CDCL {paper[1]} Dice %."]
+        lines += ["", f"The paper (DenseNet-161 from ImageNet weights, 320x320, 80 epochs): SupOnly "
+                      f"{paper[0]}, CDCL {paper[1]} Dice %."]
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"settings": {k: v for k, v in vars(args).items()}, "summary": table, "runs": rows}, f, indent=2)
-    print("\n".join(lines))
+        json.dump({"settings": vars(args), "summary": summary, "paired": paired, "runs": rows}, f, indent=2)
+    return lines
 
 
 def main(argv=None):
     args = parse_args(argv)
-    rows = [run_one(args, m, s) for s in args.seeds for m in args.methods]
-    write_results(args, rows)
+    for s in args.seeds:
+        for m in args.methods:
+            train_once(args, m, s)
+            done = [read_run(args, m2, s2) for s2 in args.seeds for m2 in args.methods
+                    if os.path.exists(os.path.join(run_dir(args, m2, s2), "metrics.json"))]
+            lines = write_results(args, done)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -247,7 +247,7 @@ def test_bank_none_is_memory_zero_and_stats():
     assert int(stats["queries"]) == int((kinds >= 0).sum()) * pixels
     assert all(isinstance(v, torch.Tensor) and v.device == loss.device for v in stats.values())
     # mean positive probability e^{s+} / (e^{s+} + sum J e^{s-}) over the queries, from the same loop
-    probs = []
+    probs, counts = [], []
     fdb_bdb = {}
     for f, y in [(batch["ft"], batch["yt"])]:
         for i, cells in patch_cells(b, h, w, grid):
@@ -261,10 +261,13 @@ def test_bank_none_is_memory_zero_and_stats():
         for r, c in cells:
             q = batch["fs"][i, :, r, c]
             pos = sim(q, batch["ft"][i, :, r, c], 0.1)
-            neg = sum(float(sim(q, k, 0.1)) for k, lab in fdb_bdb.get(1 - kind, [])
-                      if lab != int(batch["ys"][i, r, c]))
+            negs = [k for k, lab in fdb_bdb.get(1 - kind, []) if lab != int(batch["ys"][i, r, c])]
+            neg = sum(float(sim(q, k, 0.1)) for k in negs)
             probs.append(float(pos) / (float(pos) + neg))
+            counts.append(len(negs))
     assert math.isclose(float(stats["positive_prob"]), sum(probs) / len(probs), rel_tol=1e-9)
+    assert int(stats["queries_with_negative"]) == sum(c > 0 for c in counts)
+    assert math.isclose(float(stats["negatives_per_query"]), sum(counts) / len(counts), rel_tol=1e-9)
 
 
 def test_logits_are_pooled_then_argmaxed():

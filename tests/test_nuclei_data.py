@@ -172,9 +172,20 @@ def test_tiles_without_overlap():
 def test_resize_keeps_label_ids():
     lab = _rng().integers(0, 7, size=(37, 53)).astype(np.int32) * 1000
     img = _rng().integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
-    x, y = data.resize_sample(data.Sample("r", img, lab), 32)
-    assert x.shape == (3, 32, 32) and x.dtype.is_floating_point is False
-    assert y.shape == (32, 32) and set(np.unique(y.numpy())) <= set(np.unique(lab))
+    x, y = data.resize_image(img, 32), data.resize_labels(lab, 32)
+    assert x.shape == (32, 32, 3) and x.dtype == np.uint8
+    assert y.shape == (32, 32) and set(np.unique(y)) <= set(np.unique(lab))
+
+
+def test_training_samples_native_or_resized():
+    img = _rng().integers(0, 256, size=(40, 70, 3), dtype=np.uint8)
+    lab = _rng(1).integers(0, 5, size=(40, 70)).astype(np.int32)
+    entry = data.Entry("a", lambda: data.Sample("a", img, lab))
+    native = data.training_samples([entry], progress=False)[0]
+    assert native.image.shape == (40, 70, 3) and np.array_equal(native.labels, lab)
+    assert np.array_equal(native.image, data.stretch_contrast(img))
+    small = data.training_samples([entry], resize=32, progress=False)[0]
+    assert small.image.shape == (32, 32, 3) and small.labels.shape == (32, 32)
 
 
 def test_dataset_splits_dsb_and_monuseg(tmp_path):

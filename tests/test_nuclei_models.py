@@ -22,11 +22,19 @@ def test_tiny_model_shapes_and_bad_input():
     m = models.build_model(cfg).eval()
     out = m(torch.randn(2, 3, 64, 96), features=True)
     assert out["logits"].shape == (2, 2, 64, 96)
-    assert out["logits_s4"].shape == (2, 2, 16, 24)
+    assert out["logits_low"].shape == (2, 2, 16, 24)
     assert out["proj"].shape == (2, cfg.proj[1], 8, 12)
     assert "proj" not in m(torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match="divisible by 32"):
         m(torch.randn(1, 3, 48, 64))
+
+
+def test_small_preset_predicts_at_stride_2_and_projects_at_stride_8():
+    cfg = models.model_config("small")
+    m = models.build_model(cfg).eval()
+    out = m(torch.randn(1, 3, 64, 128), features=True)
+    assert out["logits_low"].shape == (1, 2, 32, 64) and out["logits"].shape == (1, 2, 64, 128)
+    assert out["proj"].shape == (1, cfg.proj[1], 8, 16)
 
 
 def test_dropout_only_in_training():

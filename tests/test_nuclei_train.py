@@ -129,11 +129,19 @@ def test_end_to_end_loss_falls_and_outputs_written(tmp_path):
     for name in ("config.json", "splits.json", "last.pt", "best.pt", "metrics.json", "metrics.md"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["images"] == 3 and 0 <= metrics["over_set"]["DC"] <= 1
-    assert set(metrics["per_image_mean"]) == {"DC", "JC", "ACC", "SP", "SE", "AJI", "PQ", "F1"}
+    assert metrics["images"] == 3 and 0 <= metrics["model"]["over_set"]["DC"] <= 1
+    assert set(metrics["model"]["per_image_mean"]) == {"DC", "JC", "ACC", "SP", "SE", "AJI", "PQ", "F1"}
+    # the Otsu baseline on the same images, and the model's difference to it
+    assert metrics["otsu"]["images"] == 3 and 0.5 < metrics["otsu"]["over_set"]["DC"] <= 1
+    for part in ("over_set", "per_image_mean"):
+        assert metrics["model_minus_otsu"][part]["DC"] == pytest.approx(
+            metrics["model"][part]["DC"] - metrics["otsu"][part]["DC"])
+    md = (out / "metrics.md").read_text()
+    assert "Otsu" in md and "model - Otsu" in md
     assert len(os.listdir(out / "overlays")) == 2
     test_ids = json.loads((out / "splits.json").read_text())["test"]
     assert [r["image"] for r in metrics["per_image"]] == test_ids
+    assert {"model", "otsu"} <= set(metrics["per_image"][0])
 
     # predict.py on the held-out images, with their ground truth
     pin = tmp_path / "pin"
@@ -145,8 +153,9 @@ def test_end_to_end_loss_falls_and_outputs_written(tmp_path):
     pout = tmp_path / "pred"
     assert predict.main(["--checkpoint", str(out / "best.pt"), "--images", str(pin), "--out", str(pout)]) == 0
     pm = json.loads((pout / "metrics.json").read_text())
-    # same model, same images, same resizing: the same numbers as train.py's test evaluation
-    assert pm["over_set"]["DC"] == pytest.approx(metrics["over_set"]["DC"], abs=1e-12)
+    # same model, same images, same tiling: the same numbers as train.py's test evaluation
+    assert pm["model"]["over_set"]["DC"] == pytest.approx(metrics["model"]["over_set"]["DC"], abs=1e-12)
+    assert pm["otsu"] == metrics["otsu"]
     sid = test_ids[0]
     mask = np.asarray(Image.open(pout / "masks" / f"{sid}.png"))
     gt = np.asarray(Image.open(SAMPLE / "labels" / f"{sid}.png"))
@@ -195,20 +204,28 @@ def test_table1_protocol_runs_and_writes_the_table(tmp_path):
     table1 = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table1)
     out = tmp_path / "t1"
-    table1.main(["--data", str(SAMPLE), "--fraction", "1/4", "--seeds", "0", "--preset", "tiny", "--epochs", "1",
-                 "--iters-per-epoch", "1", "--out", str(out), "--in-process", "--", "--max-images", "12", "--batch-size", "2",
-                 "--unlabeled-batch-size", "2", "--unsup-start-epoch", "1", "--threads", "1", "--overlays", "0"])
+    common = ["--data", str(SAMPLE), "--fraction", "1/4", "--preset", "tiny", "--out", str(out), "--in-process",
+              "--", "--max-images", "12", "--batch-size", "2", "--unlabeled-batch-size", "2", "--epochs", "1",
+              "--iters-per-epoch", "1", "--unsup-start-epoch", "1", "--threads", "1", "--overlays", "0"]
+    table1.main(["--seeds", "0", "1"] + common)
     res = json.loads((out / "results.json").read_text())
-    assert set(res["summary"]) == {"suponly", "cdcl"}
+    assert set(res["summary"]) == {"suponly", "meanteacher", "cdcl"}
     for m in ("suponly", "cdcl"):
-        run = json.loads((out / f"{m}-seed0" / "metrics.json").read_text())
-        assert res["summary"][m]["dice_set"]["mean"] == pytest.approx(100 * run["over_set"]["DC"])
+        run = json.loads((out / f"{m}-seed1" / "metrics.json").read_text())
+        assert res["summary"][m]["dice_set"][1] == pytest.approx(100 * run["model"]["over_set"]["DC"])
+    d = [r["dice_set"] for r in res["runs"] if r["method"] == "cdcl"]
+    s = [r["dice_set"] for r in res["runs"] if r["method"] == "suponly"]
+    assert res["paired"]["suponly"]["dice_set"]["mean"] == pytest.approx((d[0] - s[0] + d[1] - s[1]) / 2)
+    lo, hi = res["paired"]["suponly"]["dice_set"]["ci95"]
+    assert lo <= res["paired"]["suponly"]["dice_set"]["mean"] <= hi
     md = (out / "results.md").read_text()
-    assert "suponly" in md and "cdcl" in md and "over the set" in md
+    assert "cdcl - suponly" in md and "cdcl - meanteacher" in md and "Otsu" in md
+    # every method of a seed saw the same labeled images
+    ids = [json.loads((out / f"{m}-seed0" / "splits.json").read_text())["train_labeled"] for m in res["summary"]]
+    assert ids[0] == ids[1] == ids[2]
     # a finished table is not recomputed
     mtime = (out / "cdcl-seed0" / "metrics.json").stat().st_mtime
-    table1.main(["--data", str(SAMPLE), "--fraction", "1/4", "--seeds", "0", "--preset", "tiny", "--epochs", "1",
-                 "--out", str(out)])
+    table1.main(["--seeds", "0", "1"] + common)
     assert (out / "cdcl-seed0" / "metrics.json").stat().st_mtime == mtime
 
 
@@ -221,7 +238,8 @@ def test_tensorboard_scalars_and_previews(tmp_path):
     acc = EventAccumulator(str(out / "tb"), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     tags = acc.Tags()
-    assert {"val/images", "val/prediction"} <= set(tags["images"])
+    val_ids = json.loads((out / "splits.json").read_text())["val"]
+    assert {f"val/{i}" for i in val_ids[:4]} <= set(tags["images"])
     scalars = set(tags["scalars"])
     assert scalars, "no scalars written"
     assert any("loss" in t for t in scalars), scalars
