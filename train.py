@@ -33,7 +33,7 @@ from cdcl_ops import CrossPatchInfoNCE
 from cdcl_nuclei import augment, crops, data, models, schedules
 from cdcl_nuclei.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_into, save_checkpoint
 from cdcl_nuclei.evaluate import (InferenceConfig, evaluate_samples, overlay, predict_probability, summary_lines,
-                                  validation_dice, write_report)
+                                  otsu_dice, validation_dice, write_report)
 
 METHODS = ("suponly", "fullsup", "meanteacher", "cdcl")
 # losses on by default per method: (cons, contr, ent)
@@ -41,7 +41,7 @@ DEFAULT_LOSSES = {"suponly": (False, False, False), "fullsup": (False, False, Fa
                   "meanteacher": (True, False, True), "cdcl": (True, True, True)}
 # settings a resumed run must share with its checkpoint
 RESUME_KEYS = ("method", "dataset", "seed", "split_seed", "labeled_fraction", "batch_size", "unlabeled_batch_size",
-               "iters_per_epoch", "model", "cons", "contr", "ent", "sampling", "max_images", "resize")
+               "iters_per_epoch", "model", "cons", "contr", "ent", "sampling", "max_images", "resize", "scale_range")
 
 
 def parse_args(argv=None):
@@ -61,6 +61,8 @@ def parse_args(argv=None):
     a("--resize", action="store_true", help="the paper's protocol: resize every image (MoNuSeg: every "
       "250x250 tile) to --input-size x --input-size for training and inference, instead of native-"
       "resolution crops and tiled inference")
+    a("--scale-range", type=float, nargs=2, default=(0.8, 1.25), metavar=("LO", "HI"),
+      help="zoom range of the augmentation at native resolution (with --resize: the paper's 0.7 1.0 crop)")
     a("--window", type=int, default=256, help="inference window side at native resolution (multiple of 32)")
     a("--overlap", type=int, default=64, help="overlap of neighbouring inference windows, in pixels")
     a("--pretrained", default=None, help="local torchvision DenseNet state dict for the encoder")
@@ -121,6 +123,7 @@ def resolve(args):
     args.model = cfg
     args.inference = InferenceConfig(window=args.window, overlap=args.overlap,
                                      resize=cfg.input_size if args.resize else None)
+    args.scale_range = [float(v) for v in args.scale_range]  # one type through JSON and checkpoints
     if args.rampup_epochs is None:
         args.rampup_epochs = float(args.epochs)
     return args
@@ -247,7 +250,10 @@ class Trainer:
                                        ).to(device) if args.contr else None
         self.opt = torch.optim.Adam(self.student.parameters(), lr=args.lr)
         self.sched = schedules.poly_scheduler(self.opt, args.epochs * self.iters, args.poly_power)
-        self.aug = augment.AugmentConfig()
+        lo, hi = (0.7, 1.0) if args.resize else args.scale_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"--scale-range: expected 0 < LO <= HI, got {lo} {hi}")
+        self.aug = augment.AugmentConfig(scale=(lo, hi))
         self.epoch, self.step, self.best = 0, 0, -1.0
 
     # -- checkpoints
@@ -427,6 +433,9 @@ def main(argv=None):
                   f"training {'tiles' if trainer.d['tile'] else 'images'}, {len(trainer.d['val'])} val, "
                   f"{len(trainer.d['test_entries'])} test images{' (tiled)' if trainer.d['tile'] else ''}; "
                   f"{trainer.iters} iterations/epoch, {world} process(es) on {device}", flush=True)
+            if trainer.d["val"]:
+                print(f"validation: Otsu's threshold (no learning) scores Dice {100 * otsu_dice(trainer.d['val']):.2f} "
+                      "over the set", flush=True)
         if rank == 0 and not args.resume:
             # a fresh run must never report a model left behind by an earlier run in the same folder
             for name in ("best.pt", "last.pt"):

@@ -1,4 +1,4 @@
-"""The weak/strong augmentation pair (SPEC 4), on batched tensors with an explicit generator.
+"""The weak/strong augmentation pair, on batched tensors with an explicit generator.
 
 Geometry (random flip, random crop, rotation in [-15, 15] degrees) is one affine warp per image,
 applied to the image (bilinear) and the labels (nearest) with the same parameters. The weak view is
@@ -19,7 +19,9 @@ import torch.nn.functional as F
 class AugmentConfig:
     flip: bool = True
     max_rotation: float = 15.0      # degrees
-    min_crop: float = 0.7           # smallest crop side, as a fraction of the image side
+    # side of the sampled region over the output side: below 1 zooms in (the paper's random crop of
+    # a whole image: 0.7-1.0); native-resolution crops use a range around 1 (scale augmentation)
+    scale: tuple = (0.7, 1.0)
     blur_p: float = 0.5
     blur_sigma: tuple = (0.1, 1.5)  # in pixels of the model input
     jitter_p: float = 0.8
@@ -38,10 +40,12 @@ def sample_geometry(n, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
     flip_x = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if cfg.flip else torch.ones(n)
     flip_y = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if cfg.flip else torch.ones(n)
     angle = _uniform(n, -cfg.max_rotation, cfg.max_rotation, g) * (math.pi / 180.0)
-    scale = _uniform(n, cfg.min_crop, 1.0, g)
+    lo, hi = cfg.scale
+    # log-uniform, so zooming in and out by the same factor are equally likely
+    scale = torch.exp(_uniform(n, math.log(lo), math.log(hi), g))
     # the crop centre moves only as far as keeps the (unrotated) crop inside the image
-    cx = _uniform(n, -1.0, 1.0, g) * (1.0 - scale)
-    cy = _uniform(n, -1.0, 1.0, g) * (1.0 - scale)
+    cx = _uniform(n, -1.0, 1.0, g) * (1.0 - scale).abs()
+    cy = _uniform(n, -1.0, 1.0, g) * (1.0 - scale).abs()
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 1] = cos * flip_x, -sin * flip_y

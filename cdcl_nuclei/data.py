@@ -1,5 +1,5 @@
 """Nuclei data: readers for three on-disk formats, seeded splits, MoNuSeg tiles, resizing and the
-labeled subset (SPEC 6).
+labeled subset.
 
 Formats (``detect_format`` tells them apart):
   * ``layout``  -- ``<root>/images/<id>.png`` + ``<root>/labels/<id>.png`` (uint16 instance map), as in

@@ -1,4 +1,4 @@
-"""Segmentation metrics (SPEC 4).
+"""Segmentation metrics.
 
 Pixel metrics on the binary foreground: Dice (DC), Jaccard (JC), accuracy (ACC), specificity (SP) and
 sensitivity (SE), both "over the set" (confusion counts summed over all images, then one ratio) and

@@ -1,4 +1,4 @@
-"""DenseUNet with a DenseNet encoder, classifier and projector heads (SPEC 4).
+"""DenseUNet with a DenseNet encoder, classifier and projector heads.
 
 The encoder has the architecture and the state_dict key names of torchvision's DenseNet
 (``features.conv0``, ``features.denseblock1.denselayer1.norm1``, ...), so ``load_pretrained`` takes a

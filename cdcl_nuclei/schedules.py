@@ -1,4 +1,4 @@
-"""Mean-teacher EMA, the consistency ramp-up and the poly learning-rate decay (SPEC 4)."""
+"""Mean-teacher EMA, the consistency ramp-up and the poly learning-rate decay."""
 from __future__ import annotations
 
 import math

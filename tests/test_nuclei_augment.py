@@ -54,7 +54,7 @@ def test_geometry_is_a_rotation_within_15_degrees_with_crop_and_flips():
     a = theta[:, :, :2]
     det = torch.linalg.det(a)
     scale = det.abs().sqrt()
-    assert (scale >= cfg.min_crop - 1e-6).all() and (scale <= 1 + 1e-6).all()
+    assert (scale >= cfg.scale[0] - 1e-6).all() and (scale <= cfg.scale[1] + 1e-6).all()
     # remove the flips, then the rotation angle is atan2(sin, cos) of the first column
     flip_x = torch.sign(a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0])
     angle = torch.rad2deg(torch.atan2(a[:, 1, 0], a[:, 0, 0]).abs())
