@@ -41,7 +41,8 @@ DEFAULT_LOSSES = {"suponly": (False, False, False), "fullsup": (False, False, Fa
                   "meanteacher": (True, False, True), "cdcl": (True, True, True)}
 # settings a resumed run must share with its checkpoint
 RESUME_KEYS = ("method", "dataset", "seed", "split_seed", "labeled_fraction", "batch_size", "unlabeled_batch_size",
-               "iters_per_epoch", "model", "cons", "contr", "ent", "sampling", "max_images", "resize", "scale_range")
+               "iters_per_epoch", "model", "cons", "contr", "ent", "sampling", "max_images", "resize", "scale_range",
+               "w_dice")
 
 
 def parse_args(argv=None):
@@ -78,6 +79,8 @@ def parse_args(argv=None):
     a("--w-contr", type=float, default=0.1)
     a("--w-cons", type=float, default=1.0, help="final consistency weight")
     a("--w-ent", type=float, default=0.01)
+    a("--w-dice", type=float, default=0.0, help="weight of a soft-Dice term added to L_sup (0: the paper's "
+      "cross-entropy alone)")
     for name in ("cons", "contr", "ent"):
         a(f"--{name}", action=argparse.BooleanOptionalAction, default=None,
           help=f"L_{name} on/off (default: per method)")
@@ -200,6 +203,13 @@ def entropy(logits):
     return -(p * torch.log(p.clamp_min(1e-8))).sum(dim=1).mean()
 
 
+def soft_dice_loss(logits, target):
+    """1 - soft Dice of the foreground probability against the binary target, over the batch."""
+    p = 1.0 - logits.float().softmax(dim=1)[:, 0]
+    t = (target > 0).float()
+    return 1.0 - (2.0 * (p * t).sum() + 1.0) / (p.sum() + t.sum() + 1.0)
+
+
 def contrast_shares(stats, feats, grid):
     """What the contrastive loss saw in one step: the share of student patches that are FDP and BDP,
     the share of pixels that are queries with at least one negative, negatives per query."""
@@ -313,6 +323,9 @@ class Trainer:
                 out = self.net(xl, features=False)
         logits = out["logits"]
         loss = parts["sup"] = F.cross_entropy(logits[:self.bl].float(), yl)
+        if a.w_dice:
+            parts["dice"] = soft_dice_loss(logits[:self.bl], yl)
+            loss = loss + a.w_dice * parts["dice"]
         w_cons = a.w_cons * schedules.sigmoid_rampup(t_epoch, a.rampup_epochs)
         if unsup:
             s_logits = logits[self.bl:]
@@ -364,7 +377,7 @@ class Trainer:
 
     def fit(self, log_path, tb, resumed=False):
         a = self.args
-        fields = ["epoch", "step", "lr", "loss", "sup", "cons", "contr", "ent", "w_cons", "fdp_share", "bdp_share",
+        fields = ["epoch", "step", "lr", "loss", "sup", "dice", "cons", "contr", "ent", "w_cons", "fdp_share", "bdp_share",
                   "query_share", "with_negative_share", "negatives_per_query", "val_dice", "seconds"]
         if self.main and not (resumed and os.path.exists(log_path)):  # a fresh run starts a fresh log
             with open(log_path, "w", newline="") as f:

@@ -246,3 +246,25 @@ def test_tensorboard_scalars_and_previews(tmp_path):
     assert any("loss" in t for t in scalars), scalars
     for tag in scalars:
         assert len(acc.Scalars(tag)) >= 1
+
+
+def test_bf16_autocast_and_channels_last_run(tmp_path):
+    out = tmp_path / "bf16"
+    assert train.main(TINY + ["--method", "cdcl", "--epochs", "1", "--autocast", "bf16", "--channels-last",
+                              "--no-test", "--out", str(out)]) == 0
+    rows = _log_rows(out)
+    assert len(rows) == 1 and np.isfinite(float(rows[0]["loss"])) and float(rows[0]["contr"]) > 0
+
+
+def test_gpu_table1_script_on_a_tiny_cpu_schedule(tmp_path):
+    env = dict(os.environ, DATA=str(SAMPLE), DEVICE="cpu", PRESET="tiny", EPOCHS="2", ITERS="1", CROP="64",
+               UNSUP_START="2", MAX_IMAGES="40", OUT=str(tmp_path / "g"), PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    r = subprocess.run(["bash", str(ROOT / "experiments" / "gpu_table1.sh")], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    tail = r.stdout.strip().splitlines()[-6:]
+    assert tail[0] == "== suponly" and tail[3] == "== cdcl"
+    assert all(line.startswith("model:") for line in (tail[1], tail[4]))
+    assert all(line.startswith("Otsu:") for line in (tail[2], tail[5]))
+    for m in ("suponly", "cdcl"):
+        assert (tmp_path / "g" / m / "metrics.json").is_file()
