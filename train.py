@@ -104,6 +104,7 @@ def parse_args(argv=None):
     a("--resume", default=None, help="checkpoint to continue from ('auto': OUT/last.pt if present)")
     a("--stop-after-epochs", type=int, default=None,
       help="leave after this many epochs of this invocation (the schedules still span --epochs)")
+    a("--val-every", type=int, default=1, help="validate (and update best.pt) every N epochs and after the last")
     a("--overlays", type=int, default=8, help="test images to draw overlays for")
     a("--no-test", action="store_true", help="skip the final test evaluation")
     a("--no-progress", action="store_true")
@@ -126,6 +127,8 @@ def resolve(args):
     args.model = cfg
     args.inference = InferenceConfig(window=args.window, overlap=args.overlap,
                                      resize=cfg.input_size if args.resize else None)
+    if args.val_every < 1:
+        raise ValueError(f"--val-every: expected >= 1, got {args.val_every}")
     args.scale_range = [float(v) for v in args.scale_range]  # one type through JSON and checkpoints
     if args.rampup_epochs is None:
         args.rampup_epochs = float(args.epochs)
@@ -387,8 +390,8 @@ class Trainer:
             t0 = time.time()
             stats = self.train_epoch()
             self.epoch += 1
-            dice = validation_dice(self.student, self.d["val"], a.inference, self.device) \
-                if self.d["val"] else float("nan")
+            validate = self.d["val"] and (self.epoch % a.val_every == 0 or self.epoch == a.epochs)
+            dice = validation_dice(self.student, self.d["val"], a.inference, self.device) if validate else float("nan")
             row = {"epoch": self.epoch, "step": self.step, "lr": self.opt.param_groups[0]["lr"],
                    **stats, "val_dice": dice, "seconds": round(time.time() - t0, 2)}
             if self.main:

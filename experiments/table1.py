@@ -28,6 +28,7 @@ PAPER_DICE = {  # Table 1 of the paper, Dice %: (SupOnly, CDCL)
     "monuseg": {"1/32": (71.83, 75.97), "1/16": (74.72, 77.77), "1/8": (75.81, 78.93)},
 }
 METRICS = ("dice_set", "dice_image", "aji_image")
+SEEN = ("fdp_share", "bdp_share", "with_negative_share", "negatives_per_query")
 
 
 def parse_args(argv=None):
@@ -91,12 +92,19 @@ def read_run(args, method, seed):
     with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)
     model, otsu = m["model"], m["otsu"]
+    seen = {}
+    for k in SEEN:  # means over the epochs in which the contrastive loss ran
+        vals = [float(r[k]) for r in log if r.get(k)]
+        seen[k] = round(statistics.mean(vals), 4) if vals else ""
+    grid = cfg.get("grid", 8)
     return {"method": method, "seed": seed,
             "dice_set": 100 * model["over_set"]["DC"], "dice_image": 100 * model["per_image_mean"]["DC"],
             "aji_image": 100 * model["per_image_mean"]["AJI"],
             "otsu_dice_set": 100 * otsu["over_set"]["DC"], "otsu_dice_image": 100 * otsu["per_image_mean"]["DC"],
             "test_images": m["images"], "steps": int(log[-1]["step"]), "crop": cfg["model"]["input_size"],
-            "resize": cfg.get("resize", False), "train_seconds": round(sum(float(r["seconds"]) for r in log), 1)}
+            "resize": cfg.get("resize", False), "train_seconds": round(sum(float(r["seconds"]) for r in log), 1),
+            "patch_px": cfg["model"]["input_size"] // grid, "patch_feat": cfg["model"]["input_size"] // 8 // grid,
+            **seen}
 
 
 def t_interval(diffs):
@@ -158,6 +166,16 @@ def write_results(args, rows):
                 paired.setdefault(other, {})[k] = {"mean": mean, "ci95": ci}
                 cells.append(f"{mean:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""))
             lines.append(f"| cdcl - {other} | {len(seeds)} | {cells[0]} | {cells[1]} |")
+    seen_rows = [r for r in rows if r["method"] == "cdcl" and r["fdp_share"] != ""]
+    if seen_rows:
+        lines += ["", f"What L_contr saw (CDCL runs, means over the epochs it ran): patches of "
+                      f"{r0['patch_px']} x {r0['patch_px']} pixels ({r0['patch_feat']} x {r0['patch_feat']} "
+                      "features at stride 8).", "",
+                  "| seed | FDP patches | BDP patches | pixels that are queries with a negative | negatives per query |",
+                  "|---|---|---|---|---|"]
+        for r in seen_rows:
+            lines.append(f"| {r['seed']} | {100 * r['fdp_share']:.1f}% | {100 * r['bdp_share']:.1f}% | "
+                         f"{100 * r['with_negative_share']:.1f}% | {r['negatives_per_query']:.0f} |")
     paper = PAPER_DICE.get(args.dataset, {}).get(args.fraction)
     if paper:
         lines += ["", f"The paper (DenseNet-161 from ImageNet weights, 320x320, 80 epochs): SupOnly "

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The CPU Table 1 of docs/training.md, in the order it was built (each step resumes: finished runs
 # are skipped). DSB = ../shared/nuclei/dsb2018/stage1_train, MONUSEG = ../shared/nuclei/monuseg.
-# Budget per run: 5 epochs x 30 steps of batch 8 labeled + 8 unlabeled 128-pixel native-resolution
-# crops, small preset, the demo's optimiser settings, one thread.
+# Budget per run: 10 epochs x 30 steps of batch 8 labeled + 8 unlabeled 128-pixel native-resolution
+# crops, small preset, the demo's optimiser and augmentation settings, two threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -10,7 +10,7 @@ DSB=${DSB:-../shared/nuclei/dsb2018/stage1_train}
 MONUSEG=${MONUSEG:-../shared/nuclei/monuseg}
 OUT=${OUT:-experiments/results/table1}
 RUNS=${RUNS:-runs/table1}
-BUDGET=(--epochs 5 --iters-per-epoch 30 --unsup-start-epoch 2 --lr 1e-3 --ema-alpha 0.99 --threads 1 --overlays 0)
+BUDGET=(--epochs 10 --iters-per-epoch 30 --unsup-start-epoch 2 --lr 1e-3 --ema-alpha 0.99 --threads 2 --val-every 2 --overlays 0)
 t1() {  # name, dataset, folder, fraction, methods, seeds...
     local name=$1 ds=$2 data=$3 frac=$4 methods=$5; shift 5
     $PY experiments/table1.py --data "$data" --dataset "$ds" --fraction "$frac" --methods $methods \

@@ -221,6 +221,7 @@ def test_table1_protocol_runs_and_writes_the_table(tmp_path):
     assert lo <= res["paired"]["suponly"]["dice_set"]["mean"] <= hi
     md = (out / "results.md").read_text()
     assert "cdcl - suponly" in md and "cdcl - meanteacher" in md and "Otsu" in md
+    assert "What L_contr saw" in md and "8 x 8 pixels (1 x 1 features" in md
     # every method of a seed saw the same labeled images
     ids = [json.loads((out / f"{m}-seed0" / "splits.json").read_text())["train_labeled"] for m in res["summary"]]
     assert ids[0] == ids[1] == ids[2]
