@@ -19,10 +19,11 @@ setup: $(STAMP)
 # crops at native resolution, then the held-out test images with Otsu's threshold beside the model:
 # runs/demo/metrics.md, metrics.json and overlays/ (see docs/training.md). SEED=1 make demo: another seed.
 SEED ?= 0
+DEMO_OUT ?= runs/demo
 demo: $(STAMP)
 	$(BIN)/python train.py --data data/dsb2018_sample --preset small --method cdcl --seed $(SEED) \
 		--labeled-fraction 1/4 --epochs 45 --iters-per-epoch 10 --unsup-start-epoch 4 --lr 1e-3 \
-		--ema-alpha 0.99 --threads 2 --out runs/demo
+		--ema-alpha 0.99 --threads 2 --out $(DEMO_OUT)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests

@@ -93,7 +93,15 @@ def main(argv=None):
         model.eval()
         given = {k: v for k, v in (("window", args.window), ("overlap", args.overlap), ("batch", args.batch),
                                    ("threshold", args.threshold)) if v is not None}
-        icfg = inference_config({**st["config"].get("inference", {}), **given})
+        saved = st["config"].get("inference", {})
+        try:
+            inference_config(saved)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{args.checkpoint}: invalid inference settings in the checkpoint ({e})") from None
+        try:
+            icfg = inference_config({**saved, **given})
+        except ValueError as e:  # its messages start with the field name, which is the flag's
+            raise ValueError(f"--{e}") from None
         inputs = gather_inputs(args.images, args.labels)
         os.makedirs(os.path.join(args.out, "masks"), exist_ok=True)
         os.makedirs(os.path.join(args.out, "overlays"), exist_ok=True)

@@ -125,8 +125,11 @@ def resolve(args):
         raise ValueError(f"--input-size: expected a positive multiple of {8 * args.grid} (stride-8 features "
                          f"cut into a {args.grid}x{args.grid} grid), got {cfg.input_size}")
     args.model = cfg
-    args.inference = InferenceConfig(window=args.window, overlap=args.overlap,
-                                     resize=cfg.input_size if args.resize else None)
+    try:
+        args.inference = InferenceConfig(window=args.window, overlap=args.overlap,
+                                         resize=cfg.input_size if args.resize else None)
+    except ValueError as e:  # its messages start with the field name, which is the flag's
+        raise ValueError(f"--{e}") from None
     if args.val_every < 1:
         raise ValueError(f"--val-every: expected >= 1, got {args.val_every}")
     args.scale_range = [float(v) for v in args.scale_range]  # one type through JSON and checkpoints
@@ -429,7 +432,12 @@ def tensorboard_writer(out):
 
 
 def main(argv=None):
-    args = resolve(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        resolve(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     world, rank, device = setup_distributed(args.device)

@@ -269,3 +269,29 @@ def test_gpu_table1_script_on_a_tiny_cpu_schedule(tmp_path):
     assert all(line.startswith("Otsu:") for line in (tail[2], tail[5]))
     for m in ("suponly", "cdcl"):
         assert (tmp_path / "g" / m / "metrics.json").is_file()
+
+
+def test_soft_dice_loss():
+    target = torch.tensor([[[0, 1], [1, 0]]])
+    perfect = torch.stack([1 - target, target], dim=1).float() * 40 - 20
+    assert float(train.soft_dice_loss(perfect, target)) < 1e-6
+    assert float(train.soft_dice_loss(-perfect, target)) > 0.99
+
+
+def test_resize_protocol_and_val_every(tmp_path):
+    out = tmp_path / "rs"
+    assert train.main(TINY + ["--method", "suponly", "--epochs", "3", "--val-every", "2", "--resize",
+                              "--overlays", "0", "--out", str(out)]) == 0
+    rows = _log_rows(out)
+    assert [r["val_dice"] == "nan" for r in rows] == [True, False, False]  # epochs 2 and 3 (the last)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["resize"] is True and cfg["inference"]["resize"] == 64
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 3 and 0 <= metrics["model"]["over_set"]["DC"] <= 1
+
+
+@pytest.mark.parametrize("flag", [["--val-every", "0"], ["--scale-range", "1.2", "0.8"], ["--window", "100"],
+                                  ["--input-size", "96"]])
+def test_bad_training_flags_exit_2(tmp_path, capsys, flag):
+    assert train.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "x")] + flag) == 2
+    assert flag[0] in capsys.readouterr().err
