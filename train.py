@@ -39,6 +39,7 @@ METHODS = ("suponly", "fullsup", "meanteacher", "cdcl")
 # losses on by default per method: (cons, contr, ent)
 DEFAULT_LOSSES = {"suponly": (False, False, False), "fullsup": (False, False, False),
                   "meanteacher": (True, False, True), "cdcl": (True, True, True)}
+LOSS_TERMS = ("loss", "sup", "dice", "cons", "contr", "ent")
 # settings a resumed run must share with its checkpoint
 RESUME_KEYS = ("method", "dataset", "seed", "split_seed", "labeled_fraction", "batch_size", "unlabeled_batch_size",
                "iters_per_epoch", "model", "cons", "contr", "ent", "sampling", "max_images", "resize", "scale_range",
@@ -377,7 +378,7 @@ class Trainer:
             n += 1
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix({k: f"{v / n:.3f}" for k, v in sums.items() if k != "w_cons"})
+            bar.set_postfix({k: f"{v / n:.3f}" for k, v in sums.items() if k in LOSS_TERMS})
         bar.close()
         return {k: all_mean(v / n, self.world) for k, v in sums.items()}
 
@@ -400,7 +401,7 @@ class Trainer:
             if self.main:
                 with open(log_path, "a", newline="") as f:
                     csv.writer(f).writerow([row.get(k, "") for k in fields])
-                msg = " ".join(f"{k}={row[k]:.4f}" for k in ("loss", "sup", "cons", "contr", "ent") if k in row)
+                msg = " ".join(f"{k}={row[k]:.4f}" for k in LOSS_TERMS if k in row)
                 print(f"epoch {self.epoch}/{a.epochs} {msg} val_dice={dice:.4f} ({row['seconds']}s)", flush=True)
                 if tb is not None:
                     for k, v in row.items():
