@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--window", type=int, default=None, help="inference window side (multiple of 32)")
     p.add_argument("--overlap", type=int, default=None, help="overlap of neighbouring windows, pixels")
     p.add_argument("--batch", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--flips", action=argparse.BooleanOptionalAction, default=None,
+                   help="average the four flips of each window (default: as the checkpoint's run)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--device", default="auto")
     return p.parse_args(argv)
@@ -91,7 +93,7 @@ def main(argv=None):
         model = models.build_model(cfg).to(device)
         load_into(model, st["student"], args.checkpoint, "student")
         model.eval()
-        given = {k: v for k, v in (("window", args.window), ("overlap", args.overlap), ("batch", args.batch),
+        given = {k: v for k, v in (("window", args.window), ("overlap", args.overlap), ("batch", args.batch), ("flips", args.flips),
                                    ("threshold", args.threshold)) if v is not None}
         saved = st["config"].get("inference", {})
         try:

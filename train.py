@@ -67,6 +67,9 @@ def parse_args(argv=None):
       help="zoom range of the augmentation at native resolution (with --resize: the paper's 0.7 1.0 crop)")
     a("--window", type=int, default=256, help="inference window side at native resolution (multiple of 32)")
     a("--overlap", type=int, default=64, help="overlap of neighbouring inference windows, in pixels")
+    a("--flips", action=argparse.BooleanOptionalAction, default=True, help="test-time augmentation: "
+      "average the four flips of each window in the test evaluation and predict.py (validation runs "
+      "without, as it runs every epoch)")
     a("--pretrained", default=None, help="local torchvision DenseNet state dict for the encoder")
     a("--epochs", type=int, default=80)
     a("--iters-per-epoch", type=int, default=None)
@@ -127,7 +130,7 @@ def resolve(args):
                          f"cut into a {args.grid}x{args.grid} grid), got {cfg.input_size}")
     args.model = cfg
     try:
-        args.inference = InferenceConfig(window=args.window, overlap=args.overlap,
+        args.inference = InferenceConfig(window=args.window, overlap=args.overlap, flips=args.flips,
                                          resize=cfg.input_size if args.resize else None)
     except ValueError as e:  # its messages start with the field name, which is the flag's
         raise ValueError(f"--{e}") from None

@@ -54,13 +54,25 @@ def check_window(window: int, overlap: int) -> None:
         raise ValueError(f"overlap: expected 0 <= overlap < window ({window}), got {overlap}")
 
 
+def _window_probability(model, x, flips):
+    if not flips:
+        return 1.0 - model(x)["logits"].float().softmax(dim=1)[:, 0]
+    total = 0.0
+    for dims in ((), (-1,), (-2,), (-2, -1)):
+        xf = x.flip(dims) if dims else x
+        p = 1.0 - model(xf)["logits"].float().softmax(dim=1)[:, 0]
+        total = total + (p.flip(dims) if dims else p)
+    return total / 4
+
+
 @torch.no_grad()
 def foreground_probability(model, image: np.ndarray, window: int = 256, overlap: int = 64,
-                           batch: int = 8, device="cpu", progress: bool = False) -> np.ndarray:
+                           batch: int = 8, device="cpu", progress: bool = False, flips: bool = False) -> np.ndarray:
     """P(foreground) as float32 (H, W) for a contrast-stretched uint8 (H, W, 3) image.
 
     The model is called in eval mode on (batch, 3, h, w) windows normalised as in training and must
-    return {'logits': (batch, C, h, w)}; foreground is every class but 0.
+    return {'logits': (batch, C, h, w)}; foreground is every class but 0. `flips`: test-time
+    augmentation, the mean probability over the four horizontal/vertical flips of each window.
     """
     check_window(window, overlap)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -85,8 +97,7 @@ def foreground_probability(model, image: np.ndarray, window: int = 256, overlap:
         for i in range(0, len(spots), batch):
             part = spots[i:i + batch]
             x = torch.stack([src[:, y:y + wh, x_:x_ + ww] for y, x_ in part]).float().div_(255.0)
-            logits = model(normalize(x).to(device))["logits"].float()
-            fg = (1.0 - logits.softmax(dim=1)[:, 0]).cpu()
+            fg = _window_probability(model, normalize(x).to(device), flips).cpu()
             for (y, x_), p in zip(part, fg):
                 acc[y:y + wh, x_:x_ + ww] += p * weight
                 wsum[y:y + wh, x_:x_ + ww] += weight

@@ -148,3 +148,17 @@ def test_import_cdcl_ops_pulls_no_training_dependency():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "", f"import cdcl_ops imported {r.stdout.strip()}"
+
+
+def test_flips_average_the_four_flipped_predictions():
+    torch.manual_seed(1)
+    model = models.build_model(models.model_config("tiny")).eval()
+    img = _image(64, 96, 5)
+    got = tiling.foreground_probability(model, img, window=128, overlap=0, flips=True)
+    want = np.mean([np.flip(_whole(model, np.ascontiguousarray(np.flip(img, axis=ax))), axis=ax) if ax else
+                    _whole(model, img) for ax in ((), (1,), (0,), (0, 1))], axis=0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # a pointwise model does not care about flips
+    pw = Pointwise().eval()
+    np.testing.assert_allclose(tiling.foreground_probability(pw, img, 64, 16, flips=True), _whole(pw, img),
+                               rtol=1e-5, atol=1e-6)
