@@ -40,10 +40,8 @@ METHODS = ("suponly", "fullsup", "meanteacher", "cdcl")
 DEFAULT_LOSSES = {"suponly": (False, False, False), "fullsup": (False, False, False),
                   "meanteacher": (True, False, True), "cdcl": (True, True, True)}
 LOSS_TERMS = ("loss", "sup", "dice", "cons", "contr", "ent")
-# settings a resumed run must share with its checkpoint
-RESUME_KEYS = ("method", "dataset", "seed", "split_seed", "labeled_fraction", "batch_size", "unlabeled_batch_size",
-               "iters_per_epoch", "model", "cons", "contr", "ent", "sampling", "max_images", "resize", "scale_range",
-               "w_dice")
+# settings a resumed run may change: where it writes and how it runs, never what it computes
+RESUME_FREE = ("out", "threads", "no_progress", "stop_after_epochs", "device", "resume", "overlays", "no_test")
 
 
 def parse_args(argv=None):
@@ -137,6 +135,7 @@ def resolve(args):
     if args.val_every < 1:
         raise ValueError(f"--val-every: expected >= 1, got {args.val_every}")
     args.scale_range = [float(v) for v in args.scale_range]  # one type through JSON and checkpoints
+    args.data = os.path.realpath(args.data)  # a resumed run must read the same folder, from any cwd
     if args.rampup_epochs is None:
         args.rampup_epochs = float(args.epochs)
     return args
@@ -288,7 +287,8 @@ class Trainer:
 
     def resume(self, path):
         st = load_checkpoint(path, map_location=self.device)
-        check_compatible(path, st["config"], run_config(self.args), RESUME_KEYS)
+        now = run_config(self.args)
+        check_compatible(path, st["config"], now, [k for k in now if k not in RESUME_FREE])
         load_into(self.student, st["student"], path, "student")
         if self.teacher is not None:
             load_into(self.teacher, st["teacher"], path, "teacher")

@@ -56,9 +56,14 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return state
 
 
+FLAG_OF = {"model": "--preset/--input-size", "inference": "--window/--overlap/--flips/--resize"}
+
+
 def check_compatible(path, saved: dict, current: dict, keys) -> None:
-    """Raise CheckpointError when the run settings `keys` differ between a checkpoint and now."""
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    """Raise CheckpointError naming every setting in `keys` that differs between a checkpoint and
+    now, as its command-line flag with both values."""
+    diff = [f"{FLAG_OF.get(k, '--' + k.replace('_', '-'))}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
+            for k in keys if saved.get(k) != current.get(k)]
     if diff:
         raise CheckpointError(f"{path}: the checkpoint was written by a different run setting ("
                               + "; ".join(diff) + ")")

@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,16 @@ def test_checkpoint_errors(tmp_path, capsys):
     # the settings of a resumed run must match
     assert train.main([*common, "--method", "cdcl", "--resume", str(ckpt)]) == 2
     assert "different run setting" in capsys.readouterr().err
+    other = tmp_path / "copy"  # the same images in another folder
+    shutil.copytree(SAMPLE, other)
+    # every setting that changes the computation is compared, and named as its flag with both values
+    for flag, value, old in (("--lr", "0.5", "0.0001"), ("--temperature", "5", "0.1"), ("--grid", "4", "8"),
+                             ("--w-contr", "100", "0.1"), ("--data", str(other), str(SAMPLE))):
+        assert train.main([*common, flag, value, "--resume", str(ckpt)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and flag in err and value in err and old in err, err
+    # where and how it runs may change
+    assert train.main([*common, "--threads", "2", "--no-progress", "--resume", str(ckpt)]) == 0
     # truncated
     raw = ckpt.read_bytes()
     bad = tmp_path / "truncated.pt"
