@@ -88,8 +88,7 @@ def main(argv=None):
                           else ("cpu" if args.device == "auto" else args.device))
     try:
         st = load_checkpoint(args.checkpoint, map_location=device)
-        cfg = models.ModelConfig(**{**st["config"]["model"],
-                                    **{k: tuple(st["config"]["model"][k]) for k in ("blocks", "decoder", "proj")}})
+        cfg = models.config_from_dict(st["config"]["model"])
         model = models.build_model(cfg).to(device)
         load_into(model, st["student"], args.checkpoint, "student")
         model.eval()

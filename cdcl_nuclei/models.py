@@ -52,8 +52,12 @@ def model_config(preset: str, **overrides) -> ModelConfig:
         raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
     d = asdict(PRESETS[preset])
     d.update({k: v for k, v in overrides.items() if v is not None})
-    d["blocks"], d["decoder"], d["proj"] = tuple(d["blocks"]), tuple(d["decoder"]), tuple(d["proj"])
-    return ModelConfig(**d)
+    return config_from_dict(d)
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    """A ModelConfig from its dict form (a checkpoint's config["model"]; lists become tuples)."""
+    return ModelConfig(**{**d, **{k: tuple(d[k]) for k in ("blocks", "decoder", "proj")}})
 
 
 class _DenseLayer(nn.Module):

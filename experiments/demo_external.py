@@ -32,8 +32,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     st = load_checkpoint(args.checkpoint)
-    cfg = st["config"]["model"]
-    model = models.build_model(models.ModelConfig(**{**cfg, **{k: tuple(cfg[k]) for k in ("blocks", "decoder", "proj")}}))
+    model = models.build_model(models.config_from_dict(st["config"]["model"]))
     model.load_state_dict(st["student"])
     bundled = {e.id for e in data.read_folder(args.sample)}
     entries = [e for e in data.read_folder(args.data) if e.id not in bundled]
