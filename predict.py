@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from cdcl_nuclei import data, models
+from cdcl_nuclei import cli, data, models
 from cdcl_nuclei.checkpoint import CheckpointError, load_checkpoint, load_into
 from cdcl_nuclei.evaluate import Comparison, inference_config, overlay, predict_probability, save_label_map, \
     summary_lines, write_report
@@ -64,6 +64,13 @@ def gather_inputs(images_dir, labels_dir):
     names = sorted(n for n in os.listdir(images_dir) if os.path.splitext(n)[1].lower() in data.IMAGE_EXTS)
     if not names:
         raise data.DataError(f"{images_dir}: no images found")
+    stems = {}
+    for n in names:  # masks and overlays are named by id: two images with one id would overwrite
+        stem = os.path.splitext(n)[0]
+        if stem in stems:
+            raise data.DataError(f"{os.path.join(images_dir, stems[stem])} and {os.path.join(images_dir, n)}: "
+                                 f"two images with the id {stem!r}; rename one")
+        stems[stem] = n
     out = []
     for n in names:
         stem = os.path.splitext(n)[0]
@@ -84,11 +91,14 @@ def gather_inputs(images_dir, labels_dir):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
     try:
+        device = cli.device("--device", args.device)
+        cli.output_folder("--out", args.out)
         st = load_checkpoint(args.checkpoint, map_location=device)
-        cfg = models.config_from_dict(st["config"]["model"])
+        try:
+            cfg = models.config_from_dict(st["config"].get("model"))
+        except ValueError as e:
+            raise CheckpointError(f"{args.checkpoint}: invalid model settings in the checkpoint ({e})") from None
         model = models.build_model(cfg).to(device)
         load_into(model, st["student"], args.checkpoint, "student")
         model.eval()

@@ -23,15 +23,17 @@ import math
 import os
 import sys
 import time
+import uuid
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cdcl_ops import CrossPatchInfoNCE
-from cdcl_nuclei import augment, crops, data, models, schedules
-from cdcl_nuclei.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_into, save_checkpoint
+from cdcl_ops import CrossPatchInfoNCE, available_backends
+from cdcl_nuclei import augment, cli, crops, data, models, schedules
+from cdcl_nuclei.checkpoint import (CheckpointError, check_compatible, load_checkpoint, load_into,
+                                    remove_stale_temporaries, save_checkpoint)
 from cdcl_nuclei.evaluate import (InferenceConfig, evaluate_samples, overlay, predict_probability, summary_lines,
                                   otsu_dice, validation_dice, write_report)
 
@@ -113,8 +115,38 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# numeric flags and their ranges (cli.number's arguments); checked before anything is read or written
+RANGES = {
+    "epochs": dict(lo=1), "batch_size": dict(lo=1), "unlabeled_batch_size": dict(lo=1),
+    "unsup_start_epoch": dict(lo=1), "grid": dict(lo=1), "memory": dict(lo=1), "val_every": dict(lo=1),
+    "overlays": dict(lo=0), "max_images": dict(lo=1, optional=True), "iters_per_epoch": dict(lo=1, optional=True),
+    "threads": dict(lo=1, optional=True), "stop_after_epochs": dict(lo=1, optional=True),
+    "rampup_epochs": dict(lo=0, optional=True), "lr": dict(lo=0, lo_open=True),
+    "temperature": dict(lo=0, lo_open=True), "poly_power": dict(lo=0), "ema_alpha": dict(lo=0, hi=1),
+    "fdp": dict(lo=0, hi=1), "bdp": dict(lo=0, hi=1), "w_contr": dict(lo=0), "w_cons": dict(lo=0),
+    "w_ent": dict(lo=0), "w_dice": dict(lo=0), "input_size": dict(lo=1, optional=True),
+}
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
 def resolve(args):
-    args.labeled_fraction = str(data.parse_fraction("1" if args.method == "fullsup" else args.labeled_fraction))
+    for name, limits in RANGES.items():
+        cli.number(flag(name), getattr(args, name), **limits)
+    device = cli.device("--device", args.device)
+    if args.loss_backend is not None and args.loss_backend not in available_backends(device):
+        raise ValueError(f"--loss-backend: expected one of {available_backends(device)} on {device.type}, "
+                         f"got {args.loss_backend!r}")
+    cli.output_folder("--out", args.out)
+    if args.pretrained is not None:
+        cli.regular_file("--pretrained", args.pretrained)
+    try:
+        fraction = data.parse_fraction("1" if args.method == "fullsup" else args.labeled_fraction)
+    except ValueError as e:  # its message starts with the parameter's name
+        raise ValueError(f"--labeled-fraction{str(e).removeprefix('labeled_fraction')}") from None
+    args.labeled_fraction = str(fraction)
     d_cons, d_contr, d_ent = DEFAULT_LOSSES[args.method]
     supervised = args.method in ("suponly", "fullsup")
     for name, default in (("cons", d_cons), ("contr", d_contr), ("ent", d_ent)):
@@ -122,10 +154,11 @@ def resolve(args):
         if supervised and v:
             raise ValueError(f"--{name}: method {args.method} trains on labeled images only")
         setattr(args, name, default if v is None else v)
+    size = args.input_size or models.PRESETS[args.preset].input_size
+    if size % (8 * args.grid) or size % 32:
+        raise ValueError(f"--input-size: expected a multiple of {math.lcm(8 * args.grid, 32)} (stride-8 features "
+                         f"cut into a {args.grid}x{args.grid} grid, a stride-32 encoder), got {size}")
     cfg = models.model_config(args.preset, input_size=args.input_size)
-    if cfg.input_size <= 0 or cfg.input_size % (8 * args.grid):
-        raise ValueError(f"--input-size: expected a positive multiple of {8 * args.grid} (stride-8 features "
-                         f"cut into a {args.grid}x{args.grid} grid), got {cfg.input_size}")
     args.model = cfg
     try:
         args.inference = InferenceConfig(window=args.window, overlap=args.overlap, flips=args.flips,
@@ -134,7 +167,9 @@ def resolve(args):
         raise ValueError(f"--{e}") from None
     if args.val_every < 1:
         raise ValueError(f"--val-every: expected >= 1, got {args.val_every}")
-    args.scale_range = [float(v) for v in args.scale_range]  # one type through JSON and checkpoints
+    lo, hi = args.scale_range = [float(v) for v in args.scale_range]  # one type through JSON and checkpoints
+    if not (0 < lo <= hi and math.isfinite(hi)):
+        raise ValueError(f"--scale-range: expected 0 < LO <= HI, got {lo} {hi}")
     args.data = os.path.realpath(args.data)  # a resumed run must read the same folder, from any cwd
     if args.rampup_epochs is None:
         args.rampup_epochs = float(args.epochs)
@@ -230,6 +265,10 @@ def contrast_shares(stats, feats, grid):
             "negatives_per_query": stats["negatives_per_query"]}
 
 
+class NonFiniteLoss(RuntimeError):
+    """A loss term became NaN or infinite: the run stops before the step changes any weight."""
+
+
 def epoch_seed(seed, epoch, rank):
     return (seed * 1_000_003 + epoch * 9_973 + rank * 101) % (2 ** 63)
 
@@ -269,15 +308,13 @@ class Trainer:
                                        ).to(device) if args.contr else None
         self.opt = torch.optim.Adam(self.student.parameters(), lr=args.lr)
         self.sched = schedules.poly_scheduler(self.opt, args.epochs * self.iters, args.poly_power)
-        lo, hi = (0.7, 1.0) if args.resize else args.scale_range
-        if not 0 < lo <= hi:
-            raise ValueError(f"--scale-range: expected 0 < LO <= HI, got {lo} {hi}")
-        self.aug = augment.AugmentConfig(scale=(lo, hi))
+        self.aug = augment.AugmentConfig(scale=(0.7, 1.0) if args.resize else tuple(args.scale_range))
         self.epoch, self.step, self.best = 0, 0, -1.0
+        self.run_id = uuid.uuid4().hex  # a resumed run takes its checkpoint's
 
     # -- checkpoints
     def state(self):
-        return {"epoch": self.epoch, "step": self.step, "best_dice": self.best,
+        return {"epoch": self.epoch, "step": self.step, "best_dice": self.best, "run_id": self.run_id,
                 "config": run_config(self.args), "student": self.student.state_dict(),
                 "teacher": self.teacher.state_dict() if self.teacher is not None else None,
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
@@ -297,12 +334,15 @@ class Trainer:
         try:
             self.opt.load_state_dict(st["optimizer"])
             self.sched.load_state_dict(st["scheduler"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: optimizer or scheduler state does not fit ({e})") from None
-        torch.set_rng_state(st["rng"]["torch"].cpu())
-        if torch.cuda.is_available() and st["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
-        self.epoch, self.step, self.best = st["epoch"], st["step"], st["best_dice"]
+            torch.set_rng_state(st["rng"]["torch"].cpu())
+            if torch.cuda.is_available() and st["rng"]["cuda"]:
+                torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+            self.epoch, self.step, self.best, self.run_id = (int(st["epoch"]), int(st["step"]),
+                                                              float(st["best_dice"]), str(st["run_id"]))
+        except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{path}: the training state does not fit this run ({type(e).__name__}: {e})") from None
+        if not 0 <= self.epoch <= self.args.epochs:
+            raise CheckpointError(f"{path}: epoch {self.epoch} is outside this run's 0..{self.args.epochs}")
 
     def save(self, name):
         if self.main:
@@ -352,6 +392,12 @@ class Trainer:
                                                 out["logits_low"][self.bl:], t_out["logits_low"], return_stats=True)
                 loss = loss + a.w_contr * parts["contr"]
                 parts.update(contrast_shares(st, out["proj"][self.bl:], a.grid))
+        terms = {k: v for k, v in parts.items() if isinstance(v, torch.Tensor)}
+        values = torch.stack([v.detach().float() for v in terms.values()])
+        if not bool(torch.isfinite(values).all()):  # one synchronisation; the values are logged anyway
+            name, v = next((k, v) for k, v in terms.items() if not bool(torch.isfinite(v)))
+            raise NonFiniteLoss(f"step {self.step + 1}: the loss term {name} is {float(v.detach())}; stopped before "
+                                "this step changed any weight (last.pt holds the last finished epoch)")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -389,9 +435,8 @@ class Trainer:
         a = self.args
         fields = ["epoch", "step", "lr", "loss", "sup", "dice", "cons", "contr", "ent", "w_cons", "fdp_share", "bdp_share",
                   "query_share", "with_negative_share", "negatives_per_query", "val_dice", "seconds"]
-        if self.main and not (resumed and os.path.exists(log_path)):  # a fresh run starts a fresh log
-            with open(log_path, "w", newline="") as f:
-                csv.writer(f).writerow(fields)
+        if self.main:
+            start_log(log_path, fields, self.epoch if resumed else 0)
         stop = a.epochs if a.stop_after_epochs is None else min(a.epochs, self.epoch + a.stop_after_epochs)
         while self.epoch < stop:
             t0 = time.time()
@@ -419,6 +464,19 @@ class Trainer:
                 self.save("best.pt")
 
 
+def start_log(path, fields, epochs_done):
+    """A fresh log, or the log of a resumed run cut to its checkpoint's epochs: a run killed between
+    writing an epoch's row and its checkpoint redoes that epoch, which must not log it twice."""
+    rows = []
+    if epochs_done and os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("epoch", "").isdigit() and int(r["epoch"]) <= epochs_done]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
 @torch.no_grad()
 def preview(tb, model, samples, cfg, device, epoch, n=4):
     """Overlays of the first validation images (prediction green, ground truth red, overlap yellow)."""
@@ -435,6 +493,21 @@ def tensorboard_writer(out):
     return SummaryWriter(os.path.join(out, "tb"))
 
 
+def test_checkpoint(trainer, device) -> str:
+    """Load this run's best.pt into the student for the test, and say which weights are tested.
+    A best.pt written by another run (another run id) is refused, never silently reported."""
+    best = os.path.join(trainer.args.out, "best.pt")
+    if not os.path.exists(best):
+        why = "no validation images" if not trainer.d["val"] else "no validation score was finite"
+        return f"last epoch ({why}, so no best.pt)"
+    st = load_checkpoint(best, device)
+    if st.get("run_id") != trainer.run_id:
+        raise CheckpointError(f"{best}: written by another run (run id {st.get('run_id')!r}, this run "
+                              f"{trainer.run_id!r}); move it away or train in a fresh --out")
+    load_into(trainer.student, st["student"], best, "student")
+    return f"best.pt (epoch {st['epoch']}, validation Dice {100 * st['best_dice']:.2f})"
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -446,6 +519,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     world, rank, device = setup_distributed(args.device)
     try:
+        if rank == 0 and os.path.isdir(args.out):
+            remove_stale_temporaries(args.out)
         trainer = Trainer(args, world, rank, device)
         if args.resume == "auto":
             args.resume = os.path.join(args.out, "last.pt") if os.path.exists(os.path.join(args.out, "last.pt")) else None
@@ -475,23 +550,24 @@ def main(argv=None):
             tb.close()
         finished = trainer.epoch >= args.epochs
         if rank == 0 and finished and not args.no_test and trainer.d["test_entries"]:
-            best = os.path.join(args.out, "best.pt")
-            model = trainer.student
-            if os.path.exists(best):
-                load_into(model, load_checkpoint(best, device)["student"], best, "student")
+            model, tested = trainer.student, test_checkpoint(trainer, device)
+            print(f"testing the model of {tested}", flush=True)
             samples = data.load_full(trainer.d["test_entries"], trainer.d["tile"])
             comp = evaluate_samples(model, samples, args.inference, device, args.out, args.overlays,
                                     progress=not args.no_progress)
             report = write_report(comp, args.out, "metrics",
                                   f"Test metrics ({args.method}, {args.labeled_fraction} labeled)",
                                   extra={"method": args.method, "labeled_fraction": args.labeled_fraction,
-                                         "checkpoint": "best.pt" if os.path.exists(best) else "last epoch"})
+                                         "checkpoint": tested})
             print(f"test images -> {os.path.join(args.out, 'metrics.md')}", flush=True)
             for line in summary_lines(report):
                 print(line, flush=True)
     except (CheckpointError, data.DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -49,7 +49,13 @@ class Entry:
 
 # ---------------------------------------------------------------- files
 
+def _check_regular(path):
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO or device would block the reader
+        raise DataError(f"{path}: not a regular file")
+
+
 def _open(path):
+    _check_regular(path)
     try:
         im = Image.open(path)
         im.load()
@@ -158,6 +164,7 @@ def read_dsb(root) -> list[Entry]:
 
 def rasterize_monuseg_xml(path, height, width) -> np.ndarray:
     """Instance map from a MoNuSeg XML file: one polygon (Region/Vertices/Vertex X,Y) per nucleus."""
+    _check_regular(path)
     try:
         tree = ET.parse(path)
     except FileNotFoundError:

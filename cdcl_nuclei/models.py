@@ -55,9 +55,51 @@ def model_config(preset: str, **overrides) -> ModelConfig:
     return config_from_dict(d)
 
 
+# field: (allowed lengths for tuples or None for an int, smallest, largest); the ranges are far
+# beyond any useful model and only stop a crafted config from allocating terabytes
+INT_FIELDS = {"growth": (None, 1, 1024), "blocks": ((4,), 1, 256), "init_features": (None, 1, 4096),
+              "bn_size": (None, 1, 64), "decoder": ((3, 4), 1, 8192), "cls_hidden": (None, 1, 8192),
+              "proj": ((2,), 1, 8192), "num_classes": (None, 2, 2), "input_size": (None, 32, 16384)}
+MAX_PARAMETERS = 10 ** 9
+
+
+def _check_int(name, v, lo, hi):
+    if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
+        raise ValueError(f"{name}: expected an integer in [{lo}, {hi}], got {v!r}")
+
+
 def config_from_dict(d: dict) -> ModelConfig:
-    """A ModelConfig from its dict form (a checkpoint's config["model"]; lists become tuples)."""
-    return ModelConfig(**{**d, **{k: tuple(d[k]) for k in ("blocks", "decoder", "proj")}})
+    """A ModelConfig from its dict form (a checkpoint's config["model"]; lists become tuples), with
+    every field's type and range checked and the parameter count bounded before anything is built."""
+    if not isinstance(d, dict):
+        raise ValueError(f"model: expected a dict of model settings, got {type(d).__name__}")
+    fields = set(asdict(ModelConfig()))
+    unknown, missing = sorted(set(d) - fields), sorted(fields - set(d))
+    if unknown or missing:
+        raise ValueError(f"model: unknown fields {unknown}, missing fields {missing}")
+    out = {}
+    for name, (lengths, lo, hi) in INT_FIELDS.items():
+        v = d[name]
+        if lengths is None:
+            _check_int(name, v, lo, hi)
+        else:
+            if not isinstance(v, (list, tuple)) or len(v) not in lengths:
+                raise ValueError(f"{name}: expected {' or '.join(map(str, lengths))} integers, got {v!r}")
+            for x in v:
+                _check_int(name, x, lo, hi)
+            v = tuple(v)
+        out[name] = v
+    if out["input_size"] % 32:
+        raise ValueError(f"input_size: expected a multiple of 32, got {out['input_size']}")
+    dropout = d["dropout"]
+    if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1):
+        raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")
+    cfg = ModelConfig(**out, dropout=float(dropout))
+    with torch.device("meta"):  # counts parameters without allocating them
+        n = sum(p.numel() for p in DenseUNet(cfg).parameters())
+    if n > MAX_PARAMETERS:
+        raise ValueError(f"parameters: these model settings give {n:.3g} parameters, more than {MAX_PARAMETERS:.0e}")
+    return cfg
 
 
 class _DenseLayer(nn.Module):

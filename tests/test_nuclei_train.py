@@ -106,7 +106,7 @@ def test_checkpoint_errors(tmp_path, capsys):
     assert "truncated.pt" in err and "not a readable checkpoint" in err and "Traceback" not in err
     # foreign
     torch.save({"weights": torch.zeros(2)}, bad)
-    with pytest.raises(CheckpointError, match="not a cdcl_nuclei/1"):
+    with pytest.raises(CheckpointError, match="not a cdcl_nuclei/2"):
         load_checkpoint(bad)
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
