@@ -1,4 +1,4 @@
-"""The benchmark's inputs and contenders (SPEC 5).
+"""The benchmark's inputs and contenders (docs/design.md §6).
 
 Inputs are patch-major: rows [i * P, (i + 1) * P) are patch i's pixels, so the released code's
 per-patch loop can slice them. Every contender returns the mean loss over active queries with
@@ -151,5 +151,5 @@ def contenders(device_type):
 
 
 def flops(n, m, d, bank_grad):
-    """Matrix FLOPs of the fused algorithm (SPEC 2.2): 4NMD forward, +4NMD for the bank grad."""
+    """Matrix FLOPs of the fused algorithm (docs/design.md §3): 4NMD forward, +4NMD for the bank grad."""
     return 4 * n * m * d * (2 if bank_grad else 1)

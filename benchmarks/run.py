@@ -1,4 +1,4 @@
-"""Benchmark entry point (SPEC 5): memory and time of the masked InfoNCE contenders.
+"""Benchmark entry point (docs/design.md §6): memory and time of the masked InfoNCE contenders.
 
     python -m benchmarks.run --sizes paper,large --device cuda
     python -m benchmarks.run --sizes paper --device cpu --contenders reference,chunked
