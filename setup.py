@@ -1,4 +1,4 @@
-"""Build script: the pure-Python package plus the native extension `cdcl_ops._C` from csrc/.
+"""The native extension `cdcl_ops._C` from csrc/ (the metadata is in pyproject.toml).
 
 The C++ (CPU) kernels are built on every machine. The CUDA kernels in csrc/cuda are added when
 PyTorch is a CUDA build and nvcc is found, and either a GPU is visible or FORCE_CUDA=1 is set.
@@ -9,7 +9,7 @@ import glob
 import os
 import shutil
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -50,7 +50,7 @@ def _extensions():
         nvcc = ["-O3", "--use_fast_math", "-lineinfo",
                 "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
         ext = CUDAExtension("cdcl_ops._C", sources + _sources("csrc/cuda/*.cpp", "csrc/cuda/*.cu"),
-                            extra_compile_args={"cxx": cxx + ["-DCDCL_WITH_CUDA"], "nvcc": nvcc},
+                            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                             extra_link_args=link)
     else:
         ext = CppExtension("cdcl_ops._C", sources, extra_compile_args={"cxx": cxx},
@@ -60,18 +60,4 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
-setup(
-    name="cdcl_ops",
-    version="0.1.0",
-    description="Fused, memory-bounded pseudo-label-masked InfoNCE for cross-patch dense "
-                "contrastive learning (CDCL)",
-    # cdcl_ops: the loss library (torch and numpy only); cdcl_nuclei: the training application
-    packages=find_packages(include=["cdcl_ops", "cdcl_ops.*", "cdcl_nuclei", "cdcl_nuclei.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton>=3.0"],
-                    # what train.py / predict.py / cdcl_nuclei need beyond the library
-                    "train": ["pillow", "scipy", "tqdm"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
