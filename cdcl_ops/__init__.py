@@ -1,6 +1,7 @@
 """cdcl_ops: fused, memory-bounded pseudo-label-masked InfoNCE for cross-patch dense contrastive
 learning (CDCL). See README.md for the API."""
 from . import ops  # registers the torch.library custom ops
+from ._validate import MIN_TEMPERATURE
 from .infonce import BACKENDS, MaskedInfoNCE, available_backends, default_backend, masked_infonce
 from .bank import FeatureBank
 from .cross_patch import CrossPatchInfoNCE, cross_patch_infonce
@@ -8,5 +9,5 @@ from .patches import classify_patches, patch_foreground_scores
 
 __all__ = ["masked_infonce", "MaskedInfoNCE", "available_backends", "default_backend", "BACKENDS", "ops",
            "FeatureBank", "CrossPatchInfoNCE", "cross_patch_infonce", "classify_patches",
-           "patch_foreground_scores"]
+           "patch_foreground_scores", "MIN_TEMPERATURE"]
 __version__ = "0.1.0"

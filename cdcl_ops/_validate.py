@@ -7,14 +7,24 @@ Every backend sees the same five tensors describing the mask J of SPEC 2.1:
     table (G, G) bool
 
 so that "no groups" is just the 1 x 1 table [[True]] and one mask formula serves all of them.
+Nothing is narrowed to int32 by a cast that could change a value: labels that may not fit (int64,
+uint32) are renumbered, equal values to equal ids, and group ids are clamped to [-1, G] first.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+# uint16 / uint32: label images (instance maps) are stored so; uint64 has values int64 cannot hold
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32)
+INT_NAMES = "int64/int32/int16/int8/uint8/uint16/uint32"
+NARROW_SAFE = (torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16)  # fit int32 as they are
 REDUCTIONS = ("mean", "sum", "none")
+# Scores are cos / tau in fp32: below this the fp32 rounding of the scores (~6e-8 / tau, absolute)
+# makes near-tied softmax weights inaccurate beyond use (docs/loss.md, "Accuracy")
+MIN_TEMPERATURE = 1e-4
 
 
 def _fail(name: str, expected: str, got) -> None:
@@ -42,7 +52,7 @@ def _check_ids(name, t, n, device):
     if not isinstance(t, torch.Tensor):
         _fail(name, "a torch.Tensor", type(t).__name__)
     if t.dtype not in INT_DTYPES:
-        _fail(name, "an integer tensor (int64/int32/int16/int8/uint8)", t.dtype)
+        _fail(name, f"an integer tensor ({INT_NAMES})", t.dtype)
     if t.dim() != 1 or t.shape[0] != n:
         _fail(name, f"a 1-D tensor of length {n}", f"shape {tuple(t.shape)}")
     if t.device != device:
@@ -79,10 +89,16 @@ def check_arguments(query, positive, bank, query_labels, bank_labels, query_grou
             _fail("group_table", "a bool or integer tensor", group_table.dtype)
         if group_table.device != query.device:
             _fail("group_table", f"a tensor on {query.device} (as query)", group_table.device)
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
-        _fail("temperature", "a number > 0", temperature)
+    check_temperature(temperature)
     if reduction not in REDUCTIONS:
         _fail("reduction", f"one of {REDUCTIONS}", repr(reduction))
+
+
+def check_temperature(temperature):
+    """tau: a finite number >= MIN_TEMPERATURE, the same rule for every backend."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or not temperature >= MIN_TEMPERATURE:
+        _fail("temperature", f"a finite number >= {MIN_TEMPERATURE} (MIN_TEMPERATURE)", temperature)
 
 
 def check_values(query, positive, bank, query_groups, bank_groups, group_table, check_finite):
@@ -105,17 +121,46 @@ def check_values(query, positive, bank, query_groups, bank_groups, group_table, 
             _fail(name, expected, "values outside that")
 
 
+def _renumber(query_labels, bank_labels):
+    """int32 ids of int64 / uint32 labels: equal values get equal ids (a dense rank over query and
+    bank labels together), negative ones -1. Shapes stay static: no host synchronisation."""
+    both = torch.cat([query_labels.long(), bank_labels.long()])
+    values, order = torch.sort(both)
+    starts = torch.ones_like(values, dtype=torch.bool)
+    starts[1:] = values[1:] != values[:-1]
+    ids = torch.empty_like(values).scatter_(0, order, torch.cumsum(starts, 0) - 1)
+    ids = torch.where(both < 0, -1, ids).to(torch.int32)
+    return ids[: query_labels.shape[0]], ids[query_labels.shape[0]:]
+
+
+def _labels_int32(query_labels, bank_labels):
+    if query_labels.dtype in NARROW_SAFE and bank_labels.dtype in NARROW_SAFE:
+        return query_labels.to(torch.int32), bank_labels.to(torch.int32)
+    if query_labels.shape[0] + bank_labels.shape[0] > 2**31:
+        raise ValueError(f"query_labels, bank_labels: expected at most 2**31 rows in all to renumber "
+                         f"{query_labels.dtype} / {bank_labels.dtype} labels, got "
+                         f"{query_labels.shape[0]} + {bank_labels.shape[0]}")
+    return _renumber(query_labels, bank_labels)
+
+
+def _groups_int32(groups, g):
+    """Ids < 0 stay inactive (-1) and ids >= G, possible only with the checks off, become inactive
+    too: no cast can turn an out-of-range id into a valid one."""
+    groups = groups.long()
+    return torch.where((groups < 0) | (groups >= g), -1, groups).to(torch.int32)
+
+
 def canonical_masks(query_labels, bank_labels, query_groups, bank_groups, group_table):
     """Return (q_lab, q_grp, k_lab, k_grp, table) in the encoding described in the module doc."""
-    ql = query_labels.to(torch.int32)
-    kl = bank_labels.to(torch.int32)
+    ql, kl = _labels_int32(query_labels, bank_labels)
     if group_table is None:
         qg = torch.zeros_like(ql)
         kg = torch.zeros_like(kl)
         table = torch.ones(1, 1, dtype=torch.bool, device=ql.device)
     else:
-        qg = query_groups.to(torch.int32)
-        kg = bank_groups.to(torch.int32)
+        g = group_table.shape[0]
+        qg = _groups_int32(query_groups, g)
+        kg = _groups_int32(bank_groups, g)
         table = group_table.to(torch.bool)
     minus_one = torch.full((), -1, dtype=torch.int32, device=ql.device)
     qg = torch.where(ql < 0, minus_one, qg).contiguous()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-_INT = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_INT = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32)
 
 
 def _world():
@@ -129,6 +129,8 @@ class FeatureBank(torch.nn.Module):
         if self.capacity is None:
             self._allocate(n * world, d, feats.device, feats.dtype)
         cap = self.capacity
+        if cap is None:  # an empty first batch fixes D, device and dtype; the size waits for rows
+            return torch.zeros(0, dtype=torch.int64, device=self.feats.device)
         if n * world > cap:
             raise ValueError(f"feats: expected at most {cap} rows per batch in all (the bank's capacity"
                              f" per slot{', over ' + str(world) + ' ranks' if world > 1 else ''}), "
@@ -168,6 +170,34 @@ class FeatureBank(torch.nn.Module):
         self.groups.fill_(-1)
         self.cursor.zero_()
 
+    def _check_state(self, state_dict, prefix):
+        """ValueError for stored values a push or a loss would only trip over later."""
+        feats, cursor = state_dict.get(prefix + "feats"), state_dict.get(prefix + "cursor")
+        rows = None
+        if isinstance(feats, torch.Tensor):
+            if not feats.is_floating_point():
+                raise ValueError(f"{prefix}feats: expected a floating tensor, got {feats.dtype}")
+            if feats.numel() and not bool(torch.isfinite(feats).all()):
+                raise ValueError(f"{prefix}feats: expected finite values, got NaN or infinity")
+            rows = feats.shape[0] if feats.dim() == 2 else None
+        for name in ("labels", "groups"):
+            t = state_dict.get(prefix + name)
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor) or t.dtype not in _INT or t.dim() != 1 \
+                    or (rows is not None and t.shape[0] != rows):
+                got = (t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{prefix}{name}: expected an integer tensor of shape "
+                                 f"({'rows' if rows is None else rows},) (one per row of feats), got {got}")
+        if cursor is not None:
+            if not isinstance(cursor, torch.Tensor) or cursor.dim() != 0 or cursor.dtype not in _INT:
+                got = (cursor.dtype, tuple(cursor.shape)) if isinstance(cursor, torch.Tensor) \
+                    else type(cursor).__name__
+                raise ValueError(f"{prefix}cursor: expected an integer scalar tensor, got {got}")
+            if not 0 <= int(cursor) < self.slots:
+                raise ValueError(f"{prefix}cursor: expected a slot index in [0, {self.slots}) "
+                                 f"(memory + 1 slots), got {int(cursor)}")
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # a lazily sized bank takes the stored size; a sized one must match it
@@ -176,6 +206,7 @@ class FeatureBank(torch.nn.Module):
             error_msgs.append(f"{prefix}memory: expected a saved bank of memory={self.memory}, got "
                               f"memory={extra['memory']}")
             return
+        self._check_state(state_dict, prefix)
         feats = state_dict.get(prefix + "feats")
         if isinstance(feats, torch.Tensor):
             if feats.dim() != 2 or feats.shape[0] % self.slots:

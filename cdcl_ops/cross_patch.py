@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._validate import check_temperature
 from .bank import FeatureBank
 from .infonce import masked_infonce
-from .patches import BDP, FDP, check_grid, check_thresholds, classify_patches, patch_foreground_scores, per_pixel
+from .patches import (BDP, FDP, check_grid, check_thresholds, classify_patches, patch_foreground_scores,
+                      per_pixel, signed_labels)
 
 SEMANTICS = ("paper", "official")
 SAMPLINGS = ("pixel-patch", "pixel", "random")
@@ -54,11 +56,12 @@ def pseudo_labels(pred, b, h, w, name):
         raise ValueError(f"{name}: expected floating logits (B, C, h, w) or integer labels of the "
                          f"features' size (B, H, W) = ({b}, {h}, {w}), got a {pred.dtype} tensor of "
                          f"shape {tuple(pred.shape)}")
-    return pred
+    return signed_labels(pred, name)
 
 
-def _check_options(grid, fdp, bdp, semantics, sampling, fg_class):
+def _check_options(grid, fdp, bdp, temperature, semantics, sampling, fg_class):
     check_thresholds(fdp, bdp)
+    check_temperature(temperature)
     if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
         raise ValueError(f"grid: expected an int >= 1, got {grid!r}")
     if semantics not in SEMANTICS:
@@ -120,7 +123,7 @@ def cross_patch_infonce(student_feats, teacher_feats, student_pred, teacher_pred
         The scalar loss (float32; float64 for float64 features), or (loss, stats).
     """
     b, d, h, w = _check_features(student_feats, teacher_feats)
-    _check_options(grid, fdp, bdp, semantics, sampling, fg_class)
+    _check_options(grid, fdp, bdp, temperature, semantics, sampling, fg_class)
     check_grid(grid, h, w, "student_feats")
     if bank is not None:
         _check_bank(bank, d, student_feats.device)
@@ -253,9 +256,7 @@ class CrossPatchInfoNCE(torch.nn.Module):
     def __init__(self, grid=8, fdp=0.7, bdp=0.3, temperature=0.1, fg_class=1, memory=1,
                  semantics="paper", sampling="pixel-patch", backend=None, compact=False):
         super().__init__()
-        _check_options(grid, fdp, bdp, semantics, sampling, fg_class)
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
-            raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
+        _check_options(grid, fdp, bdp, temperature, semantics, sampling, fg_class)
         self.grid, self.fdp, self.bdp = grid, fdp, bdp
         self.temperature, self.fg_class = temperature, fg_class
         self.semantics, self.sampling, self.backend = semantics, sampling, backend

@@ -35,6 +35,19 @@ def check_grid(grid, h, w, what="labels_or_logits"):
                          f"(equal patches), got {grid}")
 
 
+# unsigned label images (instance maps are often uint16 / uint32) widened to a signed type that holds
+# every value, which every kernel handles; uint64 may hold values no signed type does
+_WIDER = {torch.uint16: torch.int32, torch.uint32: torch.int64}
+
+
+def signed_labels(labels, name="labels_or_logits"):
+    """Integer labels in a dtype every backend takes, with the same values."""
+    if labels.dtype == torch.uint64:
+        raise ValueError(f"{name}: expected integer labels of at most 32 bits if unsigned "
+                         f"(uint8/uint16/uint32) or any signed dtype, got torch.uint64")
+    return labels.to(_WIDER[labels.dtype]) if labels.dtype in _WIDER else labels
+
+
 def _check_input(x):
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"labels_or_logits: expected a torch.Tensor, got {type(x).__name__}")
@@ -93,6 +106,8 @@ def patch_foreground_scores(labels_or_logits, grid, fg_class=1, backend=None):
         (scores, counts): (B, grid, grid) float32 fractions and int32 foreground pixel counts.
     """
     _check_input(labels_or_logits)
+    if not labels_or_logits.is_floating_point():
+        labels_or_logits = signed_labels(labels_or_logits)
     h, w = labels_or_logits.shape[-2:]
     check_grid(grid, h, w)
     if isinstance(fg_class, bool) or not isinstance(fg_class, int):

@@ -108,7 +108,8 @@ def test_int64_group_ids(backend, check_inputs):
         args[name][5] = bad
         if check_inputs:
             with pytest.raises(ValueError, match=name):
-                cdcl_ops.masked_infonce(**args, backend=backend, check_inputs=True)
+                cdcl_ops.masked_infonce(**dict(args, **{n: args[n].float() for n in ("query", "positive", "bank")}),
+                                        backend=backend, check_inputs=True)
             continue
         inactive = dict(args, query_groups=args["query_groups"].clamp(min=-1),
                         bank_groups=args["bank_groups"].clamp(min=-1))
