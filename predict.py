@@ -20,15 +20,20 @@ import argparse
 import os
 import sys
 
-import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
 from cdcl_nuclei import cli, data, models
 from cdcl_nuclei.checkpoint import CheckpointError, load_checkpoint, load_into
-from cdcl_nuclei.evaluate import Comparison, inference_config, overlay, predict_probability, save_label_map, \
-    summary_lines, write_report
+from cdcl_nuclei.evaluate import (
+    Comparison,
+    inference_config,
+    overlay,
+    predict_probability,
+    save_label_map,
+    summary_lines,
+    write_report,
+)
 from cdcl_nuclei.metrics import connected_components
 
 
@@ -58,7 +63,8 @@ def gather_inputs(images_dir, labels_dir):
     except data.DataError:
         fmt = None
     if fmt is not None and labels_dir is None:
-        return [(e.id, (lambda e=e: (lambda s: (s.image, s.labels))(e.load()))) for e in data.read_folder(images_dir, fmt)]
+        return [(e.id, (lambda e=e: (lambda s: (s.image, s.labels))(e.load())))
+                for e in data.read_folder(images_dir, fmt)]
     if not os.path.isdir(images_dir):
         raise data.DataError(f"{images_dir}: folder not found")
     names = sorted(n for n in os.listdir(images_dir) if os.path.splitext(n)[1].lower() in data.IMAGE_EXTS)
@@ -102,8 +108,8 @@ def main(argv=None):
         model = models.build_model(cfg).to(device)
         load_into(model, st["student"], args.checkpoint, "student")
         model.eval()
-        given = {k: v for k, v in (("window", args.window), ("overlap", args.overlap), ("batch", args.batch), ("flips", args.flips),
-                                   ("threshold", args.threshold)) if v is not None}
+        given = {k: v for k, v in (("window", args.window), ("overlap", args.overlap), ("batch", args.batch),
+                                   ("flips", args.flips), ("threshold", args.threshold)) if v is not None}
         saved = st["config"].get("inference", {})
         try:
             inference_config(saved)
@@ -122,7 +128,8 @@ def main(argv=None):
             image, labels = load()
             pred = predict_probability(model, image, icfg, device, progress=not args.no_progress) > icfg.threshold
             save_label_map(os.path.join(args.out, "masks", f"{sid}.{args.mask_format}"), connected_components(pred))
-            Image.fromarray(overlay(image, pred, labels, stretch=True)).save(os.path.join(args.out, "overlays", f"{sid}.png"))
+            Image.fromarray(overlay(image, pred, labels, stretch=True)).save(
+                os.path.join(args.out, "overlays", f"{sid}.png"))
             if labels is not None:
                 has_gt = True
                 comp.update(pred, image, labels, sid)

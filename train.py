@@ -4,9 +4,10 @@
     torchrun --nproc_per_node 2 train.py ...            # DDP (gloo on CPU, nccl on CUDA)
 
 Methods: suponly (labeled part only), fullsup (every training image labeled), meanteacher
-(L_sup + w_cons L_cons + 0.01 L_ent: the paper's Scheme 6, CDCL without L_contr), cdcl (L_sup + 0.1 L_contr + w_cons L_cons + 0.01 L_ent). --no-contr,
---no-cons, --no-ent, --sampling give the ablations. One epoch is ceil(training images / batch)
-iterations for every method (--iters-per-epoch overrides), so budgets compare across methods.
+(L_sup + w_cons L_cons + 0.01 L_ent: the paper's Scheme 6, CDCL without L_contr), cdcl
+(L_sup + 0.1 L_contr + w_cons L_cons + 0.01 L_ent). --no-contr, --no-cons, --no-ent, --sampling
+give the ablations. One epoch is ceil(training images / batch) iterations for every method
+(--iters-per-epoch overrides), so budgets compare across methods.
 Training sees random --input-size crops of each image at its own pixel scale; validation, the test
 and predict.py run the model over overlapping, blended windows at native resolution. --resize gives
 the paper's protocol instead (every image resized to --input-size squared, for Table-1-style runs).
@@ -30,12 +31,26 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cdcl_ops import CrossPatchInfoNCE, available_backends
 from cdcl_nuclei import augment, cli, crops, data, models, schedules
-from cdcl_nuclei.checkpoint import (CheckpointError, check_compatible, load_checkpoint, load_into,
-                                    remove_stale_temporaries, save_checkpoint)
-from cdcl_nuclei.evaluate import (InferenceConfig, evaluate_samples, overlay, predict_probability, summary_lines,
-                                  otsu_dice, validation_dice, write_report)
+from cdcl_nuclei.checkpoint import (
+    CheckpointError,
+    check_compatible,
+    load_checkpoint,
+    load_into,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
+from cdcl_nuclei.evaluate import (
+    InferenceConfig,
+    evaluate_samples,
+    otsu_dice,
+    overlay,
+    predict_probability,
+    summary_lines,
+    validation_dice,
+    write_report,
+)
+from cdcl_ops import CrossPatchInfoNCE, available_backends
 
 METHODS = ("suponly", "fullsup", "meanteacher", "cdcl")
 # losses on by default per method: (cons, contr, ent)
@@ -340,7 +355,8 @@ class Trainer:
             self.epoch, self.step, self.best, self.run_id = (int(st["epoch"]), int(st["step"]),
                                                               float(st["best_dice"]), str(st["run_id"]))
         except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{path}: the training state does not fit this run ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{path}: the training state does not fit this run "
+                                  f"({type(e).__name__}: {e})") from None
         if not 0 <= self.epoch <= self.args.epochs:
             raise CheckpointError(f"{path}: epoch {self.epoch} is outside this run's 0..{self.args.epochs}")
 
@@ -433,8 +449,8 @@ class Trainer:
 
     def fit(self, log_path, tb, resumed=False):
         a = self.args
-        fields = ["epoch", "step", "lr", "loss", "sup", "dice", "cons", "contr", "ent", "w_cons", "fdp_share", "bdp_share",
-                  "query_share", "with_negative_share", "negatives_per_query", "val_dice", "seconds"]
+        fields = ["epoch", "step", "lr", "loss", "sup", "dice", "cons", "contr", "ent", "w_cons", "fdp_share",
+                  "bdp_share", "query_share", "with_negative_share", "negatives_per_query", "val_dice", "seconds"]
         if self.main:
             start_log(log_path, fields, self.epoch if resumed else 0)
         stop = a.epochs if a.stop_after_epochs is None else min(a.epochs, self.epoch + a.stop_after_epochs)
@@ -480,7 +496,7 @@ def start_log(path, fields, epochs_done):
 @torch.no_grad()
 def preview(tb, model, samples, cfg, device, epoch, n=4):
     """Overlays of the first validation images (prediction green, ground truth red, overlap yellow)."""
-    for k, s in enumerate(samples[:n]):
+    for s in samples[:n]:
         pred = predict_probability(model, s.image, cfg, device) > cfg.threshold
         tb.add_image(f"val/{s.id}", overlay(s.image, pred, s.labels, stretch=True), epoch, dataformats="HWC")
 
@@ -523,7 +539,8 @@ def main(argv=None):
             remove_stale_temporaries(args.out)
         trainer = Trainer(args, world, rank, device)
         if args.resume == "auto":
-            args.resume = os.path.join(args.out, "last.pt") if os.path.exists(os.path.join(args.out, "last.pt")) else None
+            last = os.path.join(args.out, "last.pt")
+            args.resume = last if os.path.exists(last) else None
         if args.resume:
             trainer.resume(args.resume)
         if rank == 0:

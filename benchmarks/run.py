@@ -49,7 +49,7 @@ def _size(name):
         n, m = name[1:].split("xM")
         return int(n), int(m), 128, 25
     except ValueError:
-        raise SystemExit(f"unknown size {name!r}: one of {list(SIZES)} or N<n>xM<m>")
+        raise SystemExit(f"unknown size {name!r}: one of {list(SIZES)} or N<n>xM<m>") from None
 
 
 def _run_worker(spec):
@@ -173,7 +173,8 @@ def _fmt(x, spec):
 
 
 def markdown_table(rows, rates=None):
-    head = "| size | bank grad | contender | dtype | fwd+bwd ms | peak extra MB | TFLOP/s | % matrix rate | max rel err |"
+    head = ("| size | bank grad | contender | dtype | fwd+bwd ms | peak extra MB | TFLOP/s | % matrix rate "
+            "| max rel err |")
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         if r.get("status") != "ok":

@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import partial
-from typing import Callable
 
 import numpy as np
 import torch
@@ -216,7 +216,7 @@ def detect_format(root) -> str:
         raise DataError(f"{root}: data folder not found")
     if os.path.isdir(os.path.join(root, "images")) and os.path.isdir(os.path.join(root, "labels")):
         return "layout"
-    for dirpath, _, names in os.walk(root):
+    for _, _, names in os.walk(root):
         if any(n.lower().endswith(".xml") for n in names):
             return "monuseg"
     for sid in sorted(os.listdir(root)):

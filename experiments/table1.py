@@ -171,7 +171,8 @@ def write_results(args, rows):
         lines += ["", f"What L_contr saw (CDCL runs, means over the epochs it ran): patches of "
                       f"{r0['patch_px']} x {r0['patch_px']} pixels ({r0['patch_feat']} x {r0['patch_feat']} "
                       "features at stride 8).", "",
-                  "| seed | FDP patches | BDP patches | pixels that are queries with a negative | negatives per query |",
+                  "| seed | FDP patches | BDP patches | pixels that are queries with a negative "
+                  "| negatives per query |",
                   "|---|---|---|---|---|"]
         for r in seen_rows:
             lines.append(f"| {r['seed']} | {100 * r['fdp_share']:.1f}% | {100 * r['bdp_share']:.1f}% | "

@@ -15,8 +15,7 @@ import torch
 import cdcl_ops
 from cdcl_ops import infonce, ops
 from cuda_emulator import Emulator, compiler
-from helpers import (assert_close_to_reference, assert_compiled_matches_eager, loss_and_grads,
-                     make_inputs)
+from helpers import assert_close_to_reference, assert_compiled_matches_eager, loss_and_grads, make_inputs
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++ compiler for the CUDA emulator")
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_cross_patch import TOL, make_batch, official_loop, paper_loop
 
 import cdcl_ops
-from test_cross_patch import TOL, make_batch, official_loop, paper_loop
 
 WORLD = 2
 STEPS = 3

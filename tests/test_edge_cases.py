@@ -137,5 +137,6 @@ def test_paper_table_semantics_by_hand():
     got = cdcl_ops.masked_infonce(q, p, k, torch.tensor([0]), k_lab, torch.tensor([0]), k_grp,
                                   PAPER_TABLE, temperature=tau, backend="chunked")
     pos = torch.exp(torch.tensor(1.0 / tau, dtype=torch.float64))
-    neg = torch.exp(torch.tensor(0.0 / tau, dtype=torch.float64)) + torch.exp(torch.tensor(0.6 / tau, dtype=torch.float64))
+    neg = (torch.exp(torch.tensor(0.0 / tau, dtype=torch.float64))
+           + torch.exp(torch.tensor(0.6 / tau, dtype=torch.float64)))
     torch.testing.assert_close(got, -torch.log(pos / (pos + neg)))

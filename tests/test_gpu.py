@@ -6,8 +6,13 @@ import torch
 import cdcl_ops
 from cdcl_ops._validate import canonical_masks
 from cdcl_ops.normalize import inverse_norms, project_
-from helpers import (assert_bank_grad_of_mean_close, assert_close_to_reference,
-                     assert_compiled_matches_eager, loss_and_grads, make_inputs)
+from helpers import (
+    assert_bank_grad_of_mean_close,
+    assert_close_to_reference,
+    assert_compiled_matches_eager,
+    loss_and_grads,
+    make_inputs,
+)
 
 pytestmark = pytest.mark.gpu
 CUDA = "cuda"

@@ -5,8 +5,13 @@ import torch
 
 import cdcl_ops
 from cdcl_ops.backends import native
-from helpers import (assert_bank_grad_of_mean_close, assert_close_to_reference,
-                     assert_compiled_matches_eager, loss_and_grads, make_inputs)
+from helpers import (
+    assert_bank_grad_of_mean_close,
+    assert_close_to_reference,
+    assert_compiled_matches_eager,
+    loss_and_grads,
+    make_inputs,
+)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not native.HAS_CUDA,

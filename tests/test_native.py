@@ -6,14 +6,13 @@ import sys
 
 import pytest
 import torch
+from test_backends import SHAPES
 
 import cdcl_ops
 from cdcl_ops._validate import canonical_masks
 from cdcl_ops.backends import chunked, native
 from cdcl_ops.normalize import inverse_norms
-from helpers import (assert_close_to_reference, assert_compiled_matches_eager, loss_and_grads,
-                     make_inputs, strided_copy)
-from test_backends import SHAPES
+from helpers import assert_close_to_reference, assert_compiled_matches_eager, loss_and_grads, make_inputs, strided_copy
 
 needs_ext = pytest.mark.skipif(not native.HAS_CPU,
                                reason=f"cdcl_ops._C not built: {native.LOAD_ERROR}")

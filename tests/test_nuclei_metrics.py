@@ -1,8 +1,15 @@
 import numpy as np
 import pytest
 
-from cdcl_nuclei.metrics import (SegmentationMeter, confusion, connected_components, instance_scores,
-                                     instance_terms, markdown_table, pixel_scores)
+from cdcl_nuclei.metrics import (
+    SegmentationMeter,
+    confusion,
+    connected_components,
+    instance_scores,
+    instance_terms,
+    markdown_table,
+    pixel_scores,
+)
 
 
 def test_pixel_metrics_hand_computed():

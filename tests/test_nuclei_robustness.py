@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ from PIL import Image
 
 from cdcl_nuclei import models
 from cdcl_nuclei.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-
 from test_nuclei_train import SAMPLE, TINY, predict, train  # noqa: F401  (the scripts, loaded once)
 
 

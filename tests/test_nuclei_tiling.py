@@ -113,7 +113,8 @@ def test_crops_keep_image_and_labels_aligned():
         assert torch.equal(x[:, 1].to(torch.int32), y)
     # a crop that fits is a window of the image at its own scale
     x, y = crops.random_crops(samples[:1], [0], 64, torch.Generator().manual_seed(3))
-    hits = [(r, c) for r in range(h - 63) for c in range(w - 63) if np.array_equal(labels[r:r + 64, c:c + 64], y[0].numpy())]
+    hits = [(r, c) for r in range(h - 63) for c in range(w - 63)
+            if np.array_equal(labels[r:r + 64, c:c + 64], y[0].numpy())]
     assert len(hits) == 1
 
 
