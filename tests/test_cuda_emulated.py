@@ -267,3 +267,47 @@ def test_compile_fullgraph(emulated_cuda, compiler):
     # the dtype and D of the GPU test that failed on the H200 in the first GPU run (smaller N, M)
     assert_compiled_matches_eager(make_inputs(70, 130, 32, dtype=torch.float32, seed=2), "cuda",
                                   compiler=compiler)
+
+
+# -- issue 12: NaN rows, rows up to the float32 range, small temperatures -------------------------
+
+@pytest.mark.parametrize("where", ["some_bank_rows", "all_bank_rows", "a_query_row"])
+@pytest.mark.parametrize("precision", ["auto", "tf32"])
+def test_nan_rows_give_nan_where_the_reference_does(emulated_cuda, where, precision):
+    inputs = make_inputs(20, 40, 16, seed=6)
+    if where == "some_bank_rows":
+        inputs["bank"][[2, 7, 33]] = float("nan")
+    elif where == "all_bank_rows":
+        inputs["bank"][:] = float("nan")
+    else:
+        inputs["query"][3] = float("nan")
+        inputs["query_labels"][3], inputs["query_groups"][3] = 0, 0  # active
+    want = loss_and_grads(inputs, "reference")
+    dtype = torch.bfloat16 if precision == "tf32" else torch.float32  # tf32: the tensor-core path
+    got = loss_and_grads(inputs, "cuda", dtype=dtype, precision=precision)
+    assert torch.equal(torch.isnan(got[0]), torch.isnan(want[0])) and torch.isnan(want[0]).any()
+    assert torch.isnan(got[1][0][torch.isnan(want[0])]).all()  # the queries whose loss is NaN
+    # the kernels skip weights that are exactly 0, so the reference's 0 * NaN terms of its dense
+    # products (NaN in every bank row once one query row is NaN) do not appear: no NaN beyond it
+    for g, r in zip(got[1], want[1]):
+        assert not (torch.isnan(g) & ~torch.isnan(r)).any()
+
+
+@pytest.mark.parametrize("scales", [[1e19, 3e19], [3.4e38, 1e38], [1e-20, 1e-40]])
+def test_float32_rows_of_any_magnitude(emulated_cuda, scales):
+    from test_extremes import _rows_of_magnitude, assert_matches
+    inputs = _rows_of_magnitude(make_inputs(10, 40, 4, seed=8), torch.float32, scales)
+    want = loss_and_grads({k: (v.double() if k in ("query", "positive", "bank") else v)
+                           for k, v in inputs.items()}, "reference")
+    norms = {name: inputs[name].double().norm(dim=1, keepdim=True).clamp(min=1e-12)
+             for name in ("query", "positive", "bank")}
+    assert_matches(loss_and_grads(inputs, "cuda"), want, scale_rows=norms)
+
+
+@pytest.mark.parametrize("tau", [1e-3, 1e-4])
+def test_bank_gradient_at_the_minimum_temperature(emulated_cuda, tau):
+    # the CUDA-core kernels recompute each score with the forward's FMA chain and rounding
+    from test_extremes import assert_matches
+    inputs = make_inputs(40, 70, 16, seed=1)
+    want = loss_and_grads(inputs, "reference", temperature=tau)
+    assert_matches(loss_and_grads(inputs, "cuda", dtype=torch.float32, temperature=tau), want)

@@ -1,16 +1,25 @@
 """The materialising oracle: SPEC 2.1 written as directly as possible, differentiable by autograd."""
 import torch
-import torch.nn.functional as F
 
 from .._validate import negative_mask
+from ..normalize import EPS, power_of_two_scale
+
+
+def unit_rows(x):
+    """x / max(|x|, eps) per row, as F.normalize, for rows of any finite magnitude: each row is
+    scaled by a power of two c first (exact; constant for autograd), so x c / max(|x c|, eps c)
+    neither overflows nor underflows where x / max(|x|, eps) would."""
+    c = power_of_two_scale(x.detach())
+    y = x * c
+    return y / torch.maximum(torch.linalg.vector_norm(y, dim=1, keepdim=True), EPS * c)
 
 
 def per_query_loss(query, positive, bank, q_lab, q_grp, k_lab, k_grp, table, temperature):
     """Per-query loss (N,) with autograd; builds the full N x M similarity matrix."""
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-    qh = F.normalize(query.to(dtype), dim=-1)
-    ph = F.normalize(positive.to(dtype), dim=-1)
-    kh = F.normalize(bank.to(dtype), dim=-1)
+    qh = unit_rows(query.to(dtype))
+    ph = unit_rows(positive.to(dtype))
+    kh = unit_rows(bank.to(dtype))
     s_pos = (qh * ph).sum(-1) / temperature
     s = (qh @ kh.T) / temperature
     s = s.masked_fill(~negative_mask(q_lab, q_grp, k_lab, k_grp, table), float("-inf"))

@@ -1,17 +1,20 @@
 """Triton bank gradient: per bank tile, one streaming pass over query tiles, recomputing
 pi_ij = J_ij exp(s_ij - LSE_i) from the saved LSE. Each program owns its rows of dK, so the
-sum over queries runs in a fixed order without atomics (deterministic)."""
+sum over queries runs in a fixed order without atomics (deterministic). The queries come scaled
+by 1/tau exactly as the forward had them (triton_forward.scaled_queries), so s_ij is the forward's
+number; the accumulated sum carries that 1/tau and is multiplied by tau at the end."""
 import torch
 import triton
 import triton.language as tl
 
 from ..normalize import unit_copy
 from .tl_utils import LOG2E, block_d, dot_precision, interpreting, negative_mask, query_codes
+from .triton_forward import scaled_queries
 
 
 @triton.jit
 def _bank_grad_kernel(Q, K, Q_LAB, Q_CODE, K_LAB, K_GRP, TABLE, LSE, GS, DK,
-                      N, M, D, G, scale,
+                      N, M, D, G, tau,
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                       USE_BITS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
@@ -35,14 +38,14 @@ def _bank_grad_kernel(Q, K, Q_LAB, Q_CODE, K_LAB, K_GRP, TABLE, LSE, GS, DK,
             q = q.to(tl.float32)
         q_lab = tl.load(Q_LAB + rn, mask=n_ok, other=0)
         q_code = tl.load(Q_CODE + rn, mask=n_ok, other=0)
-        lse = tl.load(LSE + rn, mask=n_ok, other=0.0) * LOG2E
+        lse = tl.load(LSE + rn, mask=n_ok, other=0.0)
         gs = tl.load(GS + rn, mask=n_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale   # (BLOCK_M, BLOCK_N)
+        st = tl.dot(k, tl.trans(q), input_precision=PRECISION)   # (BLOCK_M, BLOCK_N), q carries 1/tau
         j = negative_mask(q_lab[None, :], q_code[None, :], k_lab[:, None], k_grp[:, None],
                           TABLE, G, USE_BITS)
-        w = tl.where(j, tl.exp2(st - lse[None, :]) * gs[None, :], 0.0)
+        w = tl.where(j, tl.exp2((st - lse[None, :]) * LOG2E) * gs[None, :], 0.0)
         acc += tl.dot(w.to(q.dtype), q, input_precision=PRECISION)
-    tl.store(DK + k_off, acc.to(DK.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(DK + k_off, (acc * tau).to(DK.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
 CONFIG_OVERRIDE = None  # set by benchmarks/triton_configs.py to sweep launch configs
@@ -76,7 +79,7 @@ def bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, in
     if m == 0:
         return dk
     # the kernel takes unit rows: transient copies, freed when the launch returns
-    q, k = unit_copy(q, inv_q), unit_copy(k, inv_k)
+    q, k = scaled_queries(q, inv_q, inv_tau), unit_copy(k, inv_k)
     codes, use_bits = query_codes(q_grp, table)
     table = table.to(torch.uint8)  # a bool pointer would load as i1
     bd = block_d(d)
@@ -85,7 +88,7 @@ def bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, in
     grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
     _bank_grad_kernel[grid](
         q, k, q_lab, codes, k_lab, k_grp, table, lse, gs.to(torch.float32).contiguous(), dk,
-        n, m, d, table.shape[0], inv_tau * LOG2E.value,
+        n, m, d, table.shape[0], 1.0 / inv_tau,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=bd,
         USE_BITS=use_bits, PRECISION=precision,
         UPCAST=interpreting() and q.dtype != torch.float32,

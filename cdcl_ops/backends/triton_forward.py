@@ -1,15 +1,28 @@
-"""Triton forward: per query tile, one streaming pass over bank tiles (online LSE and O_i)."""
+"""Triton forward: per query tile, one streaming pass over bank tiles (online LSE and O_i).
+
+The query rows reach the kernels already multiplied by 1/tau (`scaled_queries`), so a score is the
+dot product itself, in natural-log units, with no multiply after it that the compiler could fuse
+into the next subtraction: the bank gradient recomputes the same dot and subtracts the saved LSE,
+and where s ~ 1/tau is large one rounding more or less there would move exp(s - LSE) by ~5e-4
+(tau = 1e-4). Exponentials run in base 2 on the (small) differences only.
+"""
 import torch
 import triton
 import triton.language as tl
 
 from ..normalize import unit_copy
-from .tl_utils import LN2, LOG2E, block_d, dot_precision, interpreting, negative_mask, query_codes
+from .tl_utils import LOG2E, block_d, dot_precision, interpreting, negative_mask, query_codes
+
+
+def scaled_queries(q, inv_q, inv_tau):
+    """The unit query rows times 1/tau, in q's dtype (fp16 holds them: 1/tau <= 1e4 by
+    MIN_TEMPERATURE). The forward and the bank gradient both call this: the same numbers."""
+    return unit_copy(q, inv_q * inv_tau)
 
 
 @triton.jit
 def _forward_kernel(Q, P, K, Q_LAB, Q_CODE, K_LAB, K_GRP, TABLE, LOSS, LSE, O,
-                    N, M, D, G, scale,  # scale = log2(e) / tau: exponentials run in base 2
+                    N, M, D, G,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     USE_BITS: tl.constexpr, NEED_O: tl.constexpr, PRECISION: tl.constexpr,
                     UPCAST: tl.constexpr):
@@ -23,7 +36,7 @@ def _forward_kernel(Q, P, K, Q_LAB, Q_CODE, K_LAB, K_GRP, TABLE, LOSS, LSE, O,
     p = tl.load(P + q_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:  # the interpreter mis-handles 16-bit dots
         q = q.to(tl.float32)
-    s_pos = tl.sum(q.to(tl.float32) * p.to(tl.float32), axis=1) * scale
+    s_pos = tl.sum(q.to(tl.float32) * p.to(tl.float32), axis=1)  # q carries 1/tau
     q_lab = tl.load(Q_LAB + rn, mask=n_ok, other=0)
     q_code = tl.load(Q_CODE + rn, mask=n_ok, other=0)  # 0 (no allowed group) for padding rows
 
@@ -39,13 +52,13 @@ def _forward_kernel(Q, P, K, Q_LAB, Q_CODE, K_LAB, K_GRP, TABLE, LOSS, LSE, O,
             k = k.to(tl.float32)
         k_lab = tl.load(K_LAB + rm, mask=m_ok, other=-1)
         k_grp = tl.load(K_GRP + rm, mask=m_ok, other=-1)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         j = negative_mask(q_lab[:, None], q_code[:, None], k_lab[None, :], k_grp[None, :],
                           TABLE, G, USE_BITS)
         s = tl.where(j, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        e = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2((m_i - m_new) * LOG2E)
+        e = tl.exp2((s - m_new[:, None]) * LOG2E)
         l_i = l_i * alpha + tl.sum(e, axis=1)
         if NEED_O:
             acc = acc * alpha[:, None] + tl.dot(e.to(k.dtype), k, input_precision=PRECISION)
@@ -53,8 +66,8 @@ def _forward_kernel(Q, P, K, Q_LAB, Q_CODE, K_LAB, K_GRP, TABLE, LOSS, LSE, O,
 
     log_l = tl.log(l_i)
     # (m_i - s_pos) is exactly 0 and log_l exactly 0 for a row without negatives: loss exactly 0
-    tl.store(LOSS + rn, (m_i - s_pos) * LN2 + log_l, mask=n_ok)
-    tl.store(LSE + rn, m_i * LN2 + log_l, mask=n_ok)
+    tl.store(LOSS + rn, (m_i - s_pos) + log_l, mask=n_ok)
+    tl.store(LSE + rn, m_i + log_l, mask=n_ok)
     if NEED_O:
         tl.store(O + q_off, acc / l_i[:, None], mask=n_ok[:, None] & d_ok[None, :])
 
@@ -91,7 +104,7 @@ def forward(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv
     if n == 0:
         return loss, lse, o
     # the kernels take unit rows: transient copies, freed when the launch returns
-    q, p, k = unit_copy(q, inv_q), unit_copy(p, inv_p), unit_copy(k, inv_k)
+    q, p, k = scaled_queries(q, inv_q, inv_tau), unit_copy(p, inv_p), unit_copy(k, inv_k)
     codes, use_bits = query_codes(q_grp, table)
     table = table.to(torch.uint8)  # a bool pointer would load as i1
     bd = block_d(d)
@@ -100,7 +113,7 @@ def forward(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     _forward_kernel[grid](
         q, p, k, q_lab, codes, k_lab, k_grp, table, loss, lse, o,
-        n, m, d, table.shape[0], inv_tau * LOG2E.value,
+        n, m, d, table.shape[0],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=bd,
         USE_BITS=use_bits, NEED_O=need_o, PRECISION=precision,
         UPCAST=interpreting() and q.dtype != torch.float32,

@@ -9,6 +9,11 @@
 // The kernels read the raw rows: the inverse row norms scale the inner products in the row passes
 // (cosine similarity without a normalised copy of the inputs), and the weights that multiply raw
 // rows carry their inverse norms, so O and the bank gradient are those of the unit rows.
+// Rows whose norm is far from 1 are first scaled by a power of two (RowScales): exact, and it keeps
+// the raw inner products of rows up to the float32 maximum finite.
+// The bank gradient recomputes each score exactly as the forward formed it (same BLAS inner
+// product, same scale factors, same order of multiplication): exp(s - lse) is then exact for the
+// dominant terms even where s ~ 1 / tau is large.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
@@ -21,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -44,17 +50,57 @@ at::Tensor view(const acc_t* ptr, int64_t rows, int64_t cols, int64_t row_stride
                        at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
 }
 
-// Rows [0, rows) of a contiguous (., d) matrix as acc_t: the input itself when the dtypes agree,
-// otherwise upcast into `buf`.
-template <typename in_t, typename acc_t>
-const acc_t* rows_as_acc(const in_t* src, int64_t rows, int64_t d, std::vector<acc_t>& buf) {
-  if constexpr (std::is_same_v<in_t, acc_t>) {
-    return src;
-  } else {
-    buf.resize(static_cast<size_t>(rows * d));
-    for (int64_t i = 0; i < rows * d; ++i) buf[i] = static_cast<acc_t>(src[i]);
-    return buf.data();
+// Per-row powers of two that bring a row's norm near 1, and the inverse norms of the scaled rows.
+// Rows whose inverse norm lies in [2^-40, 2^40] (every clamped row among them: 1 / eps < 2^40)
+// keep scale 1, so ordinary inputs are read in place; two such rows have an inner product below
+// 2^80 in magnitude. A scaled row x * 2^e is exact (up to elements that fall below the float
+// range, which the row's norm dwarfs) and x * 2^e * inv' = x * inv. NaN or zero inverse norms are
+// left alone, so NaN propagates.
+template <typename acc_t>
+struct RowScales {
+  std::vector<acc_t> scale, inv;
+  bool any = false;
+  RowScales(const acc_t* inv_norm, int64_t rows) : scale(rows, acc_t(1)), inv(inv_norm, inv_norm + rows) {
+    const acc_t low = std::ldexp(acc_t(1), -40), high = std::ldexp(acc_t(1), 40);
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t v = inv_norm[r];
+      if (!(std::isfinite(v) && v > 0) || (v >= low && v <= high)) continue;
+      const int e = std::ilogb(v);  // v = 2^e * f, f in [1, 2): the row's norm is ~2^-e
+      scale[r] = std::ldexp(acc_t(1), e);
+      inv[r] = std::ldexp(v, -e);
+      any = true;
+    }
   }
+};
+
+// 1/tau times each query's inverse norm: the factor the forward and the bank gradient both apply
+// to a raw inner product first (one definition, so both get the same rounding).
+template <typename acc_t>
+std::vector<acc_t> score_scales(const RowScales<acc_t>& q, int64_t n, acc_t inv_tau) {
+  std::vector<acc_t> out(n);
+  for (int64_t i = 0; i < n; ++i) out[i] = inv_tau * q.inv[i];
+  return out;
+}
+
+// Rows [first, first + rows) of a contiguous (., d) matrix as acc_t, each multiplied by its
+// RowScales factor: the input itself when the dtypes agree and no factor differs from 1,
+// otherwise upcast and scaled into `buf` (a factor of 1 leaves a value unchanged, so both paths
+// give the same numbers).
+template <typename in_t, typename acc_t>
+const acc_t* rows_as_acc(const in_t* src, int64_t first, int64_t rows, int64_t d,
+                         const RowScales<acc_t>& scales, std::vector<acc_t>& buf) {
+  const acc_t* factor = scales.scale.data() + first;
+  bool scaled = false;
+  if (scales.any)
+    for (int64_t r = 0; r < rows; ++r) scaled |= factor[r] != acc_t(1);
+  if constexpr (std::is_same_v<in_t, acc_t>) {
+    if (!scaled) return src + first * d;
+  }
+  buf.resize(static_cast<size_t>(rows * d));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < d; ++c)
+      buf[r * d + c] = static_cast<acc_t>(src[(first + r) * d + c]) * factor[r];
+  return buf.data();
 }
 
 // Which groups a group may be contrasted with, as bit sets (used when G <= BIT_GROUPS).
@@ -100,8 +146,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& p, const at::Tensor& 
   const in_t* qp = q.data_ptr<in_t>();
   const in_t* pp = p.data_ptr<in_t>();
   const in_t* kp = k.data_ptr<in_t>();
-  const acc_t *iq = inv_q.data_ptr<acc_t>(), *ip = inv_p.data_ptr<acc_t>();
-  const acc_t* ik = inv_k.data_ptr<acc_t>();
+  const RowScales<acc_t> q_rows(inv_q.data_ptr<acc_t>(), n), p_rows(inv_p.data_ptr<acc_t>(), n),
+      k_rows(inv_k.data_ptr<acc_t>(), m);
+  const std::vector<acc_t> q_scale = score_scales(q_rows, n, inv_tau);
+  const acc_t *iq = q_rows.inv.data(), *ip = p_rows.inv.data(), *ik = k_rows.inv.data();
   const int32_t *ql = q_lab.data_ptr<int32_t>(), *qg = q_grp.data_ptr<int32_t>();
   const int32_t *kl = k_lab.data_ptr<int32_t>(), *kg = k_grp.data_ptr<int32_t>();
   const bool* tab = table.data_ptr<bool>();
@@ -118,11 +166,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& p, const at::Tensor& 
     std::vector<uint8_t> ok(FWD_BANK_TILE);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       const int64_t a = blk * FWD_QUERY_BLOCK, nb = std::min(FWD_QUERY_BLOCK, n - a);
-      const acc_t* qb = rows_as_acc(qp + a * d, nb, d, q_buf);
+      const acc_t* qb = rows_as_acc(qp, a, nb, d, q_rows, q_buf);
       bool any_active = false;
       for (int64_t i = 0; i < nb; ++i) {
+        const acc_t p_factor = p_rows.scale[a + i];
         acc_t dot = 0;
-        for (int64_t c = 0; c < d; ++c) dot += qb[i * d + c] * static_cast<acc_t>(pp[(a + i) * d + c]);
+        for (int64_t c = 0; c < d; ++c)
+          dot += qb[i * d + c] * (static_cast<acc_t>(pp[(a + i) * d + c]) * p_factor);
         s_pos[i] = dot * iq[a + i] * ip[a + i] * inv_tau;
         run_max[i] = s_pos[i];  // seeding the max with s+ keeps rows without negatives finite
         run_sum[i] = 1;
@@ -134,7 +184,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& p, const at::Tensor& 
 
       for (int64_t c0 = 0; any_active && c0 < m; c0 += FWD_BANK_TILE) {
         const int64_t mt = std::min(FWD_BANK_TILE, m - c0);
-        const acc_t* kt = rows_as_acc(kp + c0 * d, mt, d, k_buf);
+        const acc_t* kt = rows_as_acc(kp, c0, mt, d, k_rows, k_buf);
         at::Tensor s_view = view(scores.data(), nb, mt, mt, 1);
         at::cpu::mm_out(s_view, q_view, view(kt, d, mt, 1, d));
         bool any_weight = false;
@@ -147,11 +197,12 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& p, const at::Tensor& 
           }
           negatives(ok.data(), mt, ql[a + i], kl + c0, kg + c0, bits.enabled(),
                     bits.enabled() ? bits.by_row[grp] : 0, tab + grp * g, 1);
-          const acc_t tile_max = mask_scale_max(row, ok.data(), ik + c0, mt, inv_tau * iq[a + i]);
+          const acc_t tile_max = mask_scale_max(row, ok.data(), ik + c0, mt, q_scale[a + i]);
           if (tile_max == -std::numeric_limits<acc_t>::infinity()) {
             std::fill(row, row + mt, acc_t(0));
             continue;
           }
+          // a NaN tile maximum keeps run_max: exp_sum then makes the sum (and the loss) NaN
           if (tile_max > run_max[i]) {
             const acc_t alpha = std::exp(run_max[i] - tile_max);
             run_sum[i] *= alpha;
@@ -188,7 +239,9 @@ void bank_grad_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t n = q.size(0), m = k.size(0), d = q.size(1), g = table.size(0);
   const in_t* qp = q.data_ptr<in_t>();
   const in_t* kp = k.data_ptr<in_t>();
-  const acc_t *iq = inv_q.data_ptr<acc_t>(), *ik = inv_k.data_ptr<acc_t>();
+  const RowScales<acc_t> q_rows(inv_q.data_ptr<acc_t>(), n), k_rows(inv_k.data_ptr<acc_t>(), m);
+  const std::vector<acc_t> q_scale = score_scales(q_rows, n, inv_tau);
+  const acc_t *iq = q_rows.inv.data(), *ik = k_rows.inv.data();
   const int32_t *ql = q_lab.data_ptr<int32_t>(), *qg = q_grp.data_ptr<int32_t>();
   const int32_t *kl = k_lab.data_ptr<int32_t>(), *kg = k_grp.data_ptr<int32_t>();
   const bool* tab = table.data_ptr<bool>();
@@ -206,7 +259,7 @@ void bank_grad_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     std::vector<uint8_t> ok(GRAD_QUERY_TILE);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       const int64_t c0 = blk * GRAD_BANK_BLOCK, mb = std::min(GRAD_BANK_BLOCK, m - c0);
-      const acc_t* kb = rows_as_acc(kp + c0 * d, mb, d, k_buf);
+      const acc_t* kb = rows_as_acc(kp, c0, mb, d, k_rows, k_buf);
       std::fill(acc.begin(), acc.begin() + mb * d, acc_t(0));
       at::Tensor k_view = view(kb, mb, d, d, 1);
       at::Tensor acc_view = view(acc.data(), mb, d, d, 1);
@@ -215,7 +268,7 @@ void bank_grad_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 
       for (int64_t a = 0; any_usable && a < n; a += GRAD_QUERY_TILE) {
         const int64_t nt = std::min(GRAD_QUERY_TILE, n - a);
-        const acc_t* qt = rows_as_acc(qp + a * d, nt, d, q_buf);
+        const acc_t* qt = rows_as_acc(qp, a, nt, d, q_rows, q_buf);
         at::Tensor s_view = view(scores.data(), mb, nt, nt, 1);
         at::cpu::mm_out(s_view, k_view, view(qt, d, nt, 1, d));
         for (int64_t j = 0; j < mb; ++j) {
@@ -227,7 +280,8 @@ void bank_grad_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           }
           negatives(ok.data(), nt, kl[c0 + j], ql + a, qg + a, bits.enabled(),
                     bits.enabled() ? bits.by_col[grp] : 0, tab + grp, g);
-          grad_weights(row, ok.data(), lse_p + a, gs_p + a, iq + a, nt, inv_tau * ik[c0 + j]);
+          grad_weights(row, ok.data(), lse_p + a, gs_p + a, q_scale.data() + a, iq + a, nt,
+                       ik[c0 + j]);
         }
         at::cpu::addmm_out(acc_view, acc_view, s_view, view(qt, nt, d, d, 1));
       }

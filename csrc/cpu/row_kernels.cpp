@@ -13,8 +13,9 @@ CDCL_MULTIVERSION float exp_sum(float* row, const float* col, int64_t n, float s
 }
 
 CDCL_MULTIVERSION void grad_weights(float* row, const uint8_t* ok, const float* lse,
-                                    const float* gs, const float* col, int64_t n, float scale) {
-  grad_weights_impl(row, ok, lse, gs, col, n, scale);
+                                    const float* gs, const float* q_scale, const float* q_inv,
+                                    int64_t n, float k_inv) {
+  grad_weights_impl(row, ok, lse, gs, q_scale, q_inv, n, k_inv);
 }
 
 CDCL_MULTIVERSION void negatives_by_bits(uint8_t* ok, int64_t n, int32_t label, const int32_t* lab,

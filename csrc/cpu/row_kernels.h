@@ -20,9 +20,11 @@ namespace cdcl::cpu {
 
 // exp(x) for x <= ~0 (a score minus a running maximum). glibc's expf is not vectorised without
 // -ffast-math, so: x = n ln2 + r with |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (error
-// below 1e-8 relative), 2^n written into the exponent bits.
+// below 1e-8 relative), 2^n written into the exponent bits. NaN in, NaN out (the integer
+// conversion below never sees it).
 static inline __attribute__((always_inline)) float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : (x > 80.0f ? 80.0f : x);
+  const bool nan = x != x;
+  x = nan ? 0.0f : (x < -87.0f ? -87.0f : (x > 80.0f ? 80.0f : x));
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
   float n = (x * 1.44269504088896341f + shifter) - shifter;
   float r = x - n * 0.693145751953125f;  // ln2 split in two so n * hi is exact
@@ -38,14 +40,16 @@ static inline __attribute__((always_inline)) float exp_nonpositive(float x) {
   int32_t e = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &e, sizeof(scale));
-  return p * scale;
+  return nan ? std::numeric_limits<float>::quiet_NaN() : p * scale;
 }
 
 static inline __attribute__((always_inline)) double exp_nonpositive(double x) { return std::exp(x); }
 
-// row := ok ? row * scale * col : -inf (raw inner products to scores: scale carries 1/tau and the
-// fixed row's inverse norm, col the other side's inverse norms); returns the maximum (-inf when
-// nothing is valid)
+// row := ok ? (row * scale) * col : -inf (raw inner products of one query to scores: scale is
+// 1/tau times the query's inverse norm, col the bank rows' inverse norms; grad_weights forms the
+// same products in the same order, so the bank gradient sees the forward's scores bit for bit);
+// returns the maximum: -inf when nothing is valid, NaN when a valid score is NaN (a plain max
+// would drop it, and a NaN bank row would leave the loss finite)
 template <typename T>
 static inline __attribute__((always_inline)) T mask_scale_max_impl(T* __restrict row,
                                                                    const uint8_t* __restrict ok,
@@ -53,13 +57,15 @@ static inline __attribute__((always_inline)) T mask_scale_max_impl(T* __restrict
                                                                    int64_t n, T scale) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
   T mx = neg_inf;
-#pragma omp simd reduction(max : mx)
+  int any_nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : any_nan)
   for (int64_t j = 0; j < n; ++j) {
     T v = ok[j] ? row[j] * scale * col[j] : neg_inf;
     row[j] = v;
     mx = v > mx ? v : mx;
+    any_nan |= v != v;
   }
-  return mx;
+  return any_nan ? std::numeric_limits<T>::quiet_NaN() : mx;
 }
 
 // row := exp(row - shift) * col, exactly 0 where row is -inf; returns the sum of exp(row - shift)
@@ -81,15 +87,19 @@ static inline __attribute__((always_inline)) T exp_sum_impl(T* __restrict row,
   return sum;
 }
 
-// row_i := ok_i ? exp(row_i * scale * col_i - lse_i) * gs_i * col_i : 0   (one bank row against a
-// query tile: raw inner products in, weights of the raw query rows out; col = their inverse norms)
+// row_i := ok_i ? exp((row_i * q_scale_i) * k_inv - lse_i) * gs_i * q_inv_i : 0   (one bank row
+// against a query tile: raw inner products in, weights of the raw query rows out). The score is
+// the product mask_scale_max formed in the forward, in the same order: with tau = 1e-4 a score is
+// ~1e4, and one rounding more or less there moves exp(s - lse) by ~5e-4.
 template <typename T>
 static inline __attribute__((always_inline)) void grad_weights_impl(
     T* __restrict row, const uint8_t* __restrict ok, const T* __restrict lse,
-    const T* __restrict gs, const T* __restrict col, int64_t n, T scale) {
+    const T* __restrict gs, const T* __restrict q_scale, const T* __restrict q_inv, int64_t n,
+    T k_inv) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    T w = exp_nonpositive(row[i] * scale * col[i] - lse[i]) * gs[i] * col[i];
+    const T s = row[i] * q_scale[i] * k_inv;
+    T w = exp_nonpositive(s - lse[i]) * gs[i] * q_inv[i];
     row[i] = ok[i] ? w : T(0);
   }
 }
@@ -109,7 +119,7 @@ static inline __attribute__((always_inline)) void negatives_by_bits_impl(
 float mask_scale_max(float* row, const uint8_t* ok, const float* col, int64_t n, float scale);
 float exp_sum(float* row, const float* col, int64_t n, float shift);
 void grad_weights(float* row, const uint8_t* ok, const float* lse, const float* gs,
-                  const float* col, int64_t n, float scale);
+                  const float* q_scale, const float* q_inv, int64_t n, float k_inv);
 void negatives_by_bits(uint8_t* ok, int64_t n, int32_t label, const int32_t* lab,
                        const int32_t* grp, uint64_t bits);
 
@@ -121,8 +131,8 @@ inline double exp_sum(double* row, const double* col, int64_t n, double shift) {
   return exp_sum_impl(row, col, n, shift);
 }
 inline void grad_weights(double* row, const uint8_t* ok, const double* lse, const double* gs,
-                         const double* col, int64_t n, double scale) {
-  grad_weights_impl(row, ok, lse, gs, col, n, scale);
+                         const double* q_scale, const double* q_inv, int64_t n, double k_inv) {
+  grad_weights_impl(row, ok, lse, gs, q_scale, q_inv, n, k_inv);
 }
 
 }  // namespace cdcl::cpu

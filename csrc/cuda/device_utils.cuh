@@ -23,10 +23,17 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
   return __float2bfloat16_rn(x);
 }
 
+// max of two scores that keeps NaN (fmaxf drops it, and a NaN bank row would leave the loss finite)
+__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
 __device__ __forceinline__ float warp_max(float v) {
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL, v, off));
+  for (int off = 16; off > 0; off >>= 1) v = nan_max(v, __shfl_xor_sync(FULL, v, off));
   return v;
 }
+
+// s * inv_tau, rounded on its own: with tau = 1e-4 a score is ~1e4, and the bank gradient must
+// see the forward's number bit for bit, which an FMA contracted with the next subtraction in one
+// kernel but not the other would break (one rounding at 1e4 moves exp(s - lse) by ~5e-4)
+__device__ __forceinline__ float score(float dot, float inv_tau) { return __fmul_rn(dot, inv_tau); }
 __device__ __forceinline__ float warp_sum(float v) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(FULL, v, off);
   return v;

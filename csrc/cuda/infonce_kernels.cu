@@ -54,9 +54,12 @@ forward_kernel(const T* __restrict__ q, const T* __restrict__ p, const T* __rest
     const int local = warp * ROWS_PER_WARP + r;
     const int64_t i = q0 + local;
     float dot = 0.0f;
+    // the positive scaled to a unit row element by element: a raw row near the float maximum
+    // would overflow the sum
     if (i < n)
-      for (int64_t c = lane; c < d; c += 32) dot += q_s[local * COLS + c] * to_f32(p[i * d + c]);
-    s_pos[r] = warp_sum(dot) * (i < n ? inv.p[i] : 0.0f) * inv_tau;
+      for (int64_t c = lane; c < d; c += 32)
+        dot += q_s[local * COLS + c] * (to_f32(p[i * d + c]) * inv.p[i]);
+    s_pos[r] = score(warp_sum(dot), inv_tau);
     run_max[r] = s_pos[r];  // seeded with s+: a row without negatives keeps LSE = s+, loss 0
     run_sum[r] = 1.0f;
     my_lab[r] = i < n ? masks.q_lab[i] : 0;
@@ -86,10 +89,10 @@ forward_kernel(const T* __restrict__ q, const T* __restrict__ p, const T* __rest
 #pragma unroll
     for (int r = 0; r < ROWS_PER_WARP; ++r) {
       const bool valid = is_negative(my_lab[r], my_grp[r], kl, kg, masks.table, masks.groups);
-      const float v = valid ? s[r] * inv_tau : -INFINITY;
+      const float v = valid ? score(s[r], inv_tau) : -INFINITY;
       const float tile_max = warp_max(v);
       if (tile_max == -INFINITY) continue;  // warp-uniform: nothing to add for this query
-      if (tile_max > run_max[r]) {
+      if (tile_max > run_max[r]) {  // false for NaN: the NaN score then makes run_sum NaN below
         const float alpha = __expf(run_max[r] - tile_max);
         run_sum[r] *= alpha;
 #pragma unroll
@@ -172,8 +175,8 @@ bank_grad_kernel(const T* __restrict__ q, const T* __restrict__ k, InverseNorms 
 #pragma unroll
     for (int r = 0; r < ROWS_PER_WARP; ++r) {
       const bool valid = is_negative(ql, qg, my_lab[r], my_grp[r], masks.table, masks.groups);
-      const float w = valid ? __expf(s[r] * inv_tau - lse_s[lane]) * gs_s[lane] : 0.0f;
-      if (!__any_sync(FULL, w != 0.0f)) continue;
+      const float w = valid ? __expf(score(s[r], inv_tau) - lse_s[lane]) * gs_s[lane] : 0.0f;
+      if (!__any_sync(FULL, w != 0.0f)) continue;  // NaN != 0: a NaN weight is accumulated
       for (int i = 0; i < TILE; ++i) {
         const float wi = __shfl_sync(FULL, w, i);
         const float* qi = q_s + i * tile_ld(COLS);

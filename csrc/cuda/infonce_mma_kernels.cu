@@ -122,9 +122,12 @@ forward_mma_kernel(const T* __restrict__ q, const T* __restrict__ p, const T* __
   for (int r = 0; r < WR; ++r) {
     const int64_t i = q0 + warp * WR + r;
     float dot = 0.0f;
+    // unit-row products element by element: raw rows near the float maximum would overflow,
+    // and inv.q * inv.p underflow
     if (i < n)
-      for (int64_t c = lane; c < d; c += 32) dot += to_f32(q[i * d + c]) * to_f32(p[i * d + c]);
-    s_pos[r] = warp_sum(dot) * (i < n ? inv.q[i] * inv.p[i] : 0.0f) * inv_tau;
+      for (int64_t c = lane; c < d; c += 32)
+        dot += (to_f32(q[i * d + c]) * inv.q[i]) * (to_f32(p[i * d + c]) * inv.p[i]);
+    s_pos[r] = score(warp_sum(dot), inv_tau);
     run_max[r] = s_pos[r];  // seeded with s+: a row without negatives keeps LSE = s+, loss 0
     run_sum[r] = 1.0f;
     my_lab[r] = i < n ? masks.q_lab[i] : 0;
@@ -151,9 +154,9 @@ forward_mma_kernel(const T* __restrict__ q, const T* __restrict__ p, const T* __
         const int j = lane + 32 * h;
         const bool valid = is_negative(my_lab[r], my_grp[r], k_lab_s[j], k_grp_s[j], masks.table,
                                        masks.groups);
-        v[h] = valid ? s_w[r * LDS + j] * inv_tau : -INFINITY;
+        v[h] = valid ? score(s_w[r * LDS + j], inv_tau) : -INFINITY;
       }
-      const float tile_max = warp_max(fmaxf(v[0], v[1]));
+      const float tile_max = warp_max(nan_max(v[0], v[1]));
       float alpha = 1.0f;
       if (tile_max == -INFINITY) {  // warp-uniform: nothing from this tile for row r
         e[0] = e[1] = 0.0f;
@@ -242,7 +245,8 @@ bank_grad_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, InverseNo
         const int i = lane + 32 * h;
         const bool valid = is_negative(q_lab_s[i], q_grp_s[i], my_lab[r], my_grp[r], masks.table,
                                        masks.groups);
-        const float w = valid ? __expf(s_w[r * LDS + i] * inv_tau - lse_s[i]) * gs_s[i] : 0.0f;
+        const float w =
+            valid ? __expf(score(s_w[r * LDS + i], inv_tau) - lse_s[i]) * gs_s[i] : 0.0f;
         any_weight |= w != 0.0f;
         w_w[r * LDP + i] = from_f32<T>(w);
       }

@@ -144,6 +144,7 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
 inline void __syncthreads() { cdcl_emu::block_sync(); }
 inline int __syncthreads_or(int pred) { return cdcl_emu::block_or(pred); }
 inline float __expf(float x) { return expf(x); }
+inline float __fmul_rn(float a, float b) { return a * b; }  // never fused into an FMA
 
 inline cudaError_t cudaGetLastError() { return cdcl_emu::take_last_error(); }
 inline cudaError_t cudaGetDevice(int* device) {
