@@ -2,9 +2,9 @@
 learning (CDCL). See README.md for the API."""
 from . import ops  # registers the torch.library custom ops
 from ._validate import MIN_TEMPERATURE
-from .infonce import BACKENDS, MaskedInfoNCE, available_backends, default_backend, masked_infonce
 from .bank import FeatureBank
 from .cross_patch import CrossPatchInfoNCE, cross_patch_infonce
+from .infonce import BACKENDS, MaskedInfoNCE, available_backends, default_backend, masked_infonce
 from .patches import classify_patches, patch_foreground_scores
 
 __all__ = ["masked_infonce", "MaskedInfoNCE", "available_backends", "default_backend", "BACKENDS", "ops",

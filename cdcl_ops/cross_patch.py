@@ -12,8 +12,16 @@ import torch.nn.functional as F
 from ._validate import check_temperature
 from .bank import FeatureBank
 from .infonce import masked_infonce
-from .patches import (BDP, FDP, check_grid, check_thresholds, classify_patches, patch_foreground_scores,
-                      per_pixel, signed_labels)
+from .patches import (
+    BDP,
+    FDP,
+    check_grid,
+    check_thresholds,
+    classify_patches,
+    patch_foreground_scores,
+    per_pixel,
+    signed_labels,
+)
 
 SEMANTICS = ("paper", "official")
 SAMPLINGS = ("pixel-patch", "pixel", "random")

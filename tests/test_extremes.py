@@ -11,7 +11,7 @@ import torch
 import cdcl_ops
 from cdcl_ops import FeatureBank
 from cdcl_ops.cross_patch import official_group_table
-from helpers import PAPER_TABLE, loss_and_grads, make_inputs
+from helpers import loss_and_grads, make_inputs
 
 BACKENDS = [b for b in ("reference", "chunked", "cpu", "triton") if b in cdcl_ops.available_backends("cpu")]
 PATCH_BACKENDS = ["torch"] + [b for b in ("cpu", "triton") if b in cdcl_ops.available_backends("cpu")]

@@ -21,7 +21,7 @@ def scaled_queries(q, inv_q, inv_tau):
 
 
 @triton.jit
-def _forward_kernel(Q, P, K, Q_LAB, Q_CODE, K_LAB, K_GRP, TABLE, LOSS, LSE, O,
+def _forward_kernel(Q, P, K, Q_LAB, Q_CODE, K_LAB, K_GRP, TABLE, LOSS, LSE, O,  # noqa: E741 (O of the maths)
                     N, M, D, G,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     USE_BITS: tl.constexpr, NEED_O: tl.constexpr, PRECISION: tl.constexpr,
