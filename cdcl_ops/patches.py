@@ -62,7 +62,8 @@ def _check_input(x):
 
 
 def _torch_counts(x, grid, fg_class):
-    labels = x.argmax(dim=1) if x.dim() == 4 else x
+    # int64 labels: `uint8_labels == 65535` would cast 65535 to uint8 (255) and match
+    labels = x.argmax(dim=1) if x.dim() == 4 else x.long()
     b, h, w = labels.shape
     fg = (labels == fg_class).view(b, grid, h // grid, grid, w // grid)
     return fg.sum(dim=(2, 4), dtype=torch.int32)
@@ -113,7 +114,10 @@ def patch_foreground_scores(labels_or_logits, grid, fg_class=1, backend=None):
     if isinstance(fg_class, bool) or not isinstance(fg_class, int):
         raise ValueError(f"fg_class: expected an int, got {fg_class!r}")
     backend = _pick_backend(backend, labels_or_logits)
-    if backend == "torch":
+    if not -2**63 <= fg_class < 2**63:  # no label or class index (int64 at most) equals it
+        counts = torch.zeros(labels_or_logits.shape[0], grid, grid, dtype=torch.int32,
+                             device=labels_or_logits.device)
+    elif backend == "torch":
         counts = _torch_counts(labels_or_logits, grid, fg_class)
     elif backend == "triton":
         from .backends import triton_patches

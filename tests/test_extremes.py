@@ -22,7 +22,7 @@ def dense_labels(values):
     """Labels by hand: equal values get equal small ids, negative ones -1 (inactive)."""
     values = [int(v) for v in values]
     ids = {v: i for i, v in enumerate(sorted({v for v in values if v >= 0}))}
-    return torch.tensor([ids[v] if v >= 0 else -1 for v in values])
+    return torch.tensor([ids[v] if v >= 0 else -1 for v in values], dtype=torch.int64)
 
 
 def assert_matches(got, want, scale_rows=None):
@@ -369,3 +369,16 @@ def test_official_group_table_compares_integer_counts():
             exact = (a[:, None] + a[None, :]) <= int(limit * pixels)
             assert torch.equal(table, exact), (bdp, fdp, pixels)
     assert bool(official_group_table(10, 0.7, 0.2, "cpu")[1, 8])  # 1/10 + 8/10 <= 0.9
+
+
+@pytest.mark.parametrize("backend", PATCH_BACKENDS)
+def test_foreground_class_outside_the_label_dtype_matches_nothing(backend):
+    """Found by tests/test_properties.py: `uint8_labels == 65535` casts 65535 to 255 in torch."""
+    labels = torch.full((1, 4, 4), 255, dtype=torch.uint8)
+    for fg in (65535, 511, -1, 2**64, -2**63 - 1):
+        assert cdcl_ops.patch_foreground_scores(labels, 2, fg, backend=backend)[1].sum() == 0
+    assert cdcl_ops.patch_foreground_scores(labels, 2, 255, backend=backend)[1].sum() == 16
+    feats = torch.randn(1, 3, 4, 4)
+    stats = cdcl_ops.cross_patch_infonce(feats, feats, labels, labels, grid=2, fg_class=65535,
+                                         return_stats=True)[1]
+    assert int(stats["fdp_patches"]) == 0 and int(stats["bdp_patches"]) == 4
