@@ -4,6 +4,9 @@ Inputs are patch-major: rows [i * P, (i + 1) * P) are patch i's pixels, so the r
 per-patch loop can slice them. Every contender returns the mean loss over active queries with
 autograd, so all of them compute the same number.
 """
+import inspect
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -127,6 +130,69 @@ def chunked_checkpoint(inp, chunk=8000):
     return per_q.sum() / (q_grp >= 0).sum().clamp(min=1)
 
 
+def _flex_api():
+    """FlexAttention of this torch: (flex_attention, create_block_mask, keyword arguments that ask
+    for the log-sum-exp, a function that picks it from the result), or None without it. Releases
+    with `AuxRequest` take `return_aux=AuxRequest(lse=True)`; older ones only `return_lse=True`
+    (deprecated where both exist)."""
+    try:
+        from torch.nn.attention import flex_attention as fa
+    except ImportError:
+        return None
+    if hasattr(fa, "AuxRequest") and "return_aux" in inspect.signature(fa.flex_attention).parameters:
+        return fa.flex_attention, fa.create_block_mask, dict(return_aux=fa.AuxRequest(lse=True)), \
+            lambda result: result[1].lse
+    return fa.flex_attention, fa.create_block_mask, dict(return_lse=True), lambda result: result[1]
+
+
+def _negatives_mask_mod(q_lab, q_grp, k_lab, k_grp, table):
+    """design.md §2's J as a FlexAttention mask_mod over (query i, bank row j), from the canonical
+    masks (inactive rows have group -1); the table is read flat, one gather per pair."""
+    g = table.shape[1]
+    allowed = table.flatten()
+
+    def negative(b, h, i, j):
+        qg, kg = q_grp[i], k_grp[j]
+        return (qg >= 0) & (kg >= 0) & (q_lab[i] != k_lab[j]) & allowed[qg.clamp(min=0) * g + kg.clamp(min=0)]
+    return negative
+
+
+def flex_loss(compiled, tf32=False):
+    """The loss through FlexAttention: the unit queries against the unit bank as keys and values,
+    scale 1 / tau, a block mask of J, and the log-sum-exp returned (O is computed and unused).
+    With s+ = qh.ph / tau the per-query loss is logaddexp(s+, LSE) - s+: a row without a
+    negative has LSE = -inf, so logaddexp gives s+ and the loss is 0, with zero gradients (no NaN).
+
+    The block mask is built inside the step, as a user must: it follows each batch's labels and
+    groups. `compiled`: torch.compile the attention and the block-mask construction (the fused
+    kernels; on a GPU). Without it FlexAttention runs eagerly and materialises the scores (the
+    only mode on a CPU where the log-sum-exp is wanted). `tf32`: fp32 products on TF32 tensor cores
+    (FlexAttention's kernel option); otherwise fp32 inputs get IEEE fp32 products."""
+    attend, block_mask_of, lse_request, pick_lse = _flex_api()
+    if compiled:
+        attend = torch.compile(attend)
+    options = dict(kernel_options={"FLOAT32_PRECISION": "'tf32'"}) if tf32 else {}
+
+    def run(inp):
+        q_lab, q_grp, k_lab, k_grp, table = canonical_masks(
+            inp["query_labels"], inp["bank_labels"], inp["query_groups"], inp["bank_groups"],
+            inp["group_table"])
+        n, m = q_lab.shape[0], k_lab.shape[0]
+        with warnings.catch_warnings():  # _compile=True: deprecated in favour of torch.compile in 2.13
+            warnings.simplefilter("ignore", DeprecationWarning)
+            block_mask = block_mask_of(_negatives_mask_mod(q_lab, q_grp, k_lab, k_grp, table), None,
+                                       None, n, m, device=q_lab.device, _compile=compiled)
+        qh, ph, kh = (F.normalize(inp[k].float(), dim=1) for k in ("query", "positive", "bank"))
+        dtype = inp["query"].dtype  # bf16 features: bf16 products, as the other 16-bit contenders
+        q4, k4 = qh.to(dtype)[None, None], kh.to(dtype)[None, None]
+        lse = pick_lse(attend(q4, k4, k4, block_mask=block_mask, scale=1.0 / TEMPERATURE,
+                              **lse_request, **options))[0, 0].float()
+        s_pos = (qh * ph).sum(-1) / TEMPERATURE
+        per_q = torch.where(q_grp >= 0, torch.logaddexp(s_pos, lse) - s_pos, torch.zeros_like(s_pos))
+        return per_q.sum() / (q_grp >= 0).sum().clamp(min=1)
+    return run
+
+
 def contenders(device_type):
     """name -> (factory of the loss function, feature dtype)."""
     table = {
@@ -147,9 +213,26 @@ def contenders(device_type):
             table["cuda-bf16"] = (lambda: ours("cuda"), torch.bfloat16)
             # the tensor-core kernels (on request until measured against the CUDA-core ones)
             table["cuda-bf16-tc"] = (lambda: ours("cuda", precision="tf32"), torch.bfloat16)
+    if _flex_api() is not None:
+        # on a CPU FlexAttention runs eagerly and only forward (benchmarks/measure.py records the
+        # refused backward); on a GPU compiled, forward and backward
+        gpu = device_type == "cuda"
+        table["flex"] = (lambda: flex_loss(compiled=gpu), torch.float32)
+        if gpu:
+            table["flex-tf32"] = (lambda: flex_loss(compiled=True, tf32=True), torch.float32)
+            table["flex-bf16"] = (lambda: flex_loss(compiled=True), torch.bfloat16)
     return table
 
 
-def flops(n, m, d, bank_grad):
-    """Matrix FLOPs of the fused algorithm (docs/design.md §3): 4NMD forward, +4NMD for the bank grad."""
+def flops(n, m, d, bank_grad, backward=True):
+    """Matrix FLOPs of the fused algorithm (docs/design.md §3): 4NMD forward, +4NMD for the bank
+    grad (its pass recomputes the scores: bounded memory); 2NMD for a forward alone (no O needed)."""
+    if not backward:
+        return 2 * n * m * d
     return 4 * n * m * d * (2 if bank_grad else 1)
+
+
+def exponentials(n, m, bank_grad, backward=True):
+    """exp evaluations of the fused algorithm: N x M per pass over the bank (the bank gradient's
+    pass recomputes exp(s - LSE))."""
+    return n * m * (2 if bank_grad and backward else 1)

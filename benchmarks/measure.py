@@ -4,11 +4,17 @@ import gc
 import os
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import torch
 
-from .contenders import contenders, flops, make_inputs
+from .contenders import contenders, exponentials, flops, make_inputs
+
+# The cpu kernel's tile (csrc/cpu/infonce_cpu.cpp): a thread's block of FWD_QUERY_BLOCK = 64 rows
+# against a streamed tile of FWD_BANK_TILE = 256 rows (the bank gradient: GRAD_BANK_BLOCK x
+# GRAD_QUERY_TILE, the same shape). tests/test_benchmark_floor.py keeps the two in step.
+CPU_BLOCK, CPU_TILE = 64, 256
 
 
 def _leaves(inp, bank_grad):
@@ -26,6 +32,30 @@ def _step(fn, inp, leaves):
     loss = fn(inp)
     loss.backward()
     return loss
+
+
+def _forward(fn, inp, leaves):
+    for t in leaves:
+        t.grad = None
+    with torch.no_grad():
+        return fn(inp)
+
+
+def first_line(e):
+    """An exception as one short line for a row's note."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+def _warm_up(fn, inp, leaves):
+    """The first, untimed step: forward+backward, or the forward alone where the contender refuses
+    a backward by raising NotImplementedError (FlexAttention on a CPU). Returns the step to time,
+    what it times ("fwd+bwd" or "fwd"), a note and the loss; a refused forward propagates."""
+    try:
+        return _step, "fwd+bwd", "", _step(fn, inp, leaves)
+    except NotImplementedError as e:
+        note = f"forward only, backward refused ({first_line(e)})"
+    return _forward, "fwd", note, _forward(fn, inp, leaves)
 
 
 def _outputs(loss, leaves):
@@ -54,9 +84,11 @@ def _peak_rss():
 
 
 def measure(name, size, bank_grad, device, repeats, time_limit, seed=0):
-    """Run one contender: warm-up, then `repeats` timed forward+backward passes.
+    """Run one contender: warm-up, then `repeats` timed forward+backward passes (the forward
+    alone where the contender refuses the backward: `timed` and `note` say so).
 
-    Returns a dict (time_ms, peak_extra_mb, status) and the outputs (loss, grads) on the CPU.
+    Returns a dict (time_ms, peak_extra_mb, status, timed, note) and the outputs (loss, grads) on
+    the CPU; a contender that refuses even the forward gives status "refused" and the reason.
     """
     n, m, d, patch = size
     factory, dtype = contenders(device.type)[name]
@@ -66,11 +98,20 @@ def measure(name, size, bank_grad, device, repeats, time_limit, seed=0):
     cuda = device.type == "cuda"
     try:
         t0 = time.perf_counter()
-        loss = _step(fn, inp, leaves)  # warm-up: compilation and autotuning stay out of the numbers
+        # warm-up: compilation and autotuning stay out of the numbers
+        step, timed, note, loss = _warm_up(fn, inp, leaves)
         if cuda:
             torch.cuda.synchronize()
         first = time.perf_counter() - t0
         outputs = _outputs(loss, leaves)
+        if cuda:
+            # a second untimed step on a GPU (cheap there): a compiled contender's first step is
+            # mostly compilation and may leave a recompilation for the second; the number of
+            # timed repeats then follows the step's own time
+            t0 = time.perf_counter()
+            step(fn, inp, leaves)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
         if first * repeats > time_limit:
             repeats = max(1, int(time_limit // max(first, 1e-9)))
         if cuda:
@@ -83,7 +124,7 @@ def measure(name, size, bank_grad, device, repeats, time_limit, seed=0):
             for _ in range(repeats):
                 start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                _step(fn, inp, leaves)
+                step(fn, inp, leaves)
                 stop.record()
                 stop.synchronize()
                 times.append(start.elapsed_time(stop))
@@ -95,18 +136,21 @@ def measure(name, size, bank_grad, device, repeats, time_limit, seed=0):
             times = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                _step(fn, inp, leaves)
+                step(fn, inp, leaves)
                 times.append((time.perf_counter() - t0) * 1e3)
             peak = _peak_rss() - base
     except torch.OutOfMemoryError:
         return dict(status="oom"), None
+    except NotImplementedError as e:
+        return dict(status="refused", note=first_line(e)), None
     finally:
         if cuda:
             torch.cuda.empty_cache()
     ms = statistics.median(times)
+    backward = timed == "fwd+bwd"
     return dict(status="ok", time_ms=ms, peak_extra_mb=peak / 2**20, repeats=len(times),
-                tflops=flops(n, m, d, bank_grad) / (ms * 1e-3) / 1e12,
-                dtype=str(dtype).replace("torch.", "")), outputs
+                tflops=flops(n, m, d, bank_grad, backward) / (ms * 1e-3) / 1e12, timed=timed,
+                note=note, dtype=str(dtype).replace("torch.", "")), outputs
 
 
 def matrix_rates(device):
@@ -131,6 +175,79 @@ def matrix_rates(device):
         rates[label] = 2 * n**3 * 10 / (start.elapsed_time(stop) * 1e-3) / 1e12
     torch.backends.cuda.matmul.allow_tf32 = False
     return rates
+
+
+def _seconds_per_call(call, reps):
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        call()
+    return (time.perf_counter() - t0) / reps
+
+
+def _all_threads(make_call, threads, reps):
+    """Seconds per call in each of `threads` threads running at once, each its own buffers and
+    single-threaded products, as the kernel's at::parallel_for runs one block per thread."""
+    calls = [make_call() for _ in range(threads)]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda call: _seconds_per_call(call, reps), calls))
+
+
+def _tile_products(rows, cols, d):
+    """One tile step of the cpu kernel's forward: scores = block @ tile^T, then O += scores @ tile."""
+    def make():
+        q = torch.randn(rows, d) / d**0.5
+        k = torch.randn(cols, d) / d**0.5
+        s, o = torch.empty(rows, cols), torch.zeros(rows, d)
+        return lambda: (torch.mm(q, k.T, out=s), o.addmm_(s, k))
+    return make
+
+
+def _tile_exp(rows, cols):
+    def make():
+        src = -20 * torch.rand(rows, cols)  # s - max <= 0, as in the online log-sum-exp
+        dst = torch.empty_like(src)
+        return lambda: torch.exp(src, out=dst)
+    return make
+
+
+def _best_rate(work, make_call, make_empty, threads, reps, rounds):
+    """Best over `rounds` of the summed per-thread rate (work per second), each thread's time per
+    call less the Python call overhead, measured the same way on 1-element calls."""
+    best = 0.0
+    for _ in range(rounds):
+        overhead = _all_threads(make_empty, threads, reps)
+        per_call = _all_threads(make_call, threads, reps)
+        best = max(best, sum(work / max(t - o, 1e-9) for t, o in zip(per_call, overhead)))
+    return best
+
+
+def cpu_rates(threads, d=128, rounds=5):
+    """This CPU's fp32 matrix rate (TFLOP/s) and exp rate (10^9 exp/s), all `threads` threads at
+    once, at the cpu kernel's tile shapes with the tiles in cache: the best the machine does at
+    the kernel's own work, measured in the same run as the contenders."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # one product per thread, as in the kernel
+    try:
+        matrix = _best_rate(4 * CPU_BLOCK * CPU_TILE * d, _tile_products(CPU_BLOCK, CPU_TILE, d),
+                            _tile_products(1, 1, 1), threads, 200, rounds)
+        exp = _best_rate(CPU_BLOCK * CPU_TILE, _tile_exp(CPU_BLOCK, CPU_TILE), _tile_exp(1, 1),
+                         threads, 1000, rounds)
+    finally:
+        torch.set_num_threads(saved)
+    return dict(fp32=matrix / 1e12, exp=exp / 1e9)
+
+
+def floor_ms(n, m, d, bank_grad, backward, matrix_tflops, exp_g=None):
+    """The least time this machine needs for a row's work (design.md §3's counts): its matrix work
+    at the measured matrix rate plus, given exp_g (a CPU), its exponentials at the measured exp
+    rate. A sum on a CPU: the same vector units of the same cores do both, one after the other.
+    On a GPU the matrix term alone: there the exponentials run on the special-function units
+    beside the tensor cores and overlap with the products in a fused kernel (the floor would be
+    the larger of the two), and torch.exp on a GPU measures memory bandwidth, not those units."""
+    seconds = flops(n, m, d, bank_grad, backward) / (matrix_tflops * 1e12)
+    if exp_g:
+        seconds += exponentials(n, m, bank_grad, backward) / (exp_g * 1e9)
+    return seconds * 1e3
 
 
 def max_rel_error(outputs, ref):

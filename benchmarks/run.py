@@ -6,6 +6,11 @@
 GPU runs happen in this process (peak memory from torch.cuda.max_memory_allocated); each CPU run
 happens in a fresh subprocess so that its peak RSS is its own. Writes a CSV (with device, versions
 and date) and a Markdown table into --out, and prints the table last.
+
+Each row's time is also given as a multiple of its floor (benchmarks/measure.py: floor_ms), the
+least time this machine needs for the row's matrix work and exponentials at rates measured in the
+same run: on a GPU the 8192^3 matrix rate of the row's precision, on a CPU the fp32 rate of the
+cpu kernel's tile products and the rate of exp on a tile, on all cores at once.
 """
 import argparse
 import csv
@@ -19,11 +24,12 @@ import tempfile
 import torch
 
 from .contenders import SIZES, contenders
-from .measure import matrix_rates, max_rel_error, measure
+from .measure import CPU_BLOCK, CPU_TILE, cpu_rates, first_line, floor_ms, matrix_rates, max_rel_error, measure
 
 FIELDS = ["date", "device", "torch", "triton", "size", "N", "M", "D", "bank_grad", "contender",
           "dtype", "status", "time_ms", "peak_extra_mb", "tflops", "pct_matrix_rate",
-          "max_rel_err", "repeats"]
+          "max_rel_err", "repeats", "timed", "floor_ms", "x_floor", "matrix_rate_tflops",
+          "exp_rate_g", "note"]
 
 
 def _device_name(device):
@@ -100,6 +106,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="timed runs (default: 10 GPU, 3 CPU)")
     ap.add_argument("--time-limit", type=float, default=120.0, help="seconds of timed runs per contender")
     ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument("--allow-missing", action="store_true",
+                    help="record contenders this machine lacks (a failed build) as 'unavailable' rows "
+                         "instead of stopping (benchmarks/gpu_check.sh)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -110,7 +119,7 @@ def main(argv=None):
     device = torch.device(args.device)
     names = list(contenders(device.type)) if args.contenders == "all" else args.contenders.split(",")
     unknown = set(names) - set(contenders(device.type))
-    if unknown:
+    if unknown and not args.allow_missing:
         ap.error(f"unknown contenders on {device.type}: {sorted(unknown)}")
     if "reference" in names:  # the reference runs first: every other contender is compared with it
         names = ["reference"] + [n for n in names if n != "reference"]
@@ -124,9 +133,8 @@ def main(argv=None):
     tv, trv = _versions()
     date = datetime.date.today().isoformat()
     dev_name = _device_name(device)
-    rates = matrix_rates(device) if device.type == "cuda" else {}
-    if rates:
-        print("measured matrix rates (TFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
+    rates, rates_line = _rates(device)
+    print(rates_line)
     tag = f"{device.type}-{'sweep' + args.sweep if args.sweep else '-'.join(sizes)}-{date}"
     csv_path = os.path.join(args.out, f"bench-{tag}.csv")
     with open(csv_path, "w", newline="") as f:
@@ -137,56 +145,101 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for size_name, bank_grad, name in tqdm(jobs, desc="benchmark", unit="run"):
             n, m, d, _ = _size(size_name)
-            if device.type == "cuda":
+            if name in unknown:
+                result, outputs = dict(status="unavailable"), None
+            elif device.type == "cuda":
                 try:
                     result, outputs = measure(name, (n, m, d, _), bank_grad, device, repeats,
                                               args.time_limit)
                 except torch.OutOfMemoryError:
                     result, outputs = dict(status="oom"), None
+                except Exception as e:  # one contender that breaks must not lose the others' rows
+                    result, outputs = dict(status="error", note=first_line(e)), None
             else:
                 result, outputs = _run_cpu(name, size_name, bank_grad, repeats, args.time_limit, tmp,
                                            args.mem_limit_gb)
             if name == "reference":
                 ref_out[(size_name, bank_grad)] = outputs
-            dtype = result.get("dtype", "")
-            rate = rates.get("bf16" if dtype == "bfloat16" else "tf32" if "tf32" in name else "fp32")
             row = dict(date=date, device=dev_name, torch=tv, triton=trv, size=size_name, N=n, M=m,
                        D=d, bank_grad=int(bank_grad), contender=name, **result)
-            if rate and "tflops" in row:
-                row["pct_matrix_rate"] = 100 * row["tflops"] / rate
+            _add_floor(row, rates)
             if name != "reference":
                 row["max_rel_err"] = max_rel_error(outputs, ref_out.get((size_name, bank_grad)))
             rows.append(row)
             # one row at a time: what was measured survives a run that is stopped later
             with open(csv_path, "a", newline="") as f:
                 csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore").writerow(row)
-    table = markdown_table(rows, rates)
+    table = markdown_table(rows)
     with open(os.path.join(args.out, f"bench-{tag}.md"), "w") as f:
-        f.write(f"{dev_name}, torch {tv}, triton {trv}, {date}\n\n{table}\n")
+        f.write(f"{dev_name}, torch {tv}, triton {trv}, {date}\n{rates_line}\n\n{table}\n")
     print(f"\nCSV: {csv_path}")
     print(f"{dev_name}, torch {tv}, triton {trv}, {date}")
+    print(rates_line)
     print(table)
+
+
+def _rates(device):
+    """The rates the floors use, measured now, and a line that says what they are."""
+    if device.type == "cuda":
+        rates = matrix_rates(device)
+        return rates, ("measured matrix rates (TFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items())
+                       + "; floor = matrix work at the row's rate (bf16, tf32, or fp32)")
+    threads = os.cpu_count()  # what each CPU worker runs with (_run_worker)
+    rates = cpu_rates(threads)
+    return rates, (f"measured on {threads} threads at the cpu kernel's tiles ({CPU_BLOCK} x 128 @ 128 x "
+                   f"{CPU_TILE}, then @ {CPU_TILE} x 128): fp32 matrix {rates['fp32'] * 1e3:.1f} GFLOP/s, "
+                   f"exp {rates['exp']:.2f} G/s; floor = matrix work / matrix rate + exponentials / exp rate "
+                   "(a forward alone: 2NMD and N x M exponentials)")
+
+
+def _add_floor(row, rates):
+    """% of the matrix rate, the floor and the multiple of it, for a row measured with `rates`."""
+    if row.get("status") != "ok":
+        return
+    dtype, name = row.get("dtype", ""), row["contender"]
+    rate = rates.get("bf16" if dtype == "bfloat16" else "tf32" if "tf32" in name else "fp32")
+    if not rate:
+        return
+    row["pct_matrix_rate"] = 100 * row["tflops"] / rate
+    row["matrix_rate_tflops"] = rate
+    row["exp_rate_g"] = rates.get("exp")
+    row["floor_ms"] = floor_ms(row["N"], row["M"], row["D"], row["bank_grad"], row.get("timed") != "fwd",
+                               rate, rates.get("exp"))
+    row["x_floor"] = row["time_ms"] / row["floor_ms"]
 
 
 def _fmt(x, spec):
     return "-" if x is None or x != x else format(x, spec)
 
 
-def markdown_table(rows, rates=None):
-    head = ("| size | bank grad | contender | dtype | fwd+bwd ms | peak extra MB | TFLOP/s | % matrix rate "
-            "| max rel err |")
-    lines = [head, "|" + "---|" * 9]
+def markdown_table(rows):
+    """One line per row; what a row timed (forward+backward, or the forward alone where the
+    contender refused the backward) in its own column, and the rows' notes listed under the table."""
+    head = ("| size | bank grad | contender | dtype | ms | peak extra MB | TFLOP/s | % matrix rate "
+            "| x floor | max rel err | timed |")
+    lines = [head, "|" + "---|" * 11]
+    notes = []
     for r in rows:
+        note = r.get("note") or ""
+        mark = ""
+        if note:
+            if note not in notes:
+                notes.append(note)
+            mark = f" [{notes.index(note) + 1}]"
         if r.get("status") != "ok":
-            lines.append(f"| {r['size']} | {'yes' if r['bank_grad'] else 'no'} | {r['contender']} | - | "
-                         f"{r.get('status')} | - | - | - | - |")
+            lines.append(f"| {r['size']} | {'yes' if r['bank_grad'] else 'no'} | {r['contender']}{mark} | - | "
+                         f"{r.get('status')} | - | - | - | - | - | - |")
             continue
+        timed = {"fwd": "fwd only", "fwd+bwd": "fwd+bwd"}.get(r.get("timed") or "fwd+bwd", r.get("timed"))
         lines.append(
-            f"| {r['size']} | {'yes' if r['bank_grad'] else 'no'} | {r['contender']} | {r['dtype']} | "
+            f"| {r['size']} | {'yes' if r['bank_grad'] else 'no'} | {r['contender']}{mark} | {r['dtype']} | "
             f"{_fmt(r['time_ms'], '.1f')} | {_fmt(r['peak_extra_mb'], '.1f')} | {_fmt(r.get('tflops'), '.2f')} | "
-            f"{_fmt(r.get('pct_matrix_rate'), '.1f')} | {_fmt(r.get('max_rel_err'), '.1e')} |")
+            f"{_fmt(r.get('pct_matrix_rate'), '.1f')} | {_fmt(r.get('x_floor'), '.1f')} | "
+            f"{_fmt(r.get('max_rel_err'), '.1e')} | {timed} |")
+    if notes:
+        lines.append("")
+        lines += [f"[{i}] {note}" for i, note in enumerate(notes, 1)]
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     main()

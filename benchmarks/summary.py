@@ -10,7 +10,8 @@ import os
 
 from .run import markdown_table
 
-NUMERIC = ("time_ms", "peak_extra_mb", "tflops", "pct_matrix_rate", "max_rel_err")
+NUMERIC = ("time_ms", "peak_extra_mb", "tflops", "pct_matrix_rate", "max_rel_err", "floor_ms", "x_floor",
+           "matrix_rate_tflops", "exp_rate_g")
 
 
 def read_rows(paths):
