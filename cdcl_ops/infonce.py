@@ -78,12 +78,13 @@ def masked_infonce(query, positive, bank, query_labels, bank_labels, query_group
     Args:
         query, positive: (N, D) features; row i of `positive` is query i's positive.
         bank: (M, D) negatives candidates. Gradients flow to each of the three that requires grad.
-        query_labels, bank_labels: (N,), (M,) integer pseudo labels. A bank row is a negative of
-            query i only where the labels differ. A label < 0 marks the row inactive.
+        query_labels, bank_labels: (N,), (M,) integer pseudo labels (int8..int64, uint8..uint32).
+            A bank row is a negative of query i only where the labels differ. A label < 0 marks the
+            row inactive.
         query_groups, bank_groups, group_table: optional (N,), (M,) integer group ids and a (G, G)
             bool table: bank row j may be a negative of query i only if
             group_table[query_groups[i], bank_groups[j]]. Group < 0 marks the row inactive.
-        temperature: tau > 0 of s = cos / tau.
+        temperature: tau of s = cos / tau, finite and >= MIN_TEMPERATURE = 1e-4 (docs/loss.md).
         reduction: "mean" over active queries (0 when there is none), "sum", or "none" (N,).
         backend: None (fastest for the device), "reference", "chunked", "triton", "cpu" or "cuda".
         chunk_size: bank rows per chunk for the "chunked" backend (0: its default).
