@@ -10,7 +10,7 @@ from triton.compiler import ASTSource
 from cdcl_ops.backends import triton_backward, triton_forward
 
 PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
-INTS = {"N": "i32", "M": "i32", "D": "i32", "G": "i32", "scale": "fp32"}
+INTS = {"N": "i32", "M": "i32", "D": "i32", "G": "i32"}
 MASKS = {"Q_LAB": "*i32", "Q_CODE": "*i32", "K_LAB": "*i32", "K_GRP": "*i32", "TABLE": "*u8"}
 CASES = [(torch.bfloat16, 128, True, "ieee"), (torch.float32, 128, True, "tf32x3"),
          (torch.float32, 128, True, "tf32"), (torch.float16, 200, False, "ieee"),
@@ -42,7 +42,7 @@ def main():
                                 USE_BITS=use_bits, NEED_O=True, PRECISION=prec, UPCAST=False), arch, cfg)
             cfg = triton_backward.bank_grad_config(bd, dtype, prec)
             bwd = _compile(triton_backward._bank_grad_kernel,
-                           dict(Q=t, K=t, **MASKS, LSE="*fp32", GS="*fp32", DK=t),
+                           dict(Q=t, K=t, **MASKS, LSE="*fp32", GS="*fp32", DK=t, tau="fp32"),
                            dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=bd,
                                 USE_BITS=use_bits, PRECISION=prec, UPCAST=False), arch, cfg)
             print(f"sm_{arch} {dtype} {prec} D={d}: shared memory fwd {fwd} B, bank_grad {bwd} B")
