@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One prepared check for a lent GPU machine (bare, no network), in under 8 minutes:
-# build, GPU tests (Triton/CUDA against the reference), the benchmark at `paper` and `large`,
-# and (RUN_SWEEP=1) a Triton launch-config sweep. Files go into $OUT if set. Every stage's timeout
-# is cut to what is left of BUDGET seconds (default 470), and the last thing printed is the
-# summary: the GPU tests' counts and one table of every benchmark row measured.
+# build, GPU tests (Triton/CUDA/FlexAttention against the reference), the benchmark at `paper` and
+# `large` (reference, the Triton precisions, FlexAttention, compile(reference), the CUDA backend on
+# CUDA cores and tensor cores), and (RUN_SWEEP=1) a Triton launch-config sweep. Files go into $OUT
+# if set. Every stage's timeout is cut to what is left of BUDGET seconds (default 470), and the last
+# thing printed is the summary: the GPU tests' counts and one table of every benchmark row measured.
 #   bash benchmarks/gpu_check.sh            # build, tests, benchmark (paper, large)
 #   RUN_SWEEP=1 BUDGET=590 bash benchmarks/gpu_check.sh    # also the Triton launch-config sweep
+#   CONTENDERS=reference,triton-bf16,flex-bf16 BENCH_SIZES=large bash benchmarks/gpu_check.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -25,42 +27,55 @@ cap() {
 
 stamp "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 
 stamp "build"
 # setup.py directly: pip would try to fetch build dependencies, and there is no network here
-if ! MAX_JOBS=${MAX_JOBS:-16} timeout $(cap ${BUILD_TIMEOUT:-240} 200) $PY setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1; then
+if ! MAX_JOBS=${MAX_JOBS:-16} timeout "$(cap "${BUILD_TIMEOUT:-240}" 200)" "$PY" setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1; then
     echo "build failed (see build.log)"; tail -5 "$OUT/build.log"
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 stamp "GPU tests"
-$PY -c "import cdcl_ops; print('backends on cuda:', cdcl_ops.available_backends('cuda'))"
+"$PY" -c "import cdcl_ops; print('backends on cuda:', cdcl_ops.available_backends('cuda'))"
 # -v: one line per test as it finishes, so a stage that runs out of time still says what passed;
 # a per-test limit where pytest-timeout is installed
-per_test=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 60")
-timeout $(cap ${TEST_TIMEOUT:-180} 120) $PY -m pytest -v -m gpu tests -p no:cacheprovider $per_test 2>&1 \
+per_test=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 60)
+timeout "$(cap "${TEST_TIMEOUT:-180}" 120)" "$PY" -m pytest -v -m gpu tests -p no:cacheprovider ${per_test[@]+"${per_test[@]}"} 2>&1 \
     | tee "$OUT/gpu_tests.log" | grep -E "FAILED|ERROR|[0-9]+ (passed|failed)" | tail -25
 
 stamp "benchmark"
+# Contenders in order of what the GPU goals need (RESULTS.md), so that a size cut short by its
+# timeout keeps those rows (each row is written as measured): reference, then triton bf16 against
+# flex bf16, the other Triton precisions, the compiled ones, and the CUDA backend last (its
+# tensor-core kernels have never run on a GPU; a kernel fault would spoil the CUDA context for
+# whatever runs after it). flex with fp32 features is IEEE fp32 in FlexAttention's kernels (slow;
+# paper only); flex-tf32 is on request (CONTENDERS=...).
+default_contenders() {
+    local fp32_flex=""
+    [ "$1" = paper ] && fp32_flex=",flex"
+    echo "reference,triton-bf16,flex-bf16,triton,triton-tf32,compile(reference)$fp32_flex,cuda,cuda-bf16,cuda-bf16-tc"
+}
 # one invocation per size, so that a size that finishes is kept even if a later one runs out of time
-sizes=(${BENCH_SIZES:-paper large})
+read -r -a sizes <<< "${BENCH_SIZES:-paper large}"
 for i in "${!sizes[@]}"; do
     size=${sizes[$i]}
     later=$(( ${#sizes[@]} - i - 1 ))  # sizes still to come get a share of what is left
-    timeout $(cap ${BENCH_TIMEOUT:-150} $(( 15 + later * 75 ))) $PY -m benchmarks.run --sizes "$size" --device cuda --out "$OUT" --time-limit 3 \
-        --contenders "${CONTENDERS:-reference,released-ckpt,chunked-ckpt,compile(reference),chunked,triton,triton-tf32,triton-bf16,cuda,cuda-bf16,cuda-bf16-tc}" \
+    # --allow-missing: a failed build leaves no cuda contenders; their rows say so, the rest run
+    timeout "$(cap "${BENCH_TIMEOUT:-150}" $(( 15 + later * 110 )))" "$PY" -m benchmarks.run --sizes "$size" --device cuda \
+        --out "$OUT" --time-limit 3 --allow-missing --contenders "${CONTENDERS:-$(default_contenders "$size")}" \
         2>&1 | tee "$OUT/bench-$size.log" | grep -v "^benchmark:" | tail -4
 done
 
 if [ -n "${RUN_SWEEP:-}" ]; then
     stamp "Triton launch-config sweep"
-    timeout $(cap ${SWEEP_TIMEOUT:-120} 10) $PY -m benchmarks.triton_configs --sizes paper,large --dtypes bfloat16,tf32 \
+    timeout "$(cap "${SWEEP_TIMEOUT:-120}" 10)" "$PY" -m benchmarks.triton_configs --sizes paper,large --dtypes bfloat16,tf32 \
         --kernels "${SWEEP_KERNELS:-fwd,bank_grad}" 2>&1 \
         | tee "$OUT/triton_configs.log"
 fi
 
 stamp "summary"
 grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$OUT/gpu_tests.log" | tail -15
-$PY -m benchmarks.summary "$OUT"
+"$PY" -m benchmarks.summary "$OUT"
 stamp "done"

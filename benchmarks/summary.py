@@ -32,7 +32,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     paths = []
     for p in args.paths:
-        paths += sorted(glob.glob(os.path.join(p, "*.csv"))) if os.path.isdir(p) else [p]
+        # a folder's CSVs in the order written: one per benchmark invocation (gpu_check: per size)
+        paths += sorted(glob.glob(os.path.join(p, "*.csv")), key=os.path.getmtime) if os.path.isdir(p) else [p]
     rows = read_rows(paths)
     if not rows:
         print("benchmark summary: no rows measured")
