@@ -22,6 +22,12 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
+def _tick(rows, name):
+    """A contender's label; one whose rows timed the forward alone (flex on a CPU) says so."""
+    fwd_only = any(r["contender"] == name and r.get("timed") == "fwd" for r in rows)
+    return f"{name} (fwd only)" if fwd_only else name
+
+
 def _bars(rows, title, out):
     sizes = list(dict.fromkeys(r["size"] for r in rows))
     names = list(dict.fromkeys(r["contender"] for r in rows))
@@ -44,7 +50,7 @@ def _bars(rows, title, out):
                         ax.text(x, 1, "oom/-", rotation=90, ha="center", va="bottom", fontsize=7)
             ax.set_yscale("log")
             ax.set_xticks(range(len(names)))
-            ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
+            ax.set_xticklabels([_tick(rows, name) for name in names], rotation=35, ha="right", fontsize=8)
             ax.set_ylabel(label)
             ax.set_title(f"{size}: N={rows[0]['N'] if False else next(r['N'] for r in rows if r['size'] == size)}, "
                          f"M={next(r['M'] for r in rows if r['size'] == size)}, D=128")
@@ -70,7 +76,7 @@ def _sweep(rows, title, out):
                     continue
                 ok = [(x, float(r[field])) for x, r in pts if r["status"] == "ok"]
                 line, = ax.plot([x for x, _ in ok], [y for _, y in ok], style, marker="o",
-                                label=f"{name}{' (bank grad)' if bank_grad == '1' else ''}")
+                                label=f"{_tick(rows, name)}{' (bank grad)' if bank_grad == '1' else ''}")
                 failed = [x for x, r in pts if r["status"] != "ok"]
                 if failed and ok:
                     ax.scatter(failed, [ok[-1][1]] * len(failed), marker="x", s=80, color=line.get_color())
