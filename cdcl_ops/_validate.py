@@ -1,6 +1,6 @@
 """Input checks and the canonical mask encoding shared by every backend.
 
-Every backend sees the same five tensors describing the mask J of SPEC 2.1:
+Every backend sees the same five tensors describing the mask J of docs/design.md §2:
 
     q_lab (N,) int32, q_grp (N,) int32  -- q_grp < 0 marks an inactive query
     k_lab (M,) int32, k_grp (M,) int32  -- k_grp < 0 marks an unusable bank row

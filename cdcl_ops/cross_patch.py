@@ -1,4 +1,4 @@
-"""The cross-patch dense contrastive loss of CDCL (SPEC 2), as a function and as a module.
+"""The cross-patch dense contrastive loss of CDCL (docs/design.md §1), as a function and as a module.
 
 Every student pixel is a row of `masked_infonce` (inactive rows are flagged, never removed), so
 the shapes depend only on the input shapes: no host synchronisation, and torch.compile traces it.
@@ -44,7 +44,7 @@ def _check_features(student_feats, teacher_feats):
 def pseudo_labels(pred, b, h, w, name):
     """(B, H, W) labels from logits (B, C, kh*H, kw*W) or from integer labels (B, H, W).
 
-    Larger logits are brought to (H, W) by average-pooling the softmax, then argmax (SPEC 2).
+    Larger logits are brought to (H, W) by average-pooling the softmax, then argmax (docs/design.md §1).
     """
     if not isinstance(pred, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(pred).__name__}")
@@ -102,7 +102,7 @@ def official_group_table(pixels, fdp, bdp, device):
 def cross_patch_infonce(student_feats, teacher_feats, student_pred, teacher_pred, bank=None, grid=8,
                         fdp=0.7, bdp=0.3, temperature=0.1, fg_class=1, semantics="paper",
                         sampling="pixel-patch", backend=None, return_stats=False, compact=False):
-    """Cross-patch dense contrastive loss L_contr of CDCL (SPEC 2, paper Eqs. 3-12).
+    """Cross-patch dense contrastive loss L_contr of CDCL (docs/design.md §1, paper Eqs. 3-12).
 
     Args:
         student_feats: (B, D, H, W) projector features of the strongly augmented view (gradients
@@ -114,7 +114,7 @@ def cross_patch_infonce(student_feats, teacher_feats, student_pred, teacher_pred
         bank: a FeatureBank (this batch is pushed into it first), or None: the current batch only.
         grid: patches per side (must divide H and W). fdp, bdp: FDP / BDP thresholds on the
             foreground score. temperature: tau. fg_class: the foreground label.
-        semantics: "paper" (SPEC 2) or "official" (the released code's rule, SPEC 2.1).
+        semantics: "paper" (docs/design.md §1) or "official" (the released code's rule, docs/design.md §2).
         sampling: "pixel-patch" (the paper's), "pixel" (Table 2 Scheme 2: every student pixel
             against one merged bank, negatives = different pseudo label) or "random" (Scheme 1:
             every other bank pixel is a negative, no pseudo labels).

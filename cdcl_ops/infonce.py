@@ -1,4 +1,4 @@
-"""`masked_infonce`: the public functional API of the pseudo-label-masked InfoNCE (SPEC 2.1)."""
+"""`masked_infonce`: the public functional API of the pseudo-label-masked InfoNCE (docs/design.md §2)."""
 from __future__ import annotations
 
 import importlib.util
@@ -73,7 +73,7 @@ def masked_infonce(query, positive, bank, query_labels, bank_labels, query_group
                    bank_groups=None, group_table=None, temperature=0.1, reduction="mean",
                    backend=None, *, chunk_size=0, precision="auto", check_inputs=True,
                    check_finite=False):
-    """Pseudo-label-masked InfoNCE of each query against its positive and a bank (SPEC 2.1).
+    """Pseudo-label-masked InfoNCE of each query against its positive and a bank (docs/design.md §2).
 
     Args:
         query, positive: (N, D) features; row i of `positive` is query i's positive.

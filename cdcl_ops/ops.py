@@ -1,6 +1,6 @@
 """The `torch.library` custom ops behind `masked_infonce`, their fake kernels and autograd.
 
-Two ops, both taking the backend name, so one autograd formula (SPEC 2.2) serves every streaming
+Two ops, both taking the backend name, so one autograd formula (docs/design.md §3) serves every streaming
 backend. They take the raw feature rows: L2 normalisation is part of the op (cdcl_ops.normalize),
 so no normalised copy is kept for backward.
 

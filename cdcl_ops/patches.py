@@ -1,4 +1,4 @@
-"""Patch foreground scores (SPEC 2.3), patch kinds and the per-pixel group ids built from them.
+"""Patch foreground scores (docs/design.md §3), patch kinds and the per-pixel group ids built from them.
 
 The feature map is cut into a grid x grid array of equal patches; a patch's foreground score is the
 fraction of its pixels whose label is `fg_class`. Everything stays on the device.
@@ -140,7 +140,7 @@ def check_thresholds(fdp, bdp):
 def classify_patches(scores, fdp=0.7, bdp=0.3):
     """Patch kinds from foreground scores: 1 = FDP (>= fdp), 0 = BDP (<= bdp), -1 = MP (between).
 
-    Returns an int64 tensor of the shape of `scores` (the paper-mode group ids of SPEC 2.1).
+    Returns an int64 tensor of the shape of `scores` (the paper-mode group ids of docs/design.md §2).
     """
     check_thresholds(fdp, bdp)
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():

@@ -552,7 +552,7 @@ def test_cuda_backends_agree_with_reference(semantics, sampling):
 @pytest.mark.gpu
 @pytest.mark.parametrize("semantics,sampling", COMBOS)
 def test_no_host_synchronisation_on_cuda(semantics, sampling):
-    """SPEC 2.1: the loss (forward and backward, bank push included) never waits for the GPU."""
+    """docs/design.md §2: the loss (forward and backward, bank push included) never waits for the GPU."""
     b, d, h, w, grid = 2, 16, 16, 16, 4
     module = cdcl_ops.CrossPatchInfoNCE(grid=grid, memory=1, semantics=semantics, sampling=sampling).cuda()
     gen = gen_for("sync", semantics, sampling)

@@ -231,7 +231,7 @@ def test_direct_call_rejects_bad_arguments():
         grad(q, k, iq[:-1], ik, *masks, lse, lse, 10.0, False)
 
 
-# ---- patch foreground counts (SPEC 2.3) ----
+# ---- patch foreground counts (docs/design.md §3) ----
 
 def _counts_reference(labels, grid, fg_class):
     b, h, w = labels.shape

@@ -1,7 +1,7 @@
 """Pure-PyTorch streaming backend: tiles of queries x bank chunks, online log-sum-exp.
 
 Peak memory is a few (query tile x bank chunk) buffers; only LSE (N) and O (N, D) are kept for
-backward, as in SPEC 2.2. Works on any device and dtype (fp64 included, used by gradcheck).
+backward, as in docs/design.md §3. Works on any device and dtype (fp64 included, used by gradcheck).
 """
 import torch
 

@@ -1,4 +1,4 @@
-"""The materialising oracle: SPEC 2.1 written as directly as possible, differentiable by autograd."""
+"""The materialising oracle: docs/design.md §2 written as directly as possible, differentiable by autograd."""
 import torch
 
 from .._validate import negative_mask

@@ -1,4 +1,4 @@
-// CPU forward and bank gradient of the masked InfoNCE (SPEC 2.2).
+// CPU forward and bank gradient of the masked InfoNCE (docs/design.md §3).
 //
 // Both are tiled so that no N x M buffer exists: a thread owns a block of rows (queries in the
 // forward, bank rows in the bank gradient) and streams tiles of the other side through a small

@@ -1,4 +1,4 @@
-// Foreground pixel counts per patch (SPEC 2.3): (B, H, W) integer labels, or (B, C, H, W) logits
+// Foreground pixel counts per patch (docs/design.md §3): (B, H, W) integer labels, or (B, C, H, W) logits
 // whose argmax over C is taken on the fly (first maximum wins, as torch.argmax).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

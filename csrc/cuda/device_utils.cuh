@@ -39,7 +39,7 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// J(query, bank row) of SPEC 2.1 in the canonical encoding. Group ids >= groups (possible only
+// J(query, bank row) of docs/design.md §2 in the canonical encoding. Group ids >= groups (possible only
 // when the caller skipped the input checks) count as no negative rather than reading past the table.
 __device__ __forceinline__ bool is_negative(int32_t q_lab, int32_t q_grp, int32_t k_lab,
                                             int32_t k_grp, const bool* table, int64_t groups) {

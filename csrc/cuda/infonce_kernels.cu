@@ -1,4 +1,4 @@
-// CUDA forward and bank gradient of the masked InfoNCE (SPEC 2.2), fp32 accumulation for
+// CUDA forward and bank gradient of the masked InfoNCE (docs/design.md §3), fp32 accumulation for
 // fp32/bf16/fp16 features.
 //
 // Forward: a block of 4 warps owns 16 queries (4 per warp), kept in shared memory as fp32; bank

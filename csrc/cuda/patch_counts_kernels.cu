@@ -1,4 +1,4 @@
-// Foreground pixel counts per patch (SPEC 2.3): one block per (image, patch); the argmax over
+// Foreground pixel counts per patch (docs/design.md §3): one block per (image, patch); the argmax over
 // classes is fused when logits are given (first maximum wins, NaN counts as the maximum, as
 // torch.argmax). Integer counts, so the block reduction is exact whatever the order.
 #include <cuda_bf16.h>
