@@ -6,13 +6,14 @@ Forward (with O) and bank-gradient kernels are timed separately with triton.test
 (median); the first launch of each configuration (compilation) is not timed.
 """
 import argparse
+import functools
 import itertools
 
 import torch
 import triton
 
 from cdcl_ops._validate import canonical_masks
-from cdcl_ops.backends import triton_backward, triton_forward
+from cdcl_ops.backends import registry
 from cdcl_ops.normalize import inverse_norms
 
 from .contenders import SIZES, make_inputs
@@ -46,24 +47,18 @@ def main():
                                 inp["bank_groups"], inp["group_table"])
         q, p, k = inp["query"], inp["positive"], inp["bank"]
         inv = [inverse_norms(x) for x in (q, p, k)]
-        _, lse, _ = triton_forward.forward(q, p, k, *inv, *masks, 10.0, False, 0, prec)
+        kernels = registry.get("triton")  # its entry points take config=: a launch config to time
+        _, lse, _ = kernels.forward(q, p, k, *inv, *masks, 10.0, False, 0, prec)
         gs = torch.rand(n, device="cuda")
         flop = 4 * n * m * d
-        for label, module, configs, call in (
-                ("fwd", triton_forward, FWD,
-                 lambda: triton_forward.forward(q, p, k, *inv, *masks, 10.0, True, 0, prec)),
-                ("bank_grad", triton_backward, BWD,
-                 lambda: triton_backward.bank_grad(q, k, inv[0], inv[2], *masks, lse, gs, 10.0, 0,
-                                                   prec))):
+        for label, configs, call in (
+                ("fwd", FWD, functools.partial(kernels.forward, q, p, k, *inv, *masks, 10.0, True, 0, prec)),
+                ("bank_grad", BWD, functools.partial(kernels.bank_grad, q, k, inv[0], inv[2], *masks,
+                                                     lse, gs, 10.0, 0, prec))):
             if label not in args.kernels.split(","):
                 continue
-            module.CONFIG_OVERRIDE = None
             default_ms = _time(call)
-            results = []
-            for cfg in configs:
-                module.CONFIG_OVERRIDE = cfg
-                results.append((_time(call), cfg))
-            module.CONFIG_OVERRIDE = None
+            results = [(_time(functools.partial(call, config=cfg)), cfg) for cfg in configs]
             results.sort(key=lambda r: (r[0] != r[0], r[0]))
             print(f"{size_name} {dt} {label}: default {default_ms:.3f} ms "
                   f"({flop / default_ms / 1e9:.0f} TFLOP/s)")

@@ -4,10 +4,18 @@ from . import ops  # registers the torch.library custom ops
 from ._validate import MIN_TEMPERATURE
 from .bank import FeatureBank
 from .cross_patch import CrossPatchInfoNCE, cross_patch_infonce
-from .infonce import BACKENDS, MaskedInfoNCE, available_backends, default_backend, masked_infonce
+from .infonce import MaskedInfoNCE, available_backends, default_backend, masked_infonce
 from .patches import classify_patches, patch_foreground_scores
 
 __all__ = ["masked_infonce", "MaskedInfoNCE", "available_backends", "default_backend", "BACKENDS", "ops",
            "FeatureBank", "CrossPatchInfoNCE", "cross_patch_infonce", "classify_patches",
            "patch_foreground_scores", "MIN_TEMPERATURE"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # BACKENDS: the registered backends' names, read when asked (a registration later is listed)
+    if name == "BACKENDS":
+        from .backends import registry
+        return registry.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,9 @@ uint32) are renumbered, equal values to equal ids, and group ids are clamped to 
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -60,7 +62,7 @@ def _check_ids(name, t, n, device):
 
 
 def check_arguments(query, positive, bank, query_labels, bank_labels, query_groups, bank_groups,
-                    group_table, temperature, reduction):
+                    group_table, reduction):
     """Shape/dtype/device checks that need no data from the device (safe under torch.compile)."""
     _check_features("query", query)
     n, d = query.shape
@@ -89,16 +91,36 @@ def check_arguments(query, positive, bank, query_labels, bank_labels, query_grou
             _fail("group_table", "a bool or integer tensor", group_table.dtype)
         if group_table.device != query.device:
             _fail("group_table", f"a tensor on {query.device} (as query)", group_table.device)
-    check_temperature(temperature)
     if reduction not in REDUCTIONS:
         _fail("reduction", f"one of {REDUCTIONS}", repr(reduction))
 
 
-def check_temperature(temperature):
-    """tau: a finite number >= MIN_TEMPERATURE, the same rule for every backend."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or not temperature >= MIN_TEMPERATURE:
-        _fail("temperature", f"a finite number >= {MIN_TEMPERATURE} (MIN_TEMPERATURE)", temperature)
+def check_temperature(temperature) -> float:
+    """tau as a float: a finite number >= MIN_TEMPERATURE, the one rule of every entry point.
+
+    Python numbers, numpy scalars and 0-d real tensors are numbers here; bool (Python's, numpy's
+    or a bool tensor) is refused, since True would quietly mean tau = 1.
+    """
+    value = None
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+        value = float(temperature)  # the common case first: torch.compile traces it as a constant
+    elif isinstance(temperature, torch.Tensor):
+        if temperature.dim() == 0 and not temperature.is_complex() and temperature.dtype != torch.bool:
+            value = float(temperature)
+    elif isinstance(temperature, numbers.Real) and not isinstance(temperature, np.bool_):
+        value = float(temperature)  # numpy's integer and floating scalars
+    if value is None or not math.isfinite(value) or not value >= MIN_TEMPERATURE:
+        _fail("temperature", f"a finite number >= {MIN_TEMPERATURE} (MIN_TEMPERATURE)", repr(temperature))
+    return value
+
+
+def check_grid(grid, h=None, w=None, what="labels_or_logits"):
+    """grid: patches per side, an int >= 1; with (h, w) given, a divisor of both (equal patches)."""
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"grid: expected an int >= 1, got {grid!r}")
+    if h is not None and (h % grid or w % grid):
+        raise ValueError(f"grid: expected a divisor of both H={h} and W={w} of {what} "
+                         f"(equal patches), got {grid}")
 
 
 def check_values(query, positive, bank, query_groups, bank_groups, group_table, check_finite):

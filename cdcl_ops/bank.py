@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-_INT = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32)
+from ._validate import INT_DTYPES
 
 
 def _world():
@@ -104,7 +104,7 @@ class FeatureBank(torch.nn.Module):
         for name, t in (("labels", labels), ("groups", groups)):
             if t is None:
                 continue
-            if not isinstance(t, torch.Tensor) or t.dtype not in _INT or t.shape != (n,):
+            if not isinstance(t, torch.Tensor) or t.dtype not in INT_DTYPES or t.shape != (n,):
                 got = (t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"{name}: expected an integer tensor of shape ({n},), got {got}")
             if t.device != feats.device:
@@ -184,13 +184,13 @@ class FeatureBank(torch.nn.Module):
             t = state_dict.get(prefix + name)
             if t is None:
                 continue
-            if not isinstance(t, torch.Tensor) or t.dtype not in _INT or t.dim() != 1 \
+            if not isinstance(t, torch.Tensor) or t.dtype not in INT_DTYPES or t.dim() != 1 \
                     or (rows is not None and t.shape[0] != rows):
                 got = (t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"{prefix}{name}: expected an integer tensor of shape "
                                  f"({'rows' if rows is None else rows},) (one per row of feats), got {got}")
         if cursor is not None:
-            if not isinstance(cursor, torch.Tensor) or cursor.dim() != 0 or cursor.dtype not in _INT:
+            if not isinstance(cursor, torch.Tensor) or cursor.dim() != 0 or cursor.dtype not in INT_DTYPES:
                 got = (cursor.dtype, tuple(cursor.shape)) if isinstance(cursor, torch.Tensor) \
                     else type(cursor).__name__
                 raise ValueError(f"{prefix}cursor: expected an integer scalar tensor, got {got}")

@@ -9,13 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._validate import check_temperature
+from ._validate import check_grid, check_temperature
 from .bank import FeatureBank
 from .infonce import masked_infonce
 from .patches import (
     BDP,
     FDP,
-    check_grid,
     check_thresholds,
     classify_patches,
     patch_foreground_scores,
@@ -70,8 +69,7 @@ def pseudo_labels(pred, b, h, w, name):
 def _check_options(grid, fdp, bdp, temperature, semantics, sampling, fg_class):
     check_thresholds(fdp, bdp)
     check_temperature(temperature)
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
-        raise ValueError(f"grid: expected an int >= 1, got {grid!r}")
+    check_grid(grid)
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics: expected one of {SEMANTICS}, got {semantics!r}")
     if sampling not in SAMPLINGS:

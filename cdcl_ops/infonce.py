@@ -1,71 +1,41 @@
 """`masked_infonce`: the public functional API of the pseudo-label-masked InfoNCE (docs/design.md §2)."""
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
 from . import ops
-from ._validate import canonical_masks, check_arguments, check_values
-from .backends import native, reference
+from ._validate import canonical_masks, check_arguments, check_temperature, check_values
+from .backends import reference, registry
 
-BACKENDS = ("reference", "chunked", "triton", "cpu", "cuda")
-TRITON_MAX_D = 512
 PRECISIONS = ("auto", "tf32x3", "tf32", "ieee")
 
 
-# decided once at import: torch.compile cannot trace importlib
-TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+def __getattr__(name):
+    # BACKENDS follows the registry, so a backend registered after import is listed too
+    if name == "BACKENDS":
+        return registry.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def available_backends(device="cpu") -> list[str]:
     """Backends that can run on `device` in this process."""
-    device = torch.device(device)
-    names = ["reference", "chunked"]
-    if TRITON_INSTALLED and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
-        names.append("triton")
-    if native.HAS_CPU and device.type == "cpu":
-        names.append("cpu")
-    if native.HAS_CUDA and device.type == "cuda":
-        names.append("cuda")
-    return names
+    return registry.available(device)
 
 
 def default_backend(device) -> str:
     """What `backend=None` picks: the fastest backend measured on that device type."""
-    device = torch.device(device)
-    if device.type == "cuda" and "triton" in available_backends(device):
-        return "triton"
-    if device.type == "cpu" and native.HAS_CPU:
-        return "cpu"
-    return "chunked"
+    return registry.default(device)
 
 
 def _resolve_backend(backend, query):
     if backend is None:
         return default_backend(query.device)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected None or one of {BACKENDS}, got {backend!r}")
-    if backend not in available_backends(query.device):
-        raise ValueError(f"backend: {backend!r} cannot run on {query.device} here "
-                         f"(available: {available_backends(query.device)}; triton needs CUDA "
-                         "tensors, or TRITON_INTERPRET=1 set before importing cdcl_ops; cpu/cuda "
-                         "need the compiled extension cdcl_ops._C"
-                         f"{'' if native.LOADED else ', not loaded here: ' + str(native.LOAD_ERROR)})")
-    if backend == "triton":
-        if query.dtype == torch.float64:
-            raise ValueError("query: the triton backend takes float16/bfloat16/float32 features, "
-                             "got torch.float64 (use backend='chunked' or 'reference')")
-        if query.shape[1] > TRITON_MAX_D:
-            raise ValueError(f"query: the triton backend takes D <= {TRITON_MAX_D}, got D={query.shape[1]}")
-    if backend == "cuda":
-        if query.dtype == torch.float64:
-            raise ValueError("query: the cuda backend takes float16/bfloat16/float32 features, "
-                             "got torch.float64 (use backend='chunked' or 'reference')")
-        if query.shape[1] > native.CUDA_MAX_D:
-            raise ValueError(f"query: the cuda backend takes D <= {native.CUDA_MAX_D}, "
-                             f"got D={query.shape[1]}")
+    spec = registry.get(backend)
+    ok, why = spec.runs_on(query.device)
+    if not ok:
+        raise ValueError(f"backend: {backend!r} cannot run on {query.device} here ({why}; "
+                         f"available: {available_backends(query.device)})")
+    spec.check_input(query)
     return backend
 
 
@@ -102,17 +72,18 @@ def masked_infonce(query, positive, bank, query_labels, bank_labels, query_group
         Inactive queries and queries without any negative contribute exactly 0.
     """
     check_arguments(query, positive, bank, query_labels, bank_labels, query_groups, bank_groups,
-                    group_table, temperature, reduction)
+                    group_table, reduction)
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     if not isinstance(chunk_size, int) or chunk_size < 0:
         raise ValueError(f"chunk_size: expected an int >= 0, got {chunk_size!r}")
+    temperature = check_temperature(temperature)
     backend = _resolve_backend(backend, query)
     if not torch.compiler.is_compiling() and (check_inputs or check_finite):
         check_values(query, positive, bank, query_groups, bank_groups, group_table, check_finite)
     q_lab, q_grp, k_lab, k_grp, table = canonical_masks(query_labels, bank_labels, query_groups,
                                                         bank_groups, group_table)
-    if backend == "reference":
+    if registry.get(backend).forward is None:  # the reference: plain autograd
         per_query = reference.per_query_loss(query, positive, bank, q_lab, q_grp, k_lab, k_grp,
                                              table, temperature)
     else:
@@ -133,6 +104,7 @@ class MaskedInfoNCE(torch.nn.Module):
 
     def __init__(self, temperature=0.1, reduction="mean", backend=None, **options):
         super().__init__()
+        check_temperature(temperature)
         self.temperature = temperature
         self.reduction = reduction
         self.backend = backend

@@ -9,26 +9,19 @@ so no normalised copy is kept for backward.
     cdcl_ops::masked_infonce_bank_grad  -> dK (M, D), called from backward only when the bank
                                            requires grad
 """
-import importlib
-
 import torch
 from torch import Tensor
 
+from .backends import registry
 from .normalize import acc_dtype, inverse_norms, project_
 
-_IMPLS = {
-    "chunked": ("cdcl_ops.backends.chunked", "cdcl_ops.backends.chunked"),
-    "triton": ("cdcl_ops.backends.triton_forward", "cdcl_ops.backends.triton_backward"),
-    "cpu": ("cdcl_ops.backends.native", "cdcl_ops.backends.native"),
-    "cuda": ("cdcl_ops.backends.native", "cdcl_ops.backends.native"),
-}
 
-
-def _impl(backend: str, which: int):
-    if backend not in _IMPLS:
-        raise ValueError(f"backend: expected one of {sorted(_IMPLS)} for the custom op, got {backend!r}")
-    module = importlib.import_module(_IMPLS[backend][which])
-    return module.forward if which == 0 else module.bank_grad
+def _streaming(backend: str) -> registry.Backend:
+    spec = registry.get(backend)
+    if spec.forward is None:
+        streaming = tuple(n for n in registry.names() if registry.get(n).forward is not None)
+        raise ValueError(f"backend: expected one of {streaming} for the custom op, got {backend!r}")
+    return spec
 
 
 @torch.library.custom_op("cdcl_ops::masked_infonce_fwd", mutates_args=())
@@ -37,8 +30,8 @@ def masked_infonce_fwd(q: Tensor, p: Tensor, k: Tensor, q_lab: Tensor, q_grp: Te
                        precision: str, need_o: bool
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     inv_q, inv_p, inv_k = inverse_norms(q), inverse_norms(p), inverse_norms(k)
-    loss, lse, o = _impl(backend, 0)(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp,
-                                     table, inv_tau, need_o, chunk_size, precision)
+    loss, lse, o = _streaming(backend).forward(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab,
+                                               k_grp, table, inv_tau, need_o, chunk_size, precision)
     return loss, lse, o, inv_q, inv_p, inv_k
 
 
@@ -61,8 +54,8 @@ def masked_infonce_bank_grad(q: Tensor, k: Tensor, inv_q: Tensor, inv_k: Tensor,
     # so fp16 weights underflow (emulated at N = 51,200, M = 25,600: 23% error in dK). Dividing gs
     # by its largest magnitude keeps every weight in [-1, 1]; dK is scaled back afterwards.
     g_scale = (gs.abs().amax() if gs.numel() else gs.new_ones(())).clamp_min(1e-30)
-    dk_unit = _impl(backend, 1)(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse,
-                                gs / g_scale, inv_tau, chunk_size, precision)
+    dk_unit = _streaming(backend).bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table,
+                                            lse, gs / g_scale, inv_tau, chunk_size, precision)
     return project_(k, inv_k, dk_unit.to(inv_k.dtype)).mul_(g_scale).to(k.dtype)
 
 

@@ -5,34 +5,19 @@ fraction of its pixels whose label is `fg_class`. Everything stays on the device
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
-from .backends import native
+from ._validate import check_grid
+from .backends import registry
 
-PATCH_BACKENDS = ("triton", "cpu", "cuda", "torch")
 BDP, FDP, MP = 0, 1, -1  # patch kinds, also the paper-mode group ids (MP pixels are inactive)
-
-TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-
-
-def _native_available(device_type: str) -> bool:
-    # a CPU-only build registers the op without a CUDA kernel: ask per device type
-    return native.HAS_CUDA if device_type == "cuda" else native.HAS_CPU if device_type == "cpu" else False
+# plain PyTorch, always available: the fallback, and what torch.compile traces into the graph
+TORCH = "torch"
 
 
-def _triton_available(device) -> bool:
-    return TRITON_INSTALLED and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def check_grid(grid, h, w, what="labels_or_logits"):
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
-        raise ValueError(f"grid: expected an int >= 1, got {grid!r}")
-    if h % grid or w % grid:
-        raise ValueError(f"grid: expected a divisor of both H={h} and W={w} of {what} "
-                         f"(equal patches), got {grid}")
+def patch_backends() -> tuple[str, ...]:
+    """The registered backends with a patch-count kernel, then "torch"."""
+    return tuple(n for n in registry.names() if registry.get(n).patch_counts is not None) + (TORCH,)
 
 
 # unsigned label images (instance maps are often uint16 / uint32) widened to a signed type that holds
@@ -72,23 +57,15 @@ def _torch_counts(x, grid, fg_class):
 def _pick_backend(backend, x):
     if backend is None:
         if torch.compiler.is_compiling():
-            return "torch"  # plain ops trace into the graph; the other kernels are opaque launches
-        if x.device.type == "cuda" and _triton_available(x.device):
-            return "triton"
-        if _native_available(x.device.type):
-            return x.device.type
-        return "torch"
-    if backend not in PATCH_BACKENDS:
-        raise ValueError(f"backend: expected None or one of {PATCH_BACKENDS}, got {backend!r}")
-    if backend == "triton" and not _triton_available(x.device):
-        raise ValueError(f"backend: 'triton' cannot run on {x.device} here (needs CUDA tensors, or "
-                         "TRITON_INTERPRET=1 set before importing triton)")
-    if backend in ("cpu", "cuda"):
-        if x.device.type != backend:
-            raise ValueError(f"backend: {backend!r} runs on {backend} tensors, got a tensor on {x.device}")
-        if not _native_available(backend):
-            raise ValueError(f"backend: {backend!r} needs the compiled extension "
-                             f"(torch.ops.cdcl_ops_C.patch_fg_counts for {backend}), which is not loaded")
+            return TORCH  # plain ops trace into the graph; the other kernels are opaque launches
+        return registry.default(x.device, patches=True) or TORCH
+    if backend == TORCH:
+        return backend
+    if backend not in patch_backends():
+        raise ValueError(f"backend: expected None or one of {patch_backends()}, got {backend!r}")
+    ok, why = registry.get(backend).runs_on(x.device)
+    if not ok:
+        raise ValueError(f"backend: {backend!r} cannot count patches on {x.device} here ({why})")
     return backend
 
 
@@ -117,13 +94,10 @@ def patch_foreground_scores(labels_or_logits, grid, fg_class=1, backend=None):
     if not -2**63 <= fg_class < 2**63:  # no label or class index (int64 at most) equals it
         counts = torch.zeros(labels_or_logits.shape[0], grid, grid, dtype=torch.int32,
                              device=labels_or_logits.device)
-    elif backend == "torch":
+    elif backend == TORCH:
         counts = _torch_counts(labels_or_logits, grid, fg_class)
-    elif backend == "triton":
-        from .backends import triton_patches
-        counts = triton_patches.patch_fg_counts(labels_or_logits, grid, fg_class)
     else:
-        counts = torch.ops.cdcl_ops_C.patch_fg_counts(labels_or_logits, grid, fg_class).to(torch.int32)
+        counts = registry.get(backend).patch_counts(labels_or_logits, grid, fg_class)
     pixels = (h // grid) * (w // grid)
     return counts.to(torch.float32) / max(pixels, 1), counts
 

@@ -8,12 +8,13 @@ stay the word on real devices. The emulator's own checks are tested first, with 
 break its rules (tests/cuda_emu/selftest.cu). Skipped where no C++ compiler is found.
 """
 import ctypes
+import dataclasses
 
 import pytest
 import torch
 
 import cdcl_ops
-from cdcl_ops import infonce, ops
+from cdcl_ops.backends import registry
 from cuda_emulator import Emulator, compiler
 from helpers import assert_close_to_reference, assert_compiled_matches_eager, loss_and_grads, make_inputs
 
@@ -30,17 +31,18 @@ def emulator():
 
 
 @pytest.fixture
-def emulated_cuda(emulator, monkeypatch):
+def emulated_cuda(emulator):
     """backend="cuda" on CPU tensors, served by the emulated kernels: the public API end to end
     (validation, the custom op, its autograd, the bank-gradient rescaling) over the CUDA code."""
-    real_impl, real_available = ops._impl, infonce.available_backends
-    monkeypatch.setattr(ops, "_impl", lambda backend, which: (
-        (emulator.forward, emulator.bank_grad)[which] if backend == "cuda" else real_impl(backend, which)))
-    monkeypatch.setattr(infonce, "available_backends",
-                        lambda device="cpu": real_available(device) + ["cuda"])
+    real = registry.get("cuda")
+    # the real record's limits, the emulator's kernels, and CPU tensors
+    registry.register(dataclasses.replace(real, device_types=("cpu",), available=lambda device: (True, ""),
+                                          forward=emulator.forward, bank_grad=emulator.bank_grad,
+                                          patch_counts=None, patch_default_on=()), replace=True)
     emulator.schedule_seed = 0
     yield emulator
     emulator.schedule_seed = 0
+    registry.register(real, replace=True)
 
 
 # -- the emulator's own checks ---------------------------------------------------------------------

@@ -21,7 +21,6 @@ else:
 HAS_CPU = LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("cdcl_ops_C::infonce_fwd", "CPU")
 HAS_CUDA = LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("cdcl_ops_C::infonce_fwd",
                                                                      "CUDA")
-CUDA_MAX_D = 512  # the CUDA kernels keep a query row's output in registers, 16 per lane
 
 
 if LOADED:

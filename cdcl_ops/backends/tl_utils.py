@@ -1,19 +1,15 @@
 """Small pieces shared by the Triton forward and bank-gradient kernels."""
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+# one answer to "is Triton interpreting", the registry's; re-exported for the launch code
+from .registry import triton_interpreting as interpreting  # noqa: F401
 
 # kernels may only read constexpr globals; LOG2E is also used on the host
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 MAX_BITS_GROUPS = 32  # up to 32 groups a query's allowed bank groups fit one int32 bit set
-MAX_D = 512
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit

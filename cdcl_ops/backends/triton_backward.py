@@ -48,12 +48,7 @@ def _bank_grad_kernel(Q, K, Q_LAB, Q_CODE, K_LAB, K_GRP, TABLE, LSE, GS, DK,
     tl.store(DK + k_off, (acc * tau).to(DK.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
-CONFIG_OVERRIDE = None  # set by benchmarks/triton_configs.py to sweep launch configs
-
-
 def bank_grad_config(bd: int, dtype, precision: str) -> dict:
-    if CONFIG_OVERRIDE is not None:
-        return CONFIG_OVERRIDE
     if interpreting():
         return dict(BLOCK_N=32, BLOCK_M=16, num_warps=4, num_stages=1)
     if bd <= 64:
@@ -72,7 +67,9 @@ def bank_grad_config(bd: int, dtype, precision: str) -> dict:
 
 
 def bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, chunk_size,
-              precision):
+              precision, config=None):
+    """Backend interface (see cdcl_ops.backends); config: launch parameters in place of
+    `bank_grad_config`'s (benchmarks/triton_configs.py sweeps them)."""
     n, d = q.shape
     m = k.shape[0]
     dk = torch.empty((m, d), dtype=torch.float32, device=k.device)  # fp32 for the projection
@@ -84,7 +81,7 @@ def bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, in
     table = table.to(torch.uint8)  # a bool pointer would load as i1
     bd = block_d(d)
     precision = dot_precision(q.dtype, precision)
-    cfg = bank_grad_config(bd, q.dtype, precision)
+    cfg = config or bank_grad_config(bd, q.dtype, precision)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
     _bank_grad_kernel[grid](
         q, k, q_lab, codes, k_lab, k_grp, table, lse, gs.to(torch.float32).contiguous(), dk,

@@ -72,12 +72,7 @@ def _forward_kernel(Q, P, K, Q_LAB, Q_CODE, K_LAB, K_GRP, TABLE, LOSS, LSE, O,  
         tl.store(O + q_off, acc / l_i[:, None], mask=n_ok[:, None] & d_ok[None, :])
 
 
-CONFIG_OVERRIDE = None  # set by benchmarks/triton_configs.py to sweep launch configs
-
-
 def forward_config(bd: int, dtype, precision: str) -> dict:
-    if CONFIG_OVERRIDE is not None:
-        return CONFIG_OVERRIDE
     if interpreting():
         return dict(BLOCK_N=16, BLOCK_M=32, num_warps=4, num_stages=1)
     # measured on an H200 (benchmarks/triton_configs.py, paper and large sizes, D = 128)
@@ -95,7 +90,9 @@ def forward_config(bd: int, dtype, precision: str) -> dict:
 
 
 def forward(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o,
-            chunk_size, precision):
+            chunk_size, precision, config=None):
+    """Backend interface (see cdcl_ops.backends); config: launch parameters in place of
+    `forward_config`'s (benchmarks/triton_configs.py sweeps them)."""
     n, d = q.shape
     m = k.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=q.device)
@@ -109,7 +106,7 @@ def forward(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv
     table = table.to(torch.uint8)  # a bool pointer would load as i1
     bd = block_d(d)
     precision = dot_precision(q.dtype, precision)
-    cfg = forward_config(bd, q.dtype, precision)
+    cfg = config or forward_config(bd, q.dtype, precision)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     _forward_kernel[grid](
         q, p, k, q_lab, codes, k_lab, k_grp, table, loss, lse, o,
