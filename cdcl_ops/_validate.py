@@ -102,12 +102,14 @@ def check_temperature(temperature) -> float:
     or a bool tensor) is refused, since True would quietly mean tau = 1.
     """
     value = None
-    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
-        value = float(temperature)  # the common case first: torch.compile traces it as a constant
+    if isinstance(temperature, (bool, np.bool_)):
+        pass
+    elif isinstance(temperature, (int, float)):
+        value = float(temperature)  # the common case early: torch.compile traces it as a constant
     elif isinstance(temperature, torch.Tensor):
         if temperature.dim() == 0 and not temperature.is_complex() and temperature.dtype != torch.bool:
             value = float(temperature)
-    elif isinstance(temperature, numbers.Real) and not isinstance(temperature, np.bool_):
+    elif isinstance(temperature, numbers.Real):
         value = float(temperature)  # numpy's integer and floating scalars
     if value is None or not math.isfinite(value) or not value >= MIN_TEMPERATURE:
         _fail("temperature", f"a finite number >= {MIN_TEMPERATURE} (MIN_TEMPERATURE)", repr(temperature))

@@ -1,0 +1,133 @@
+"""The backend registry (cdcl_ops/backends/registry.py) and the one temperature rule."""
+import dataclasses
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import cdcl_ops
+from cdcl_ops.backends import chunked, registry
+from cdcl_ops.patches import patch_backends
+from helpers import make_inputs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_public_names_read_the_registry():
+    assert cdcl_ops.BACKENDS == registry.names()
+    assert set(registry.names()) >= {"reference", "chunked", "triton", "cpu", "cuda"}
+    assert cdcl_ops.available_backends("cpu") == registry.available("cpu")
+    assert cdcl_ops.default_backend("cpu") == registry.default("cpu")
+    assert cdcl_ops.default_backend("meta") == "chunked"  # runs anywhere: the fallback
+
+
+def test_max_d_matches_the_cuda_kernels():
+    # the C++ kernels keep their own copy of the limit: the two must agree
+    with open(os.path.join(ROOT, "csrc", "cuda", "launch.h")) as f:
+        kernel = int(re.search(r"constexpr int64_t MAX_D = (\d+);", f.read()).group(1))
+    assert registry.MAX_D == kernel
+    assert registry.get("cuda").max_d == registry.get("triton").max_d == registry.MAX_D
+
+
+def test_unavailable_backends_say_why():
+    ok, why = registry.get("cuda").runs_on("meta")
+    assert not ok and "cuda" in why
+    assert registry.get("chunked").runs_on("meta") == (True, "")
+
+
+def test_a_new_backend_is_one_registration():
+    calls = []
+
+    def forward(*args):
+        calls.append("forward")
+        return chunked.forward(*args)
+
+    def bank_grad(*args):
+        calls.append("bank_grad")
+        return chunked.bank_grad(*args)
+
+    assert registry.register(registry.Backend("mine", lambda device: (True, ""), forward=forward,
+                                              bank_grad=bank_grad)) is None
+    try:
+        assert "mine" in cdcl_ops.BACKENDS and "mine" in cdcl_ops.available_backends("cpu")
+        assert cdcl_ops.default_backend("cpu") != "mine"  # not a default anywhere unless it says so
+        inputs = make_inputs(9, 13, 5, dtype=torch.float32)
+        inputs["query"].requires_grad_(True)
+        inputs["bank"].requires_grad_(True)
+        got = cdcl_ops.masked_infonce(**inputs, backend="mine")
+        want = cdcl_ops.masked_infonce(**inputs, backend="chunked")
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        got.backward()
+        assert calls == ["forward", "bank_grad"]
+        with pytest.raises(ValueError, match="registered already"):
+            registry.register(registry.Backend("mine", lambda device: (True, "")))
+    finally:
+        registry._REGISTRY.pop("mine")
+    assert "mine" not in cdcl_ops.BACKENDS
+
+
+def test_replacing_a_backend_keeps_its_limits():
+    real = registry.get("chunked")
+    limited = dataclasses.replace(real, max_d=4, dtypes=(torch.float64,))
+    assert registry.register(limited, replace=True) is real
+    try:
+        with pytest.raises(ValueError, match="D <= 4"):
+            cdcl_ops.masked_infonce(**make_inputs(3, 4, 5, dtype=torch.float64), backend="chunked")
+        with pytest.raises(ValueError, match="float64 features"):
+            cdcl_ops.masked_infonce(**make_inputs(3, 4, 2, dtype=torch.float32), backend="chunked")
+    finally:
+        registry.register(real, replace=True)
+
+
+def test_patch_backends_are_the_registered_patch_kernels():
+    assert patch_backends()[-1] == "torch"
+    assert set(patch_backends()[:-1]) == {n for n in registry.names()
+                                           if registry.get(n).patch_counts is not None}
+    with pytest.raises(ValueError, match="backend"):
+        cdcl_ops.patch_foreground_scores(torch.zeros(1, 4, 4, dtype=torch.long), 2, backend="chunked")
+
+
+# -- temperature: one rule for masked_infonce, MaskedInfoNCE and CrossPatchInfoNCE -----------------
+
+ACCEPTED = [0.1, 1, cdcl_ops.MIN_TEMPERATURE, np.float32(0.25), np.float64(0.1), np.int64(2),
+            torch.tensor(0.1), torch.tensor(0.5, dtype=torch.float64), torch.tensor(2)]
+REFUSED = [True, False, np.bool_(True), torch.tensor(True), 0, 0.0, -0.1, -1, float("nan"),
+           float("inf"), -float("inf"), np.float32("nan"), torch.tensor(float("inf")), torch.tensor(0.0),
+           torch.tensor([0.1]), cdcl_ops.MIN_TEMPERATURE / 2, "0.1", None, 1j]
+
+
+def _feats():
+    feats = torch.randn(1, 3, 4, 4)
+    labels = torch.randint(0, 2, (1, 4, 4))
+    return feats, labels
+
+
+@pytest.mark.parametrize("tau", ACCEPTED, ids=repr)
+def test_temperature_accepted_forms(tau):
+    inputs = make_inputs(6, 9, 3, dtype=torch.float32, seed=1)
+    want = cdcl_ops.masked_infonce(**inputs, temperature=float(tau), backend="reference")
+    torch.testing.assert_close(cdcl_ops.masked_infonce(**inputs, temperature=tau, backend="chunked"), want)
+    torch.testing.assert_close(cdcl_ops.MaskedInfoNCE(temperature=tau, backend="reference")(**inputs), want)
+    feats, labels = _feats()
+    want = cdcl_ops.cross_patch_infonce(feats, feats, labels, labels, grid=2, temperature=float(tau))
+    torch.testing.assert_close(cdcl_ops.cross_patch_infonce(feats, feats, labels, labels, grid=2,
+                                                            temperature=tau), want)
+    module = cdcl_ops.CrossPatchInfoNCE(grid=2, temperature=tau)
+    want = cdcl_ops.CrossPatchInfoNCE(grid=2, temperature=float(tau))(feats, feats, labels, labels)
+    torch.testing.assert_close(module(feats, feats, labels, labels), want)
+
+
+@pytest.mark.parametrize("tau", REFUSED, ids=repr)
+def test_temperature_refused_forms(tau):
+    inputs = make_inputs(6, 9, 3, dtype=torch.float32, seed=1)
+    with pytest.raises(ValueError, match="^temperature: "):
+        cdcl_ops.masked_infonce(**inputs, temperature=tau)
+    with pytest.raises(ValueError, match="^temperature: "):
+        cdcl_ops.MaskedInfoNCE(temperature=tau)
+    with pytest.raises(ValueError, match="^temperature: "):
+        cdcl_ops.CrossPatchInfoNCE(temperature=tau)
+    feats, labels = _feats()
+    with pytest.raises(ValueError, match="^temperature: "):
+        cdcl_ops.cross_patch_infonce(feats, feats, labels, labels, grid=2, temperature=tau)
