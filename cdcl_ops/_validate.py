@@ -21,7 +21,7 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # uint16 / uint32: label images (instance maps) are stored so; uint64 has values int64 cannot hold
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32)
-INT_NAMES = "int64/int32/int16/int8/uint8/uint16/uint32"
+INT_NAMES = "/".join(str(t).removeprefix("torch.") for t in INT_DTYPES)
 NARROW_SAFE = (torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16)  # fit int32 as they are
 REDUCTIONS = ("mean", "sum", "none")
 # Scores are cos / tau in fp32: below this the fp32 rounding of the scores (~6e-8 / tau, absolute)

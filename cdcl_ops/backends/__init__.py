@@ -1,4 +1,5 @@
-"""Backends of the masked InfoNCE op.
+"""Backends of the masked InfoNCE op, each one record of `registry` (where it runs, its dtypes and
+maximum D, its entry points).
 
 `reference` is plain autograd over the materialised N x M matrix (the test oracle). The streaming
 backends (`chunked`, `triton`, and the native `cpu`/`cuda` ones) share one interface, used by the
