@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import cdcl_ops
-from cdcl_ops._validate import canonical_masks, negative_mask
+from cdcl_ops._validate import Masks, canonical_masks, negative_mask
 from cdcl_ops.backends import reference
 
 PAPER_TABLE = [[False, True], [True, False]]
@@ -76,15 +76,16 @@ def compiled_reference():
     def run(inp):
         masks = canonical_masks(inp["query_labels"], inp["bank_labels"], inp["query_groups"],
                                 inp["bank_groups"], inp["group_table"])
-        per_q = compiled(inp["query"], inp["positive"], inp["bank"], *masks, TEMPERATURE)
-        return per_q.sum() / (masks[1] >= 0).sum().clamp(min=1)
+        per_q = compiled(inp["query"], inp["positive"], inp["bank"], masks, TEMPERATURE)
+        return per_q.sum() / (masks.q_grp >= 0).sum().clamp(min=1)
     return run
 
 
 def _patch_loss(qh, ph, kh, q_lab, q_grp, k_lab, k_grp, table):
     s_pos = (qh * ph).sum(-1) / TEMPERATURE
     s = (qh @ kh.T) / TEMPERATURE
-    s = s.masked_fill(~negative_mask(q_lab, q_grp, k_lab, k_grp, table), float("-inf"))
+    # flat tensors: checkpoint passes its tensor arguments one by one
+    s = s.masked_fill(~negative_mask(Masks(q_lab, q_grp, k_lab, k_grp, table)), float("-inf"))
     return (torch.logsumexp(torch.cat([s_pos[:, None], s], 1), 1) - s_pos).sum()
 
 
@@ -110,7 +111,7 @@ def released_per_patch_checkpoint(inp):
 
 def _chunk_lse(qh, kh, q_lab, q_grp, k_lab, k_grp, table):
     s = (qh @ kh.T) / TEMPERATURE
-    s = s.masked_fill(~negative_mask(q_lab, q_grp, k_lab, k_grp, table), float("-inf"))
+    s = s.masked_fill(~negative_mask(Masks(q_lab, q_grp, k_lab, k_grp, table)), float("-inf"))
     return torch.logsumexp(s, 1)
 
 

@@ -48,13 +48,13 @@ def main():
         q, p, k = inp["query"], inp["positive"], inp["bank"]
         inv = [inverse_norms(x) for x in (q, p, k)]
         kernels = registry.get("triton")  # its entry points take config=: a launch config to time
-        _, lse, _ = kernels.forward(q, p, k, *inv, *masks, 10.0, False, 0, prec)
+        _, lse, _ = kernels.forward(q, p, k, *inv, masks, 10.0, False, 0, prec)
         gs = torch.rand(n, device="cuda")
         flop = 4 * n * m * d
         for label, configs, call in (
-                ("fwd", FWD, functools.partial(kernels.forward, q, p, k, *inv, *masks, 10.0, True, 0, prec)),
-                ("bank_grad", BWD, functools.partial(kernels.bank_grad, q, k, inv[0], inv[2], *masks,
-                                                     lse, gs, 10.0, 0, prec))):
+                ("fwd", FWD, functools.partial(kernels.forward, q, p, k, *inv, masks, 10.0, True, 0, prec)),
+                ("bank_grad", BWD, functools.partial(kernels.bank_grad, q, k, inv[0], inv[2], masks, lse,
+                                                     gs, 10.0, 0, prec))):
             if label not in args.kernels.split(","):
                 continue
             default_ms = _time(call)

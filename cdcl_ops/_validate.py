@@ -6,7 +6,8 @@ Every backend sees the same five tensors describing the mask J of docs/design.md
     k_lab (M,) int32, k_grp (M,) int32  -- k_grp < 0 marks an unusable bank row
     table (G, G) bool
 
-so that "no groups" is just the 1 x 1 table [[True]] and one mask formula serves all of them.
+so that "no groups" is just the 1 x 1 table [[True]] and one mask formula serves all of them. They
+travel together as a `Masks` bundle; only the torch.library schemas take them one by one.
 Nothing is narrowed to int32 by a cast that could change a value: labels that may not fit (int64,
 uint32) are renumbered, equal values to equal ids, and group ids are clamped to [-1, G] first.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -174,8 +176,22 @@ def _groups_int32(groups, g):
     return torch.where((groups < 0) | (groups >= g), -1, groups).to(torch.int32)
 
 
-def canonical_masks(query_labels, bank_labels, query_groups, bank_groups, group_table):
-    """Return (q_lab, q_grp, k_lab, k_grp, table) in the encoding described in the module doc."""
+class Masks(NamedTuple):
+    """The mask J's five tensors, in the encoding of the module doc; Python's copy of the C++
+    `Masks` struct (csrc/cuda/launch.h). Flattened (`*masks`) only at the torch.library schemas."""
+    q_lab: torch.Tensor
+    q_grp: torch.Tensor
+    k_lab: torch.Tensor
+    k_grp: torch.Tensor
+    table: torch.Tensor
+
+    def tile(self, a, b, c0, c1) -> Masks:
+        """The masks of query rows [a, b) against bank rows [c0, c1)."""
+        return Masks(self.q_lab[a:b], self.q_grp[a:b], self.k_lab[c0:c1], self.k_grp[c0:c1], self.table)
+
+
+def canonical_masks(query_labels, bank_labels, query_groups, bank_groups, group_table) -> Masks:
+    """The masks of the user's labels, groups and table, in the encoding of the module doc."""
     ql, kl = _labels_int32(query_labels, bank_labels)
     if group_table is None:
         qg = torch.zeros_like(ql)
@@ -189,11 +205,12 @@ def canonical_masks(query_labels, bank_labels, query_groups, bank_groups, group_
     minus_one = torch.full((), -1, dtype=torch.int32, device=ql.device)
     qg = torch.where(ql < 0, minus_one, qg).contiguous()
     kg = torch.where(kl < 0, minus_one, kg).contiguous()
-    return ql.contiguous(), qg, kl.contiguous(), kg, table.contiguous()
+    return Masks(ql.contiguous(), qg, kl.contiguous(), kg, table.contiguous())
 
 
-def negative_mask(q_lab, q_grp, k_lab, k_grp, table):
+def negative_mask(masks: Masks):
     """The dense mask J (rows x cols) for the PyTorch backends."""
+    q_lab, q_grp, k_lab, k_grp, table = masks
     ok = (q_grp[:, None] >= 0) & (k_grp[None, :] >= 0) & (q_lab[:, None] != k_lab[None, :])
     allowed = table[q_grp.clamp(min=0)][:, k_grp.clamp(min=0)]
     return ok & allowed

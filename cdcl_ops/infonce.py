@@ -81,21 +81,19 @@ def masked_infonce(query, positive, bank, query_labels, bank_labels, query_group
     backend = _resolve_backend(backend, query)
     if not torch.compiler.is_compiling() and (check_inputs or check_finite):
         check_values(query, positive, bank, query_groups, bank_groups, group_table, check_finite)
-    q_lab, q_grp, k_lab, k_grp, table = canonical_masks(query_labels, bank_labels, query_groups,
-                                                        bank_groups, group_table)
+    masks = canonical_masks(query_labels, bank_labels, query_groups, bank_groups, group_table)
     if registry.get(backend).forward is None:  # the reference: plain autograd
-        per_query = reference.per_query_loss(query, positive, bank, q_lab, q_grp, k_lab, k_grp,
-                                             table, temperature)
+        per_query = reference.per_query_loss(query, positive, bank, masks, temperature)
     else:
         need_o = torch.is_grad_enabled() and query.requires_grad
         per_query = ops.masked_infonce_fwd(
-            query.contiguous(), positive.contiguous(), bank.contiguous(), q_lab, q_grp, k_lab, k_grp,
-            table, 1.0 / temperature, backend, chunk_size, precision, need_o)[0]
+            query.contiguous(), positive.contiguous(), bank.contiguous(), *masks, 1.0 / temperature,
+            backend, chunk_size, precision, need_o)[0]
     if reduction == "none":
         return per_query
     if reduction == "sum":
         return per_query.sum()
-    n_active = (q_grp >= 0).sum().clamp(min=1).to(per_query.dtype)
+    n_active = (masks.q_grp >= 0).sum().clamp(min=1).to(per_query.dtype)
     return per_query.sum() / n_active
 
 

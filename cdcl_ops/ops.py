@@ -12,6 +12,7 @@ so no normalised copy is kept for backward.
 import torch
 from torch import Tensor
 
+from ._validate import Masks
 from .backends import registry
 from .normalize import acc_dtype, inverse_norms, project_
 
@@ -30,8 +31,9 @@ def masked_infonce_fwd(q: Tensor, p: Tensor, k: Tensor, q_lab: Tensor, q_grp: Te
                        precision: str, need_o: bool
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     inv_q, inv_p, inv_k = inverse_norms(q), inverse_norms(p), inverse_norms(k)
-    loss, lse, o = _streaming(backend).forward(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab,
-                                               k_grp, table, inv_tau, need_o, chunk_size, precision)
+    masks = Masks(q_lab, q_grp, k_lab, k_grp, table)  # the schema is flat; the backends take the bundle
+    loss, lse, o = _streaming(backend).forward(q, p, k, inv_q, inv_p, inv_k, masks, inv_tau, need_o,
+                                               chunk_size, precision)
     return loss, lse, o, inv_q, inv_p, inv_k
 
 
@@ -54,8 +56,9 @@ def masked_infonce_bank_grad(q: Tensor, k: Tensor, inv_q: Tensor, inv_k: Tensor,
     # so fp16 weights underflow (emulated at N = 51,200, M = 25,600: 23% error in dK). Dividing gs
     # by its largest magnitude keeps every weight in [-1, 1]; dK is scaled back afterwards.
     g_scale = (gs.abs().amax() if gs.numel() else gs.new_ones(())).clamp_min(1e-30)
-    dk_unit = _streaming(backend).bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table,
-                                            lse, gs / g_scale, inv_tau, chunk_size, precision)
+    masks = Masks(q_lab, q_grp, k_lab, k_grp, table)
+    dk_unit = _streaming(backend).bank_grad(q, k, inv_q, inv_k, masks, lse, gs / g_scale, inv_tau,
+                                            chunk_size, precision)
     return project_(k, inv_k, dk_unit.to(inv_k.dtype)).mul_(g_scale).to(k.dtype)
 
 
@@ -70,19 +73,25 @@ def _setup_context(ctx, inputs, output):
     loss, lse, o, inv_q, inv_p, inv_k = output
     # the inputs themselves cost nothing to keep; a detached bank and an unused O are not kept
     need_q, need_p, need_k = ctx.needs_input_grad[:3]
-    ctx.save_for_backward(q, p, k if need_k else None, q_lab, q_grp, k_lab, k_grp, table, loss, lse,
-                          o if need_q else None, inv_q, inv_p, inv_k)
+    ctx.save_for_backward(q, p, k if need_k else None, loss, lse, o if need_q else None, inv_q, inv_p,
+                          inv_k, *Masks(q_lab, q_grp, k_lab, k_grp, table))
     ctx.options = (inv_tau, backend, chunk_size, precision)
     ctx.mark_non_differentiable(lse, o, inv_q, inv_p, inv_k)
     # no zero gradients for the non-differentiable outputs: for O that would be an N x D buffer
     ctx.set_materialize_grads(False)
 
 
+def _input_grads(ctx, dq=None, dp=None, dk=None):
+    """One gradient per input of the op: the features' three, None for the rest."""
+    return (dq, dp, dk) + (None,) * (len(ctx.needs_input_grad) - 3)
+
+
 def _backward(ctx, g_loss, g_lse, g_o, g_inv_q, g_inv_p, g_inv_k):
-    q, p, k, q_lab, q_grp, k_lab, k_grp, table, loss, lse, o, inv_q, inv_p, inv_k = ctx.saved_tensors
+    q, p, k, loss, lse, o, inv_q, inv_p, inv_k, *mask_tensors = ctx.saved_tensors
+    masks = Masks(*mask_tensors)
     inv_tau, backend, chunk_size, precision = ctx.options
     if g_loss is None:  # only reached through the non-differentiable outputs: nothing flows
-        return (None,) * 13
+        return _input_grads(ctx)
     acc = loss.dtype
     gs = g_loss.to(acc) * inv_tau
     # pi+ = exp(s+ - LSE) = exp(-loss): exactly 1 for rows without negatives, so they get 0
@@ -99,9 +108,9 @@ def _backward(ctx, g_loss, g_lse, g_o, g_inv_q, g_inv_p, g_inv_k):
         g_unit = q.to(acc) * (coef * inv_q)[:, None]
         dp = project_(p, inv_p, g_unit).to(p.dtype)
     if ctx.needs_input_grad[2]:
-        dk = masked_infonce_bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse,
-                                      gs, inv_tau, backend, chunk_size, precision)
-    return (dq, dp, dk) + (None,) * 10
+        dk = masked_infonce_bank_grad(q, k, inv_q, inv_k, *masks, lse, gs, inv_tau, backend,
+                                      chunk_size, precision)
+    return _input_grads(ctx, dq, dp, dk)
 
 
 masked_infonce_fwd.register_autograd(_backward, setup_context=_setup_context)

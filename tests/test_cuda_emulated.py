@@ -209,7 +209,7 @@ def test_fp16_bank_grad_weights_need_the_rescaling(emulator):
     # exp(s - lse) ~ 1e-4: the weights fall below fp16's smallest subnormal (6e-8) unless gs is
     # divided by its largest magnitude first, as the bank-gradient op does. dK rows are independent,
     # so 64 bank rows (with the LSE of the whole bank) and 4,096 of the queries show it.
-    from cdcl_ops._validate import canonical_masks
+    from cdcl_ops._validate import Masks, canonical_masks
     from cdcl_ops.backends import chunked
     from cdcl_ops.normalize import inverse_norms
     n, m = 4096, 25600
@@ -217,12 +217,12 @@ def test_fp16_bank_grad_weights_need_the_rescaling(emulator):
     ql, qg, kl, kg, table = canonical_masks(inp["query_labels"], inp["bank_labels"],
                                             inp["query_groups"], inp["bank_groups"], inp["group_table"])
     q, p, k = (inp[name].float() for name in ("query", "positive", "bank"))
-    lse = chunked.forward(q, p, k, inverse_norms(q), inverse_norms(p), inverse_norms(k), ql, qg, kl,
-                          kg, table, 10.0, False, 0, "auto")[1]
-    masks = (ql, qg, kl[:64].contiguous(), kg[:64].contiguous(), table)
+    lse = chunked.forward(q, p, k, inverse_norms(q), inverse_norms(p), inverse_norms(k),
+                          Masks(ql, qg, kl, kg, table), 10.0, False, 0, "auto")[1]
+    masks = Masks(ql, qg, kl[:64].contiguous(), kg[:64].contiguous(), table)
     gs = torch.full((n,), 10.0 / 51200)
     qd, kd = q.double(), k[:64].double()
-    ref = chunked.bank_grad(qd, kd, inverse_norms(qd), inverse_norms(kd), *masks, lse.double(),
+    ref = chunked.bank_grad(qd, kd, inverse_norms(qd), inverse_norms(kd), masks, lse.double(),
                             gs.double(), 10.0, 0, "auto")
     qh, kh = q.half(), k[:64].half()
 

@@ -131,3 +131,13 @@ def test_temperature_refused_forms(tau):
     feats, labels = _feats()
     with pytest.raises(ValueError, match="^temperature: "):
         cdcl_ops.cross_patch_infonce(feats, feats, labels, labels, grid=2, temperature=tau)
+
+
+def test_masks_travel_as_one_bundle():
+    from cdcl_ops._validate import Masks, canonical_masks
+    inp = make_inputs(5, 7, 2)
+    masks = canonical_masks(inp["query_labels"], inp["bank_labels"], inp["query_groups"],
+                            inp["bank_groups"], inp["group_table"])
+    assert isinstance(masks, Masks) and masks._fields == ("q_lab", "q_grp", "k_lab", "k_grp", "table")
+    tile = masks.tile(1, 3, 2, 6)
+    assert tile.q_lab.shape == (2,) and tile.k_grp.shape == (4,) and tile.table is masks.table

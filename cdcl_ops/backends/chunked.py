@@ -20,8 +20,7 @@ def _unit(x, inv, a, b, acc):
     return x[a:b].to(acc) * inv[a:b, None]
 
 
-def forward(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o,
-            chunk_size, precision):
+def forward(q, p, k, inv_q, inv_p, inv_k, masks, inv_tau, need_o, chunk_size, precision):
     acc = acc_dtype(q)
     n, d = q.shape
     chunk = chunk_size if chunk_size > 0 else DEFAULT_CHUNK
@@ -37,8 +36,7 @@ def forward(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv
         for c0, c1 in _tiles(k.shape[0], chunk):
             kc = _unit(k, inv_k, c0, c1, acc)
             s = (qt @ kc.T) * inv_tau
-            s.masked_fill_(~negative_mask(q_lab[a:b], q_grp[a:b], k_lab[c0:c1], k_grp[c0:c1], table),
-                           float("-inf"))
+            s.masked_fill_(~negative_mask(masks.tile(a, b, c0, c1)), float("-inf"))
             m_new = torch.maximum(m_run, s.amax(dim=1))
             alpha = torch.exp(m_run - m_new)
             e = torch.exp(s - m_new[:, None])
@@ -54,8 +52,7 @@ def forward(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv
     return loss, lse, o
 
 
-def bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, chunk_size,
-              precision):
+def bank_grad(q, k, inv_q, inv_k, masks, lse, gs, inv_tau, chunk_size, precision):
     acc = acc_dtype(q)
     chunk = chunk_size if chunk_size > 0 else DEFAULT_CHUNK
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
@@ -66,6 +63,6 @@ def bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, in
             kc = _unit(k, inv_k, c0, c1, acc)
             s = (qt @ kc.T) * inv_tau
             w = torch.exp(s - lse[a:b, None]) * gs[a:b, None]
-            w.masked_fill_(~negative_mask(q_lab[a:b], q_grp[a:b], k_lab[c0:c1], k_grp[c0:c1], table), 0)
+            w.masked_fill_(~negative_mask(masks.tile(a, b, c0, c1)), 0)
             dk[c0:c1] += w.T @ qt
     return dk

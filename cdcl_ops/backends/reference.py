@@ -14,7 +14,7 @@ def unit_rows(x):
     return y / torch.maximum(torch.linalg.vector_norm(y, dim=1, keepdim=True), EPS * c)
 
 
-def per_query_loss(query, positive, bank, q_lab, q_grp, k_lab, k_grp, table, temperature):
+def per_query_loss(query, positive, bank, masks, temperature):
     """Per-query loss (N,) with autograd; builds the full N x M similarity matrix."""
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     qh = unit_rows(query.to(dtype))
@@ -22,7 +22,7 @@ def per_query_loss(query, positive, bank, q_lab, q_grp, k_lab, k_grp, table, tem
     kh = unit_rows(bank.to(dtype))
     s_pos = (qh * ph).sum(-1) / temperature
     s = (qh @ kh.T) / temperature
-    s = s.masked_fill(~negative_mask(q_lab, q_grp, k_lab, k_grp, table), float("-inf"))
+    s = s.masked_fill(~negative_mask(masks), float("-inf"))
     lse = torch.logsumexp(torch.cat([s_pos[:, None], s], dim=1), dim=1)
     # lse == s_pos exactly for a row without negatives, so its loss is exactly 0
-    return torch.where(q_grp >= 0, lse - s_pos, torch.zeros_like(lse))
+    return torch.where(masks.q_grp >= 0, lse - s_pos, torch.zeros_like(lse))

@@ -66,8 +66,7 @@ def bank_grad_config(bd: int, dtype, precision: str) -> dict:
     return dict(BLOCK_N=32, BLOCK_M=32, num_warps=8, num_stages=1)
 
 
-def bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, chunk_size,
-              precision, config=None):
+def bank_grad(q, k, inv_q, inv_k, masks, lse, gs, inv_tau, chunk_size, precision, config=None):
     """Backend interface (see cdcl_ops.backends); config: launch parameters in place of
     `bank_grad_config`'s (benchmarks/triton_configs.py sweeps them)."""
     n, d = q.shape
@@ -77,6 +76,7 @@ def bank_grad(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, in
         return dk
     # the kernel takes unit rows: transient copies, freed when the launch returns
     q, k = scaled_queries(q, inv_q, inv_tau), unit_copy(k, inv_k)
+    q_lab, q_grp, k_lab, k_grp, table = masks
     codes, use_bits = query_codes(q_grp, table)
     table = table.to(torch.uint8)  # a bool pointer would load as i1
     bd = block_d(d)
