@@ -19,7 +19,7 @@ from . import chunked, native
 
 # The largest feature dim of the fused kernels: Triton keeps a BLOCK_D-wide tile of a query's
 # output in registers, and the CUDA kernels 16 values per lane (csrc/cuda/launch.h MAX_D is the
-# kernels' own copy; tests/test_backends.py checks the two agree).
+# kernels' own copy; tests/test_registry.py checks the two agree).
 MAX_D = 512
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ALL_DTYPES = FUSED_DTYPES + (torch.float64,)
@@ -40,9 +40,8 @@ class Backend:
     forward / bank_grad: the streaming interface of cdcl_ops.backends (None for `reference`, which
     autograd differentiates directly). patch_counts(x, grid, fg_class) -> (B, grid, grid) counts.
     device_types: None for any device. default_on / patch_default_on: device types where
-    `backend=None` may pick it for the loss / for the patch counts (default_on=None: any
-    device); among those available there,
-    the highest `priority` wins.
+    `backend=None` may pick it for the loss / for the patch counts (default_on=None: any device);
+    among those available there, the highest `priority` wins.
     """
     name: str
     available: Callable[[torch.device], tuple[bool, str]]
@@ -99,6 +98,7 @@ def get(name) -> Backend:
 
 
 def available(device="cpu") -> list[str]:
+    """The registered backends that can run on `device` in this process."""
     return [b.name for b in _REGISTRY.values() if b.runs_on(device)[0]]
 
 
