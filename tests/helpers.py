@@ -118,3 +118,15 @@ def assert_bank_grad_of_mean_close(backend, dtype, n=16384, m=8192, device="cuda
     _, got = loss_and_grads(inputs, backend, dtype=dtype, reduction="mean", **kw)
     scale = ref[2].abs().max()
     torch.testing.assert_close(got[2].double() / scale, ref[2] / scale, rtol=2e-2, atol=2e-2)
+
+
+def with_nan_rows(inputs, where, bank_rows):
+    """Put NaN into `inputs` (from make_inputs): some bank rows, every bank row, or one active query."""
+    if where == "some_bank_rows":
+        inputs["bank"][bank_rows] = float("nan")
+    elif where == "all_bank_rows":
+        inputs["bank"][:] = float("nan")
+    else:
+        inputs["query"][3] = float("nan")
+        inputs["query_labels"][3], inputs["query_groups"][3] = 0, 0  # active
+    return inputs

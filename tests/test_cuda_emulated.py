@@ -16,7 +16,7 @@ import torch
 import cdcl_ops
 from cdcl_ops.backends import registry
 from cuda_emulator import Emulator, compiler
-from helpers import assert_close_to_reference, assert_compiled_matches_eager, loss_and_grads, make_inputs
+from helpers import assert_close_to_reference, assert_compiled_matches_eager, loss_and_grads, make_inputs, with_nan_rows
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++ compiler for the CUDA emulator")
 
@@ -276,14 +276,7 @@ def test_compile_fullgraph(emulated_cuda, compiler):
 @pytest.mark.parametrize("where", ["some_bank_rows", "all_bank_rows", "a_query_row"])
 @pytest.mark.parametrize("precision", ["auto", "tf32"])
 def test_nan_rows_give_nan_where_the_reference_does(emulated_cuda, where, precision):
-    inputs = make_inputs(20, 40, 16, seed=6)
-    if where == "some_bank_rows":
-        inputs["bank"][[2, 7, 33]] = float("nan")
-    elif where == "all_bank_rows":
-        inputs["bank"][:] = float("nan")
-    else:
-        inputs["query"][3] = float("nan")
-        inputs["query_labels"][3], inputs["query_groups"][3] = 0, 0  # active
+    inputs = with_nan_rows(make_inputs(20, 40, 16, seed=6), where, [2, 7, 33])
     want = loss_and_grads(inputs, "reference")
     dtype = torch.bfloat16 if precision == "tf32" else torch.float32  # tf32: the tensor-core path
     got = loss_and_grads(inputs, "cuda", dtype=dtype, precision=precision)

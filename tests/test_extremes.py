@@ -11,7 +11,7 @@ import torch
 import cdcl_ops
 from cdcl_ops import FeatureBank
 from cdcl_ops.cross_patch import official_group_table
-from helpers import loss_and_grads, make_inputs
+from helpers import loss_and_grads, make_inputs, with_nan_rows
 
 BACKENDS = [b for b in ("reference", "chunked", "cpu", "triton") if b in cdcl_ops.available_backends("cpu")]
 PATCH_BACKENDS = ["torch"] + [b for b in ("cpu", "triton") if b in cdcl_ops.available_backends("cpu")]
@@ -250,14 +250,7 @@ def test_bank_state_out_of_range_fails_at_load(name, mutate, lazy):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("where", ["some_bank_rows", "all_bank_rows", "a_query_row"])
 def test_nan_rows_give_nan_where_the_reference_does(backend, where):
-    inputs = make_inputs(20, 30, 6, seed=6)
-    if where == "some_bank_rows":
-        inputs["bank"][[2, 7, 19]] = float("nan")
-    elif where == "all_bank_rows":
-        inputs["bank"][:] = float("nan")
-    else:
-        inputs["query"][3] = float("nan")
-        inputs["query_labels"][3], inputs["query_groups"][3] = 0, 0  # active
+    inputs = with_nan_rows(make_inputs(20, 30, 6, seed=6), where, [2, 7, 19])
     want = loss_and_grads(inputs, "reference")
     got = loss_and_grads(inputs, backend, dtype=torch.float32)
     assert torch.isnan(want[0]).any()
