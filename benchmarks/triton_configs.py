@@ -14,7 +14,7 @@ import triton
 
 from cdcl_ops._validate import canonical_masks
 from cdcl_ops.backends import registry
-from cdcl_ops.normalize import inverse_norms
+from cdcl_ops.normalize import InverseNorms
 
 from .contenders import SIZES, make_inputs
 
@@ -46,15 +46,16 @@ def main():
         masks = canonical_masks(inp["query_labels"], inp["bank_labels"], inp["query_groups"],
                                 inp["bank_groups"], inp["group_table"])
         q, p, k = inp["query"], inp["positive"], inp["bank"]
-        inv = [inverse_norms(x) for x in (q, p, k)]
+        inv = InverseNorms.of(q, p, k)
+        options = registry.Options(10.0, precision=prec)
         kernels = registry.get("triton")  # its entry points take config=: a launch config to time
-        _, lse, _ = kernels.forward(q, p, k, *inv, masks, 10.0, False, 0, prec)
+        _, lse, _ = kernels.forward(q, p, k, inv, masks, options, False)
         gs = torch.rand(n, device="cuda")
         flop = 4 * n * m * d
         for label, configs, call in (
-                ("fwd", FWD, functools.partial(kernels.forward, q, p, k, *inv, masks, 10.0, True, 0, prec)),
-                ("bank_grad", BWD, functools.partial(kernels.bank_grad, q, k, inv[0], inv[2], masks, lse,
-                                                     gs, 10.0, 0, prec))):
+                ("fwd", FWD, functools.partial(kernels.forward, q, p, k, inv, masks, options, True)),
+                ("bank_grad", BWD, functools.partial(kernels.bank_grad, q, k, inv._replace(p=None), masks,
+                                                     lse, gs, options))):
             if label not in args.kernels.split(","):
                 continue
             default_ms = _time(call)

@@ -58,12 +58,14 @@ def masked_infonce(query, positive, bank, query_labels, bank_labels, query_group
         reduction: "mean" over active queries (0 when there is none), "sum", or "none" (N,).
         backend: None (fastest for the device), "reference", "chunked", "triton", "cpu" or "cuda".
         chunk_size: bank rows per chunk for the "chunked" backend (0: its default).
+            chunk_size and precision are refused by a named backend that does not read them, and
+            dropped when backend=None picks such a backend (so one call runs on every device).
         precision: how "triton" multiplies fp32 features: "auto" (TF32 where
             torch.backends.cuda.matmul.allow_tf32 allows it, else "tf32x3"), "tf32x3" (three TF32
             products, fp32 accuracy on tensor cores), "tf32", or "ieee" (FMA units, slow).
             For "cuda" with 16-bit features, "tf32" selects the tensor-core kernels (D <= 256;
             the softmax weights of the second product are rounded to 16 bits, as in "triton");
-            anything else the CUDA-core kernels. Ignored by "chunked" and "cpu".
+            anything else the CUDA-core kernels.
         check_inputs: check group ids against the table (one host sync; skipped under
             torch.compile). check_finite: also reject NaN/Inf features.
 
@@ -78,7 +80,10 @@ def masked_infonce(query, positive, bank, query_labels, bank_labels, query_group
     if not isinstance(chunk_size, int) or chunk_size < 0:
         raise ValueError(f"chunk_size: expected an int >= 0, got {chunk_size!r}")
     temperature = check_temperature(temperature)
+    named = backend is not None
     backend = _resolve_backend(backend, query)
+    options = registry.get(backend).own_options(
+        registry.Options(1.0 / temperature, chunk_size, precision), named)
     if not torch.compiler.is_compiling() and (check_inputs or check_finite):
         check_values(query, positive, bank, query_groups, bank_groups, group_table, check_finite)
     masks = canonical_masks(query_labels, bank_labels, query_groups, bank_groups, group_table)
@@ -87,8 +92,8 @@ def masked_infonce(query, positive, bank, query_labels, bank_labels, query_group
     else:
         need_o = torch.is_grad_enabled() and query.requires_grad
         per_query = ops.masked_infonce_fwd(
-            query.contiguous(), positive.contiguous(), bank.contiguous(), *masks, 1.0 / temperature,
-            backend, chunk_size, precision, need_o)[0]
+            query.contiguous(), positive.contiguous(), bank.contiguous(), *masks, options.inv_tau,
+            backend, options.chunk_size, options.precision, need_o)[0]
     if reduction == "none":
         return per_query
     if reduction == "sum":

@@ -14,7 +14,8 @@ from torch import Tensor
 
 from ._validate import Masks
 from .backends import registry
-from .normalize import acc_dtype, inverse_norms, project_
+from .backends.registry import Options
+from .normalize import InverseNorms, acc_dtype, project_
 
 
 def _streaming(backend: str) -> registry.Backend:
@@ -30,11 +31,11 @@ def masked_infonce_fwd(q: Tensor, p: Tensor, k: Tensor, q_lab: Tensor, q_grp: Te
                        k_grp: Tensor, table: Tensor, inv_tau: float, backend: str, chunk_size: int,
                        precision: str, need_o: bool
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    inv_q, inv_p, inv_k = inverse_norms(q), inverse_norms(p), inverse_norms(k)
-    masks = Masks(q_lab, q_grp, k_lab, k_grp, table)  # the schema is flat; the backends take the bundle
-    loss, lse, o = _streaming(backend).forward(q, p, k, inv_q, inv_p, inv_k, masks, inv_tau, need_o,
-                                               chunk_size, precision)
-    return loss, lse, o, inv_q, inv_p, inv_k
+    # the schema is flat; the backends take the bundles
+    inv = InverseNorms.of(q, p, k)
+    loss, lse, o = _streaming(backend).forward(q, p, k, inv, Masks(q_lab, q_grp, k_lab, k_grp, table),
+                                               Options(inv_tau, chunk_size, precision), need_o)
+    return loss, lse, o, *inv
 
 
 @masked_infonce_fwd.register_fake
@@ -56,9 +57,9 @@ def masked_infonce_bank_grad(q: Tensor, k: Tensor, inv_q: Tensor, inv_k: Tensor,
     # so fp16 weights underflow (emulated at N = 51,200, M = 25,600: 23% error in dK). Dividing gs
     # by its largest magnitude keeps every weight in [-1, 1]; dK is scaled back afterwards.
     g_scale = (gs.abs().amax() if gs.numel() else gs.new_ones(())).clamp_min(1e-30)
-    masks = Masks(q_lab, q_grp, k_lab, k_grp, table)
-    dk_unit = _streaming(backend).bank_grad(q, k, inv_q, inv_k, masks, lse, gs / g_scale, inv_tau,
-                                            chunk_size, precision)
+    dk_unit = _streaming(backend).bank_grad(q, k, InverseNorms(inv_q, None, inv_k),
+                                            Masks(q_lab, q_grp, k_lab, k_grp, table), lse,
+                                            gs / g_scale, Options(inv_tau, chunk_size, precision))
     return project_(k, inv_k, dk_unit.to(inv_k.dtype)).mul_(g_scale).to(k.dtype)
 
 
@@ -70,13 +71,14 @@ def _(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, b
 
 def _setup_context(ctx, inputs, output):
     q, p, k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, backend, chunk_size, precision, _ = inputs
-    loss, lse, o, inv_q, inv_p, inv_k = output
+    loss, lse, o, *inv = output
     # the inputs themselves cost nothing to keep; a detached bank and an unused O are not kept
     need_q, need_p, need_k = ctx.needs_input_grad[:3]
-    ctx.save_for_backward(q, p, k if need_k else None, loss, lse, o if need_q else None, inv_q, inv_p,
-                          inv_k, *Masks(q_lab, q_grp, k_lab, k_grp, table))
-    ctx.options = (inv_tau, backend, chunk_size, precision)
-    ctx.mark_non_differentiable(lse, o, inv_q, inv_p, inv_k)
+    ctx.save_for_backward(q, p, k if need_k else None, loss, lse, o if need_q else None, *inv,
+                          *Masks(q_lab, q_grp, k_lab, k_grp, table))
+    ctx.backend = backend
+    ctx.options = Options(inv_tau, chunk_size, precision)
+    ctx.mark_non_differentiable(lse, o, *inv)
     # no zero gradients for the non-differentiable outputs: for O that would be an N x D buffer
     ctx.set_materialize_grads(False)
 
@@ -86,14 +88,17 @@ def _input_grads(ctx, dq=None, dp=None, dk=None):
     return (dq, dp, dk) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
-def _backward(ctx, g_loss, g_lse, g_o, g_inv_q, g_inv_p, g_inv_k):
-    q, p, k, loss, lse, o, inv_q, inv_p, inv_k, *mask_tensors = ctx.saved_tensors
-    masks = Masks(*mask_tensors)
-    inv_tau, backend, chunk_size, precision = ctx.options
+_N_NORMS = len(InverseNorms._fields)
+
+
+def _backward(ctx, g_loss, g_lse, g_o, *g_inv):
+    q, p, k, loss, lse, o, *rest = ctx.saved_tensors
+    inv, masks = InverseNorms(*rest[:_N_NORMS]), Masks(*rest[_N_NORMS:])
+    options = ctx.options
     if g_loss is None:  # only reached through the non-differentiable outputs: nothing flows
         return _input_grads(ctx)
     acc = loss.dtype
-    gs = g_loss.to(acc) * inv_tau
+    gs = g_loss.to(acc) * options.inv_tau
     # pi+ = exp(s+ - LSE) = exp(-loss): exactly 1 for rows without negatives, so they get 0
     coef = (torch.exp(-loss) - 1.0) * gs
     dq = dp = dk = None
@@ -102,14 +107,14 @@ def _backward(ctx, g_loss, g_lse, g_o, g_inv_q, g_inv_p, g_inv_k):
             raise RuntimeError("masked_infonce_fwd was called with need_o=False, so the query "
                                "gradient is unavailable; call it with need_o=True")
         # with respect to the unit query: gs * O + coef * p / |p|
-        g_unit = (o * gs[:, None]).addcmul_(p, (coef * inv_p)[:, None])
-        dq = project_(q, inv_q, g_unit).to(q.dtype)
+        g_unit = (o * gs[:, None]).addcmul_(p, (coef * inv.p)[:, None])
+        dq = project_(q, inv.q, g_unit).to(q.dtype)
     if ctx.needs_input_grad[1]:
-        g_unit = q.to(acc) * (coef * inv_q)[:, None]
-        dp = project_(p, inv_p, g_unit).to(p.dtype)
+        g_unit = q.to(acc) * (coef * inv.q)[:, None]
+        dp = project_(p, inv.p, g_unit).to(p.dtype)
     if ctx.needs_input_grad[2]:
-        dk = masked_infonce_bank_grad(q, k, inv_q, inv_k, *masks, lse, gs, inv_tau, backend,
-                                      chunk_size, precision)
+        dk = masked_infonce_bank_grad(q, k, inv.q, inv.k, *masks, lse, gs, options.inv_tau,
+                                      ctx.backend, options.chunk_size, options.precision)
     return _input_grads(ctx, dq, dp, dk)
 
 

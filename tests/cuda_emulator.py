@@ -199,11 +199,11 @@ class Emulator:
         return counts.clone()
 
     # -- the backend interface of cdcl_ops.backends, as cdcl_ops.backends.native ---------------
-    def forward(self, q, p, k, inv_q, inv_p, inv_k, masks, inv_tau, need_o, chunk_size, precision):
-        return self.infonce_fwd(q, p, k, inv_q, inv_p, inv_k, *masks, inv_tau, need_o,
-                                native.wants_tensor_cores(q.dtype, precision))
+    def forward(self, q, p, k, inv, masks, options, need_o):
+        return self.infonce_fwd(q, p, k, *inv, *masks, options.inv_tau, need_o,
+                                native.wants_tensor_cores(q.dtype, options.precision))
 
-    def bank_grad(self, q, k, inv_q, inv_k, masks, lse, gs, inv_tau, chunk_size, precision):
-        return self.infonce_bank_grad(q, k, inv_q, inv_k, *masks, lse.float().contiguous(),
-                                      gs.float().contiguous(), inv_tau,
-                                      native.wants_tensor_cores(q.dtype, precision))
+    def bank_grad(self, q, k, inv, masks, lse, gs, options):
+        return self.infonce_bank_grad(q, k, inv.q, inv.k, *masks, lse.float().contiguous(),
+                                      gs.float().contiguous(), options.inv_tau,
+                                      native.wants_tensor_cores(q.dtype, options.precision))

@@ -211,19 +211,20 @@ def test_fp16_bank_grad_weights_need_the_rescaling(emulator):
     # so 64 bank rows (with the LSE of the whole bank) and 4,096 of the queries show it.
     from cdcl_ops._validate import Masks, canonical_masks
     from cdcl_ops.backends import chunked
-    from cdcl_ops.normalize import inverse_norms
+    from cdcl_ops.backends.registry import Options
+    from cdcl_ops.normalize import InverseNorms, inverse_norms
     n, m = 4096, 25600
     inp = make_inputs(n, m, 64, seed=3)
     ql, qg, kl, kg, table = canonical_masks(inp["query_labels"], inp["bank_labels"],
                                             inp["query_groups"], inp["bank_groups"], inp["group_table"])
     q, p, k = (inp[name].float() for name in ("query", "positive", "bank"))
-    lse = chunked.forward(q, p, k, inverse_norms(q), inverse_norms(p), inverse_norms(k),
-                          Masks(ql, qg, kl, kg, table), 10.0, False, 0, "auto")[1]
+    lse = chunked.forward(q, p, k, InverseNorms.of(q, p, k), Masks(ql, qg, kl, kg, table),
+                          Options(10.0), False)[1]
     masks = Masks(ql, qg, kl[:64].contiguous(), kg[:64].contiguous(), table)
     gs = torch.full((n,), 10.0 / 51200)
     qd, kd = q.double(), k[:64].double()
-    ref = chunked.bank_grad(qd, kd, inverse_norms(qd), inverse_norms(kd), masks, lse.double(),
-                            gs.double(), 10.0, 0, "auto")
+    ref = chunked.bank_grad(qd, kd, InverseNorms.of(qd, None, kd), masks, lse.double(), gs.double(),
+                            Options(10.0))
     qh, kh = q.half(), k[:64].half()
 
     def rel_err(scale):

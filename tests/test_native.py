@@ -11,7 +11,8 @@ from test_backends import SHAPES
 import cdcl_ops
 from cdcl_ops._validate import canonical_masks
 from cdcl_ops.backends import chunked, native
-from cdcl_ops.normalize import inverse_norms
+from cdcl_ops.backends.registry import Options
+from cdcl_ops.normalize import InverseNorms, inverse_norms
 from helpers import assert_close_to_reference, assert_compiled_matches_eager, loss_and_grads, make_inputs, strided_copy
 
 needs_ext = pytest.mark.skipif(not native.HAS_CPU,
@@ -172,15 +173,14 @@ def test_native_ops_work_on_unit_rows(dtype):
     # those of the unit rows (checked against the chunked backend fed the unit rows themselves)
     (q, p, k), invs, masks = _raw_args(dtype, n=90, m=301, d=5)
     (q1, p1, k1) = (torch.nn.functional.normalize(x.double(), dim=1).to(dtype) for x in (q, p, k))
-    fwd = chunked.forward(q1, p1, k1, *(inverse_norms(x) for x in (q1, p1, k1)), masks, 10.0,
-                          True, 64, "auto")
+    options = Options(10.0, chunk_size=64)
+    fwd = chunked.forward(q1, p1, k1, InverseNorms.of(q1, p1, k1), masks, options, True)
     got = torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, *invs, *masks, 10.0, True, False)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     for a, b in zip(got, fwd):
         torch.testing.assert_close(a, b, **tol)
     gs = torch.rand(q.shape[0], dtype=got[1].dtype)
-    want = chunked.bank_grad(q1, k1, inverse_norms(q1), inverse_norms(k1), masks, fwd[1], gs,
-                             10.0, 64, "auto")
+    want = chunked.bank_grad(q1, k1, InverseNorms.of(q1, None, k1), masks, fwd[1], gs, options)
     dk = torch.ops.cdcl_ops_C.infonce_bank_grad(q, k, invs[0], invs[2], *masks, got[1], gs, 10.0,
                                                 False)
     assert dk.dtype == got[1].dtype  # the accumulation dtype: ops.py projects it in place

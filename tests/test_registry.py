@@ -141,3 +141,78 @@ def test_masks_travel_as_one_bundle():
     assert isinstance(masks, Masks) and masks._fields == ("q_lab", "q_grp", "k_lab", "k_grp", "table")
     tile = masks.tile(1, 3, 2, 6)
     assert tile.q_lab.shape == (2,) and tile.k_grp.shape == (4,) and tile.table is masks.table
+
+
+def test_inverse_norms_are_one_bundle_like_the_kernels_struct():
+    from cdcl_ops.normalize import InverseNorms, inverse_norms
+    with open(os.path.join(ROOT, "csrc", "cuda", "launch.h")) as f:
+        struct = re.search(r"struct InverseNorms \{(.*?)\};", f.read(), re.S).group(1)
+    assert tuple(re.findall(r"\* (\w+);", struct)) == InverseNorms._fields == ("q", "p", "k")
+    inp = make_inputs(5, 7, 3, dtype=torch.float32)
+    q, p, k = inp["query"], inp["positive"], inp["bank"]
+    inv = InverseNorms.of(q, None, k)
+    assert inv.p is None
+    torch.testing.assert_close(inv.k, inverse_norms(k), rtol=0, atol=0)
+    out = torch.ops.cdcl_ops.masked_infonce_fwd(q, p, k, *canonical(inp), 10.0, "chunked", 0, "auto", False)
+    for got, want in zip(out[3:], InverseNorms.of(q, p, k)):  # the op returns the bundle it used
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def canonical(inp):
+    from cdcl_ops._validate import canonical_masks
+    return canonical_masks(inp["query_labels"], inp["bank_labels"], inp["query_groups"],
+                           inp["bank_groups"], inp["group_table"])
+
+
+# -- options: each backend is handed only the knobs it reads ----------------------------------------
+
+def _spy(name, options):
+    seen = []
+
+    def forward(q, p, k, inv, masks, opts, need_o):
+        seen.append(opts)
+        return chunked.forward(q, p, k, inv, masks, opts, need_o)
+
+    def bank_grad(q, k, inv, masks, lse, gs, opts):
+        seen.append(opts)
+        assert inv.p is None  # the bank gradient reads no positives
+        return chunked.bank_grad(q, k, inv, masks, lse, gs, opts)
+
+    registry.register(registry.Backend(name, lambda device: (True, ""), forward=forward,
+                                       bank_grad=bank_grad, options=options, default_on=("cpu",),
+                                       priority=99))
+    return seen
+
+
+@pytest.mark.parametrize("options", [(), ("chunk_size",), ("precision",), ("chunk_size", "precision")])
+def test_backends_see_only_the_options_they_read(options):
+    seen = _spy("spy", options)
+    try:
+        inputs = make_inputs(9, 13, 5, dtype=torch.float32)
+        inputs["bank"].requires_grad_(True)
+        asked = dict(chunk_size=4, precision="tf32")
+        # backend=None picks the spy (priority 99): options it does not read are dropped
+        cdcl_ops.masked_infonce(**inputs, temperature=0.5, **asked).backward()
+        want = registry.Options(2.0, **{f: asked[f] for f in options})
+        assert seen == [want, want]
+        for field in set(registry.TUNABLE) - set(options):
+            with pytest.raises(ValueError, match=f"^{field}: the spy backend does not take it"):
+                cdcl_ops.masked_infonce(**inputs, backend="spy", **{field: asked[field]})
+        # the defaults are never refused
+        cdcl_ops.masked_infonce(**inputs, backend="spy", chunk_size=0, precision="auto")
+    finally:
+        registry._REGISTRY.pop("spy")
+
+
+def test_registered_backends_declare_their_options():
+    reads = {name: registry.get(name).options for name in registry.names()}
+    assert reads == {"reference": (), "chunked": ("chunk_size",), "triton": ("precision",),
+                     "cpu": (), "cuda": ("precision",)}
+    inputs = make_inputs(6, 9, 3, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"^chunk_size: the cpu backend does not take it \(only chunked\)"):
+        cdcl_ops.masked_infonce(**inputs, backend="cpu", chunk_size=16)
+    with pytest.raises(ValueError, match=r"^precision: the reference backend .*only triton, cuda"):
+        cdcl_ops.masked_infonce(**inputs, backend="reference", precision="ieee")
+    # the same call with backend=None runs wherever it lands (here: cpu, which drops both)
+    torch.testing.assert_close(cdcl_ops.masked_infonce(**inputs, chunk_size=16, precision="ieee"),
+                               cdcl_ops.masked_infonce(**inputs))

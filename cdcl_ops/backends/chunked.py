@@ -20,21 +20,22 @@ def _unit(x, inv, a, b, acc):
     return x[a:b].to(acc) * inv[a:b, None]
 
 
-def forward(q, p, k, inv_q, inv_p, inv_k, masks, inv_tau, need_o, chunk_size, precision):
+def forward(q, p, k, inv, masks, options, need_o):
     acc = acc_dtype(q)
     n, d = q.shape
-    chunk = chunk_size if chunk_size > 0 else DEFAULT_CHUNK
+    chunk = options.chunk_size or DEFAULT_CHUNK
+    inv_tau = options.inv_tau
     loss = torch.empty(n, dtype=acc, device=q.device)
     lse = torch.empty(n, dtype=acc, device=q.device)
     o = torch.empty((n if need_o else 0, d), dtype=acc, device=q.device)
     for a, b in _tiles(n, QUERY_TILE):
-        qt = _unit(q, inv_q, a, b, acc)
-        s_pos = (qt * _unit(p, inv_p, a, b, acc)).sum(-1) * inv_tau
+        qt = _unit(q, inv.q, a, b, acc)
+        s_pos = (qt * _unit(p, inv.p, a, b, acc)).sum(-1) * inv_tau
         m_run = s_pos.clone()  # seeding the max with s+ keeps empty rows finite
         l_run = torch.ones_like(s_pos)
         o_run = torch.zeros_like(qt) if need_o else None
         for c0, c1 in _tiles(k.shape[0], chunk):
-            kc = _unit(k, inv_k, c0, c1, acc)
+            kc = _unit(k, inv.k, c0, c1, acc)
             s = (qt @ kc.T) * inv_tau
             s.masked_fill_(~negative_mask(masks.tile(a, b, c0, c1)), float("-inf"))
             m_new = torch.maximum(m_run, s.amax(dim=1))
@@ -52,15 +53,16 @@ def forward(q, p, k, inv_q, inv_p, inv_k, masks, inv_tau, need_o, chunk_size, pr
     return loss, lse, o
 
 
-def bank_grad(q, k, inv_q, inv_k, masks, lse, gs, inv_tau, chunk_size, precision):
+def bank_grad(q, k, inv, masks, lse, gs, options):
     acc = acc_dtype(q)
-    chunk = chunk_size if chunk_size > 0 else DEFAULT_CHUNK
+    chunk = options.chunk_size or DEFAULT_CHUNK
+    inv_tau = options.inv_tau
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     # fixed loop order and no atomics: the result is bit-identical run to run
     for a, b in _tiles(q.shape[0], QUERY_TILE):
-        qt = _unit(q, inv_q, a, b, acc)
+        qt = _unit(q, inv.q, a, b, acc)
         for c0, c1 in _tiles(k.shape[0], chunk):
-            kc = _unit(k, inv_k, c0, c1, acc)
+            kc = _unit(k, inv.k, c0, c1, acc)
             s = (qt @ kc.T) * inv_tau
             w = torch.exp(s - lse[a:b, None]) * gs[a:b, None]
             w.masked_fill_(~negative_mask(masks.tile(a, b, c0, c1)), 0)

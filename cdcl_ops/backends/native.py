@@ -62,16 +62,16 @@ def wants_tensor_cores(dtype, precision):
     return dtype in (torch.bfloat16, torch.float16) and precision == "tf32"
 
 
-def forward(q, p, k, inv_q, inv_p, inv_k, masks, inv_tau, need_o, chunk_size, precision):
-    """Backend interface (see cdcl_ops.backends); chunk_size does not apply here."""
+def forward(q, p, k, inv, masks, options, need_o):
+    """Backend interface (see cdcl_ops.backends)."""
     _require()
-    return torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, inv_q, inv_p, inv_k, *masks, float(inv_tau),
-                                            bool(need_o), tensor_cores(q, precision))
+    return torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, *inv, *masks, float(options.inv_tau),
+                                            bool(need_o), tensor_cores(q, options.precision))
 
 
-def bank_grad(q, k, inv_q, inv_k, masks, lse, gs, inv_tau, chunk_size, precision):
+def bank_grad(q, k, inv, masks, lse, gs, options):
     _require()
     acc = acc_dtype(q)
-    return torch.ops.cdcl_ops_C.infonce_bank_grad(q, k, inv_q, inv_k, *masks, lse.to(acc).contiguous(),
-                                                  gs.to(acc).contiguous(), float(inv_tau),
-                                                  tensor_cores(q, precision))
+    return torch.ops.cdcl_ops_C.infonce_bank_grad(q, k, inv.q, inv.k, *masks, lse.to(acc).contiguous(),
+                                                  gs.to(acc).contiguous(), float(options.inv_tau),
+                                                  tensor_cores(q, options.precision))

@@ -12,6 +12,7 @@ import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +34,19 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+class Options(NamedTuple):
+    """How the kernels are asked to compute, beyond their inputs (one object, as the kernels'
+    launch parameters). Every streaming backend reads `inv_tau`; the others only the backends
+    whose record lists them in `Backend.options` (masked_infonce resets the rest to these
+    defaults, so a backend never sees an option it would ignore)."""
+    inv_tau: float
+    chunk_size: int = 0       # bank rows per chunk ("chunked"; 0: its default)
+    precision: str = "auto"   # how fp32 / 16-bit products run ("triton", "cuda")
+
+
+TUNABLE = tuple(f for f in Options._fields if f != "inv_tau")
+
+
 @dataclass(frozen=True)
 class Backend:
     """One backend of `masked_infonce` (and, where it has one, of the patch foreground counts).
@@ -41,7 +55,8 @@ class Backend:
     autograd differentiates directly). patch_counts(x, grid, fg_class) -> (B, grid, grid) counts.
     device_types: None for any device. default_on / patch_default_on: device types where
     `backend=None` may pick it for the loss / for the patch counts (default_on=None: any device);
-    among those available there, the highest `priority` wins.
+    among those available there, the highest `priority` wins. options: the fields of `Options`
+    besides inv_tau that the backend reads.
     """
     name: str
     available: Callable[[torch.device], tuple[bool, str]]
@@ -54,6 +69,7 @@ class Backend:
     default_on: tuple[str, ...] | None = ()
     patch_default_on: tuple[str, ...] = ()
     priority: int = 0
+    options: tuple[str, ...] = ()
 
     def runs_on(self, device) -> tuple[bool, str]:
         """(available, reason when not) for tensors on `device` in this process."""
@@ -71,6 +87,21 @@ class Backend:
         if self.max_d is not None and query.shape[1] > self.max_d:
             raise ValueError(f"query: the {self.name} backend takes D <= {self.max_d}, "
                              f"got D={query.shape[1]}")
+
+    def own_options(self, options: Options, named: bool) -> Options:
+        """`options` with the fields this backend does not read back at their defaults. When the
+        caller named the backend, a non-default value it would ignore is a ValueError instead
+        (with backend=None the same call must run on every device, so it is dropped)."""
+        for field in TUNABLE:
+            default = Options._field_defaults[field]
+            if field in self.options or getattr(options, field) == default:
+                continue
+            if named:
+                takers = [b.name for b in _REGISTRY.values() if field in b.options]
+                raise ValueError(f"{field}: the {self.name} backend does not take it (only "
+                                 f"{', '.join(takers)}), got {field}={getattr(options, field)!r}")
+            options = options._replace(**{field: default})
+        return options
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -160,15 +191,16 @@ def _native_patch_counts(x, grid, fg_class):
 
 register(Backend("reference", _always))
 register(Backend("chunked", _always, forward=chunked.forward, bank_grad=chunked.bank_grad,
-                 default_on=None, priority=0))
+                 default_on=None, priority=0, options=("chunk_size",)))
 # defaults: the fastest measured per device type (benchmarks/RESULTS.md)
 register(Backend("triton", _triton, dtypes=FUSED_DTYPES, max_d=MAX_D, forward=_triton_forward,
                  bank_grad=_triton_bank_grad, patch_counts=_triton_patch_counts,
-                 default_on=("cuda",), patch_default_on=("cuda",), priority=2))
+                 default_on=("cuda",), patch_default_on=("cuda",), priority=2, options=("precision",)))
 register(Backend("cpu", _native, device_types=("cpu",), forward=native.forward,
                  bank_grad=native.bank_grad, patch_counts=_native_patch_counts, default_on=("cpu",),
                  patch_default_on=("cpu",), priority=1))
 # not the loss default on CUDA: triton measured faster, and chunked is the fallback there
 register(Backend("cuda", _native, device_types=("cuda",), dtypes=FUSED_DTYPES, max_d=MAX_D,
                  forward=native.forward, bank_grad=native.bank_grad,
-                 patch_counts=_native_patch_counts, patch_default_on=("cuda",), priority=1))
+                 patch_counts=_native_patch_counts, patch_default_on=("cuda",), priority=1,
+                 options=("precision",)))

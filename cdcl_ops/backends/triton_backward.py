@@ -43,7 +43,8 @@ def _bank_grad_kernel(Q, K, Q_LAB, Q_CODE, K_LAB, K_GRP, TABLE, LSE, GS, DK,
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION)   # (BLOCK_M, BLOCK_N), q carries 1/tau
         j = negative_mask(q_lab[None, :], q_code[None, :], k_lab[:, None], k_grp[:, None],
                           TABLE, G, USE_BITS)
-        w = tl.where(j, tl.exp2((st - lse[None, :]) * LOG2E) * gs[None, :], 0.0)
+        # masked before the exponential: outside J, s - LSE may be ~2/tau and exp2 would overflow
+        w = tl.exp2(tl.where(j, st - lse[None, :], float("-inf")) * LOG2E) * gs[None, :]
         acc += tl.dot(w.to(q.dtype), q, input_precision=PRECISION)
     tl.store(DK + k_off, (acc * tau).to(DK.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
@@ -66,7 +67,7 @@ def bank_grad_config(bd: int, dtype, precision: str) -> dict:
     return dict(BLOCK_N=32, BLOCK_M=32, num_warps=8, num_stages=1)
 
 
-def bank_grad(q, k, inv_q, inv_k, masks, lse, gs, inv_tau, chunk_size, precision, config=None):
+def bank_grad(q, k, inv, masks, lse, gs, options, config=None):
     """Backend interface (see cdcl_ops.backends); config: launch parameters in place of
     `bank_grad_config`'s (benchmarks/triton_configs.py sweeps them)."""
     n, d = q.shape
@@ -75,17 +76,17 @@ def bank_grad(q, k, inv_q, inv_k, masks, lse, gs, inv_tau, chunk_size, precision
     if m == 0:
         return dk
     # the kernel takes unit rows: transient copies, freed when the launch returns
-    q, k = scaled_queries(q, inv_q, inv_tau), unit_copy(k, inv_k)
+    q, k = scaled_queries(q, inv.q, options.inv_tau), unit_copy(k, inv.k)
     q_lab, q_grp, k_lab, k_grp, table = masks
     codes, use_bits = query_codes(q_grp, table)
     table = table.to(torch.uint8)  # a bool pointer would load as i1
     bd = block_d(d)
-    precision = dot_precision(q.dtype, precision)
+    precision = dot_precision(q.dtype, options.precision)
     cfg = config or bank_grad_config(bd, q.dtype, precision)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
     _bank_grad_kernel[grid](
         q, k, q_lab, codes, k_lab, k_grp, table, lse, gs.to(torch.float32).contiguous(), dk,
-        n, m, d, table.shape[0], 1.0 / inv_tau,
+        n, m, d, table.shape[0], 1.0 / options.inv_tau,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=bd,
         USE_BITS=use_bits, PRECISION=precision,
         UPCAST=interpreting() and q.dtype != torch.float32,

@@ -89,7 +89,7 @@ def forward_config(bd: int, dtype, precision: str) -> dict:
     return dict(BLOCK_N=32, BLOCK_M=32, num_warps=8, num_stages=1)
 
 
-def forward(q, p, k, inv_q, inv_p, inv_k, masks, inv_tau, need_o, chunk_size, precision, config=None):
+def forward(q, p, k, inv, masks, options, need_o, config=None):
     """Backend interface (see cdcl_ops.backends); config: launch parameters in place of
     `forward_config`'s (benchmarks/triton_configs.py sweeps them)."""
     n, d = q.shape
@@ -100,12 +100,12 @@ def forward(q, p, k, inv_q, inv_p, inv_k, masks, inv_tau, need_o, chunk_size, pr
     if n == 0:
         return loss, lse, o
     # the kernels take unit rows: transient copies, freed when the launch returns
-    q, p, k = scaled_queries(q, inv_q, inv_tau), unit_copy(p, inv_p), unit_copy(k, inv_k)
+    q, p, k = scaled_queries(q, inv.q, options.inv_tau), unit_copy(p, inv.p), unit_copy(k, inv.k)
     q_lab, q_grp, k_lab, k_grp, table = masks
     codes, use_bits = query_codes(q_grp, table)
     table = table.to(torch.uint8)  # a bool pointer would load as i1
     bd = block_d(d)
-    precision = dot_precision(q.dtype, precision)
+    precision = dot_precision(q.dtype, options.precision)
     cfg = config or forward_config(bd, q.dtype, precision)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     _forward_kernel[grid](
