@@ -64,8 +64,10 @@ def test_a_new_backend_is_one_registration():
         with pytest.raises(ValueError, match="registered already"):
             registry.register(registry.Backend("mine", lambda device: (True, "")))
     finally:
-        registry._REGISTRY.pop("mine")
+        registry.unregister("mine")
     assert "mine" not in cdcl_ops.BACKENDS
+    with pytest.raises(ValueError, match="^backend: expected None or one of"):
+        registry.unregister("mine")
 
 
 def test_replacing_a_backend_keeps_its_limits():
@@ -201,7 +203,7 @@ def test_backends_see_only_the_options_they_read(options):
         # the defaults are never refused
         cdcl_ops.masked_infonce(**inputs, backend="spy", chunk_size=0, precision="auto")
     finally:
-        registry._REGISTRY.pop("spy")
+        registry.unregister("spy")
 
 
 def test_registered_backends_declare_their_options():

@@ -117,6 +117,12 @@ def register(backend: Backend, *, replace: bool = False) -> Backend | None:
     return previous
 
 
+def unregister(name: str) -> Backend:
+    """Remove the backend `name` (a test's or a plug-in's) and return its record."""
+    get(name)  # the usual error for an unknown name
+    return _REGISTRY.pop(name)
+
+
 def names() -> tuple[str, ...]:
     """Every registered backend, in registration order."""
     return tuple(_REGISTRY)
