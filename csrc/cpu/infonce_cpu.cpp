@@ -5,7 +5,8 @@
 // score buffer. The two inner products per tile are single-threaded BLAS calls (at::cpu::mm_out /
 // addmm_out on views of the buffers, MKL on x86 builds); masking, the online log-sum-exp and
 // the gradient weights are fused row passes on the buffer while it is in cache (row_kernels.h).
-// fp32 and fp64 compute in their own precision; bf16/fp16 rows are upcast to fp32 per tile.
+// fp32 and fp64 compute in their own precision; fp16 rows are upcast to fp32 per tile, and so are
+// bf16 rows unless the CPU has AVX512-BF16, where both products run in bf16 (bf16_dot.h).
 // The kernels read the raw rows: the inverse row norms scale the inner products in the row passes
 // (cosine similarity without a normalised copy of the inputs), and the weights that multiply raw
 // rows carry their inverse norms, so O and the bank gradient are those of the unit rows.
@@ -31,6 +32,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "bf16_dot.h"
 #include "row_kernels.h"
 
 namespace cdcl::cpu {
@@ -103,6 +105,24 @@ const acc_t* rows_as_acc(const in_t* src, int64_t first, int64_t rows, int64_t d
   return buf.data();
 }
 
+template <typename in_t>
+constexpr bool is_bf16 = std::is_same_v<in_t, c10::BFloat16>;
+
+// bf16 rows on a CPU with AVX512-BF16 take the bf16 products on rows packed once per call
+template <typename in_t>
+bool bf16_products() {
+  if constexpr (is_bf16<in_t>) return bf16::enabled();
+  return false;
+}
+
+template <typename in_t>
+bf16::Rows pack_bf16(const in_t* src, int64_t rows, int64_t d, const RowScales<float>& s,
+                     bool flat, bool by_rows, bool by_pairs) {
+  if constexpr (is_bf16<in_t>)
+    return bf16::pack(src, rows, d, s.any ? s.scale.data() : nullptr, flat, by_rows, by_pairs);
+  return {};
+}
+
 // Which groups a group may be contrasted with, as bit sets (used when G <= BIT_GROUPS).
 // by_row[g] bit h = table[g][h]; by_col[h] bit g = table[g][h].
 struct GroupBits {
@@ -158,12 +178,20 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& p, const at::Tensor& 
   acc_t* o_p = need_o ? o.data_ptr<acc_t>() : nullptr;
   const GroupBits bits(table);
   const int64_t n_blocks = (n + FWD_QUERY_BLOCK - 1) / FWD_QUERY_BLOCK;
+  const bool fast = bf16_products<in_t>();
+  bf16::Rows q_bf, k_bf;
+  if constexpr (is_bf16<in_t>)
+    if (fast) {
+      q_bf = pack_bf16(qp, n, d, q_rows, true, false, false);
+      k_bf = pack_bf16(kp, m, d, k_rows, false, true, need_o);
+    }
 
   at::parallel_for(0, n_blocks, 1, [&](int64_t blk_begin, int64_t blk_end) {
     std::vector<acc_t> q_buf, k_buf, s_pos(FWD_QUERY_BLOCK), run_max(FWD_QUERY_BLOCK),
         run_sum(FWD_QUERY_BLOCK), scores(FWD_QUERY_BLOCK * FWD_BANK_TILE),
         out(need_o ? FWD_QUERY_BLOCK * d : 0);
     std::vector<uint8_t> ok(FWD_BANK_TILE);
+    std::vector<c10::BFloat16> w_buf;
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       const int64_t a = blk * FWD_QUERY_BLOCK, nb = std::min(FWD_QUERY_BLOCK, n - a);
       const acc_t* qb = rows_as_acc(qp, a, nb, d, q_rows, q_buf);
@@ -184,9 +212,14 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& p, const at::Tensor& 
 
       for (int64_t c0 = 0; any_active && c0 < m; c0 += FWD_BANK_TILE) {
         const int64_t mt = std::min(FWD_BANK_TILE, m - c0);
-        const acc_t* kt = rows_as_acc(kp, c0, mt, d, k_rows, k_buf);
+        const acc_t* kt = nullptr;
         at::Tensor s_view = view(scores.data(), nb, mt, mt, 1);
-        at::cpu::mm_out(s_view, q_view, view(kt, d, mt, 1, d));
+        if constexpr (is_bf16<in_t>)
+          if (fast) bf16::scores(q_bf, a, nb, k_bf, c0, mt, scores.data(), mt);
+        if (!fast) {
+          kt = rows_as_acc(kp, c0, mt, d, k_rows, k_buf);
+          at::cpu::mm_out(s_view, q_view, view(kt, d, mt, 1, d));
+        }
         bool any_weight = false;
         for (int64_t i = 0; i < nb; ++i) {
           acc_t* row = scores.data() + i * mt;
@@ -213,8 +246,11 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& p, const at::Tensor& 
           run_sum[i] += exp_sum(row, ik + c0, mt, run_max[i]);
           any_weight = true;
         }
-        if (need_o && any_weight)
-          at::cpu::addmm_out(o_view, o_view, s_view, view(kt, mt, d, d, 1));
+        if (need_o && any_weight) {
+          if constexpr (is_bf16<in_t>)
+            if (fast) bf16::accumulate(scores.data(), mt, nb, k_bf, c0, mt, out.data(), d, w_buf);
+          if (!fast) at::cpu::addmm_out(o_view, o_view, s_view, view(kt, mt, d, d, 1));
+        }
       }
 
       for (int64_t i = 0; i < nb; ++i) {
@@ -250,6 +286,13 @@ void bank_grad_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   acc_t* dk_p = dk.data_ptr<acc_t>();
   const GroupBits bits(table);
   const int64_t n_blocks = (m + GRAD_BANK_BLOCK - 1) / GRAD_BANK_BLOCK;
+  const bool fast = bf16_products<in_t>();
+  bf16::Rows k_bf, q_bf;
+  if constexpr (is_bf16<in_t>)
+    if (fast) {
+      k_bf = pack_bf16(kp, m, d, k_rows, true, false, false);
+      q_bf = pack_bf16(qp, n, d, q_rows, false, true, true);
+    }
 
   // Each bank block is owned by one thread and sums the query tiles in a fixed order: the result
   // does not depend on the thread count or on scheduling.
@@ -257,20 +300,26 @@ void bank_grad_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     std::vector<acc_t> k_buf, q_buf, scores(GRAD_BANK_BLOCK * GRAD_QUERY_TILE),
         acc(GRAD_BANK_BLOCK * d);
     std::vector<uint8_t> ok(GRAD_QUERY_TILE);
+    std::vector<c10::BFloat16> w_buf;
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       const int64_t c0 = blk * GRAD_BANK_BLOCK, mb = std::min(GRAD_BANK_BLOCK, m - c0);
-      const acc_t* kb = rows_as_acc(kp, c0, mb, d, k_rows, k_buf);
+      const acc_t* kb = fast ? nullptr : rows_as_acc(kp, c0, mb, d, k_rows, k_buf);
       std::fill(acc.begin(), acc.begin() + mb * d, acc_t(0));
-      at::Tensor k_view = view(kb, mb, d, d, 1);
+      at::Tensor k_view = fast ? at::Tensor() : view(kb, mb, d, d, 1);
       at::Tensor acc_view = view(acc.data(), mb, d, d, 1);
       bool any_usable = false;
       for (int64_t j = 0; j < mb; ++j) any_usable |= kg[c0 + j] >= 0;
 
       for (int64_t a = 0; any_usable && a < n; a += GRAD_QUERY_TILE) {
         const int64_t nt = std::min(GRAD_QUERY_TILE, n - a);
-        const acc_t* qt = rows_as_acc(qp, a, nt, d, q_rows, q_buf);
+        const acc_t* qt = nullptr;
         at::Tensor s_view = view(scores.data(), mb, nt, nt, 1);
-        at::cpu::mm_out(s_view, k_view, view(qt, d, nt, 1, d));
+        if constexpr (is_bf16<in_t>)
+          if (fast) bf16::scores(k_bf, c0, mb, q_bf, a, nt, scores.data(), nt);
+        if (!fast) {
+          qt = rows_as_acc(qp, a, nt, d, q_rows, q_buf);
+          at::cpu::mm_out(s_view, k_view, view(qt, d, nt, 1, d));
+        }
         for (int64_t j = 0; j < mb; ++j) {
           acc_t* row = scores.data() + j * nt;
           const int32_t grp = kg[c0 + j];
@@ -283,7 +332,9 @@ void bank_grad_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           grad_weights(row, ok.data(), lse_p + a, gs_p + a, q_scale.data() + a, iq + a, nt,
                        ik[c0 + j]);
         }
-        at::cpu::addmm_out(acc_view, acc_view, s_view, view(qt, nt, d, d, 1));
+        if constexpr (is_bf16<in_t>)
+          if (fast) bf16::accumulate(scores.data(), nt, mb, q_bf, a, nt, acc.data(), d, w_buf);
+        if (!fast) at::cpu::addmm_out(acc_view, acc_view, s_view, view(qt, nt, d, d, 1));
       }
       std::copy(acc.begin(), acc.begin() + mb * d, dk_p + c0 * d);
     }
