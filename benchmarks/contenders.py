@@ -5,6 +5,7 @@ per-patch loop can slice them. Every contender returns the mean loss over active
 autograd, so all of them compute the same number.
 """
 import inspect
+import os
 import warnings
 
 import torch
@@ -13,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 import cdcl_ops
 from cdcl_ops._validate import Masks, canonical_masks, negative_mask
-from cdcl_ops.backends import reference
+from cdcl_ops.backends import native, reference
 
 PAPER_TABLE = [[False, True], [True, False]]
 SIZES = {
@@ -63,6 +64,14 @@ def ours(backend, **options):
         return cdcl_ops.masked_infonce(**_args(inp), temperature=TEMPERATURE, backend=backend,
                                        check_inputs=False, **options)
     return run
+
+
+def cpu_without_bf16_dot():
+    """The cpu backend with its AVX512-BF16 products off: bf16 rows upcast to fp32 per tile, what
+    a CPU without those instructions runs. Set for the whole process (forward and backward): each
+    CPU contender runs in a process of its own (benchmarks/run.py)."""
+    os.environ["CDCL_OPS_CPU_BF16_DOT"] = "0"
+    return ours("cpu")
 
 
 def reference_eager(inp):
@@ -210,6 +219,10 @@ def contenders(device_type):
         table["triton-bf16"] = (lambda: ours("triton"), torch.bfloat16)
     if device_type in ("cpu", "cuda") and device_type in cdcl_ops.available_backends(device_type):
         table[device_type] = (lambda: ours(device_type), torch.float32)  # the native kernels
+        if device_type == "cpu":
+            table["cpu-bf16"] = (lambda: ours("cpu"), torch.bfloat16)
+            if native.cpu_bf16_dot():
+                table["cpu-bf16-upcast"] = (cpu_without_bf16_dot, torch.bfloat16)
         if device_type == "cuda":
             table["cuda-bf16"] = (lambda: ours("cuda"), torch.bfloat16)
             # the tensor-core kernels (on request until measured against the CUDA-core ones)

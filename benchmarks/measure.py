@@ -1,10 +1,10 @@
 """Timing and peak-memory measurement of one contender on one input set."""
 import ctypes
 import gc
+import multiprocessing
 import os
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import torch
@@ -184,20 +184,19 @@ def _seconds_per_call(call, reps):
     return (time.perf_counter() - t0) / reps
 
 
-def _all_threads(make_call, threads, reps):
-    """Seconds per call in each of `threads` threads running at once, each its own buffers and
-    single-threaded products, as the kernel's at::parallel_for runs one block per thread."""
-    calls = [make_call() for _ in range(threads)]
-    with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(lambda call: _seconds_per_call(call, reps), calls))
-
-
-def _tile_products(rows, cols, d):
-    """One tile step of the cpu kernel's forward: scores = block @ tile^T, then O += scores @ tile."""
+def _products(rows, cols, d, dtype, library):
+    """One tile step of the cpu kernel's forward at (rows x d) @ (d x cols), then @ (cols x d):
+    scores = block @ tile^T, then O += scores @ tile. `library` "blas" is torch.mm (MKL on x86
+    builds), "onednn" torch's oneDNN matmul (torch._C._nn.mkldnn_linear, a private entry point:
+    torch.mm does not reach oneDNN for fp32, and MKL takes its AVX2 kernels on AMD CPUs)."""
     def make():
-        q = torch.randn(rows, d) / d**0.5
-        k = torch.randn(cols, d) / d**0.5
-        s, o = torch.empty(rows, cols), torch.zeros(rows, d)
+        q = (torch.randn(rows, d) / d**0.5).to(dtype)
+        k = (torch.randn(cols, d) / d**0.5).to(dtype)
+        if library == "onednn":
+            qm, km, kt = q.to_mkldnn(), k.to_mkldnn(), k.T.contiguous().to_mkldnn()
+            linear = torch._C._nn.mkldnn_linear
+            return lambda: linear(linear(qm, km), kt)
+        s, o = torch.empty(rows, cols, dtype=dtype), torch.zeros(rows, d, dtype=dtype)
         return lambda: (torch.mm(q, k.T, out=s), o.addmm_(s, k))
     return make
 
@@ -210,31 +209,68 @@ def _tile_exp(rows, cols):
     return make
 
 
-def _best_rate(work, make_call, make_empty, threads, reps, rounds):
-    """Best over `rounds` of the summed per-thread rate (work per second), each thread's time per
-    call less the Python call overhead, measured the same way on 1-element calls."""
-    best = 0.0
-    for _ in range(rounds):
-        overhead = _all_threads(make_empty, threads, reps)
-        per_call = _all_threads(make_call, threads, reps)
-        best = max(best, sum(work / max(t - o, 1e-9) for t, o in zip(per_call, overhead)))
-    return best
+# What cpu_rates measures: name -> (rate it counts toward, work per call, call, calls per round,
+# the 1-element call whose time is taken off). The products at the kernel's own tile (CPU_BLOCK x
+# CPU_TILE) and at 1024-row tiles, where a library's per-call cost no longer shows; nothing is
+# taken off their time (a oneDNN call of 1 element costs more than the tile call's own overhead,
+# and subtracting it gave rates above the CPU's peak). torch.exp on a tile, less its dispatch.
+def _rate_kinds(d):
+    kinds = {}
+    for dtype, rate in ((torch.float32, "fp32"), (torch.bfloat16, "bf16_products")):
+        for library in ("blas", "onednn"):
+            for rows, cols, reps in ((CPU_BLOCK, CPU_TILE, 200), (1024, 1024, 10)):
+                kinds[f"{rate}-{library}-{rows}x{cols}"] = (
+                    rate, 4 * rows * cols * d, _products(rows, cols, d, dtype, library), reps, None)
+    kinds["exp"] = ("exp", CPU_BLOCK * CPU_TILE, _tile_exp(CPU_BLOCK, CPU_TILE), 1000, _tile_exp(1, 1))
+    return kinds
+
+
+def _rate_worker(barrier, results, d, rounds):
+    """One process per core (threads would take turns at the GIL between short calls): the best
+    rate of each kind over `rounds`, every process running the same kind at the same time."""
+    torch.set_num_threads(1)  # one product per core, as in the kernel's at::parallel_for
+    out = {}
+    for name, (_, work, make_call, reps, make_empty) in _rate_kinds(d).items():
+        try:
+            call = make_call()
+            call()
+        except (RuntimeError, AttributeError):  # this torch has no such library for the dtype
+            call = None
+        empty = make_empty() if make_empty else None
+        best = 0.0
+        for _ in range(rounds):
+            barrier.wait()
+            if call is not None:
+                overhead = _seconds_per_call(empty, reps) if empty else 0.0
+                best = max(best, work / max(_seconds_per_call(call, reps) - overhead, 1e-9))
+        out[name] = best
+    results.put(out)
 
 
 def cpu_rates(threads, d=128, rounds=5):
-    """This CPU's fp32 matrix rate (TFLOP/s) and exp rate (10^9 exp/s), all `threads` threads at
-    once, at the cpu kernel's tile shapes with the tiles in cache: the best the machine does at
-    the kernel's own work, measured in the same run as the contenders."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # one product per thread, as in the kernel
-    try:
-        matrix = _best_rate(4 * CPU_BLOCK * CPU_TILE * d, _tile_products(CPU_BLOCK, CPU_TILE, d),
-                            _tile_products(1, 1, 1), threads, 200, rounds)
-        exp = _best_rate(CPU_BLOCK * CPU_TILE, _tile_exp(CPU_BLOCK, CPU_TILE), _tile_exp(1, 1),
-                         threads, 1000, rounds)
-    finally:
-        torch.set_num_threads(saved)
-    return dict(fp32=matrix / 1e12, exp=exp / 1e9)
+    """This CPU's matrix rates (TFLOP/s) and exp rate (10^9 exp/s), `threads` cores at once with
+    the tiles in cache, measured in the same run as the contenders: each the best over torch's
+    BLAS and oneDNN products, at the cpu kernel's tile shapes and at 1024-row tiles (`detail`
+    keeps every measurement). `bf16_products` is the best bf16 product and `bf16`, the rate the
+    floor of bf16 rows uses, the larger of it and fp32 (bf16 rows can always be upcast)."""
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked OpenMP state
+    barrier, results = ctx.Barrier(threads), ctx.Queue()
+    workers = [ctx.Process(target=_rate_worker, args=(barrier, results, d, rounds))
+               for _ in range(threads)]
+    for w in workers:
+        w.start()
+    per_worker = [results.get(timeout=600) for _ in workers]
+    for w in workers:
+        w.join()
+    detail = {name: sum(r[name] for r in per_worker) for name in per_worker[0]}
+    kinds = _rate_kinds(d)
+    best = {}
+    for name, total in detail.items():
+        rate = kinds[name][0]
+        best[rate] = max(best.get(rate, 0.0), total)
+    fp32, bf16 = best["fp32"] / 1e12, best["bf16_products"] / 1e12
+    return dict(fp32=fp32, bf16=max(fp32, bf16), bf16_products=bf16, exp=best["exp"] / 1e9,
+                detail=detail)
 
 
 def floor_ms(n, m, d, bank_grad, backward, matrix_tflops, exp_g=None):

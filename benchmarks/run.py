@@ -9,8 +9,9 @@ and date) and a Markdown table into --out, and prints the table last.
 
 Each row's time is also given as a multiple of its floor (benchmarks/measure.py: floor_ms), the
 least time this machine needs for the row's matrix work and exponentials at rates measured in the
-same run: on a GPU the 8192^3 matrix rate of the row's precision, on a CPU the fp32 rate of the
-cpu kernel's tile products and the rate of exp on a tile, on all cores at once.
+same run: on a GPU the 8192^3 matrix rate of the row's precision, on a CPU the best fp32 (or bf16)
+rate of torch's products at the cpu kernel's tiles and at 1024-row tiles and the rate of exp on a
+tile, on all cores at once.
 """
 import argparse
 import csv
@@ -186,9 +187,11 @@ def _rates(device):
                        + "; floor = matrix work at the row's rate (bf16, tf32, or fp32)")
     threads = os.cpu_count()  # what each CPU worker runs with (_run_worker)
     rates = cpu_rates(threads)
-    return rates, (f"measured on {threads} threads at the cpu kernel's tiles ({CPU_BLOCK} x 128 @ 128 x "
-                   f"{CPU_TILE}, then @ {CPU_TILE} x 128): fp32 matrix {rates['fp32'] * 1e3:.1f} GFLOP/s, "
-                   f"exp {rates['exp']:.2f} G/s; floor = matrix work / matrix rate + exponentials / exp rate "
+    return rates, (f"measured on {threads} cores at once, the best of torch.mm and oneDNN at the cpu "
+                   f"kernel's tiles ({CPU_BLOCK} x 128 @ 128 x {CPU_TILE}, then @ {CPU_TILE} x 128) and "
+                   f"at 1024-row tiles: fp32 matrix {rates['fp32'] * 1e3:.1f} GFLOP/s, bf16 matrix "
+                   f"{rates['bf16_products'] * 1e3:.1f} GFLOP/s (bf16 rows: the larger of the two), exp "
+                   f"{rates['exp']:.2f} G/s; floor = matrix work / matrix rate + exponentials / exp rate "
                    "(a forward alone: 2NMD and N x M exponentials)")
 
 

@@ -8,9 +8,11 @@ import re
 import pytest
 import torch
 
+import cdcl_ops
 from benchmarks import run, summary
 from benchmarks.contenders import _flex_api, contenders, exponentials, flops, make_inputs, reference_eager
 from benchmarks.measure import CPU_BLOCK, CPU_TILE, cpu_rates, floor_ms, max_rel_error, measure
+from cdcl_ops.backends import native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_flex = pytest.mark.skipif(_flex_api() is None, reason="no FlexAttention in this torch")
@@ -38,9 +40,13 @@ def test_floor_counts():
     assert math.isclose(floor_ms(n, m, d, False, True, matrix_tflops=800.0), 4 * n * m * d / 800e12 * 1e3)
 
 
-def test_cpu_rates_are_measured_on_all_threads():
+def test_cpu_rates_are_measured_on_all_cores():
     rates = cpu_rates(threads=2, rounds=1)
+    assert set(rates["detail"]) >= {"fp32-blas-64x256", "bf16_products-blas-1024x1024", "exp"}
+    assert rates["fp32"] == max(v for k, v in rates["detail"].items() if k.startswith("fp32")) / 1e12
     assert 1e-4 < rates["fp32"] < 1e3  # TFLOP/s
+    assert 1e-4 < rates["bf16_products"] < 1e3
+    assert rates["bf16"] == max(rates["fp32"], rates["bf16_products"])  # bf16 rows may be upcast
     assert 1e-3 < rates["exp"] < 1e4  # 10^9 exp/s
 
 
@@ -111,3 +117,20 @@ def test_benchmark_run_prints_floor_multiples_and_the_flex_row(tmp_path, capsys)
     assert "| flex [1] | float32 |" in out and "| fwd only |" in out and "[1] forward only" in out
     summary.main([str(tmp_path)])
     assert "| fwd only |" in capsys.readouterr().out
+
+
+@pytest.mark.skipif("cpu" not in cdcl_ops.available_backends("cpu"), reason="cdcl_ops._C not built")
+def test_cpu_bf16_rows_are_measured_against_the_bf16_rate(tmp_path):
+    names = ["cpu-bf16"] + (["cpu-bf16-upcast"] if native.cpu_bf16_dot() else [])
+    assert set(names) <= set(contenders("cpu"))
+    run.main(["--device", "cpu", "--sizes", "N70xM300", "--contenders", ",".join(["reference"] + names),
+              "--bank-grad", "yes", "--repeats", "1", "--out", str(tmp_path)])
+    assert "CDCL_OPS_CPU_BF16_DOT" not in os.environ  # the upcast contender ran in its own process
+    [csv_path] = [p for p in os.listdir(tmp_path) if p.endswith(".csv")]
+    with open(tmp_path / csv_path) as f:
+        rows = list(csv.DictReader(f))[1:]  # the errors are against the reference's row
+    assert [r["contender"] for r in rows] == names
+    for r in rows:
+        assert r["status"] == "ok" and r["dtype"] == "bfloat16", r
+        assert float(r["max_rel_err"]) < 2e-2
+        assert math.isclose(float(r["x_floor"]), float(r["time_ms"]) / float(r["floor_ms"]))

@@ -1,6 +1,7 @@
 // Element-wise passes over one row of a (query block x bank tile) score buffer. They run on data
 // already in L1/L2 and are written so the compiler vectorises them; the float versions are also
-// built for AVX2 and picked at load time (target_clones), so the wheel stays portable (no -march).
+// built for AVX-512 (x86-64-v4) and AVX2 and picked at load time (target_clones), so the wheel
+// stays portable (no -march).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -9,7 +10,7 @@
 
 #if defined(__x86_64__) && defined(__has_attribute)
 #if __has_attribute(target_clones)
-#define CDCL_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#define CDCL_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #endif
 #endif
 #ifndef CDCL_MULTIVERSION
