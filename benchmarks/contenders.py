@@ -66,11 +66,11 @@ def ours(backend, **options):
     return run
 
 
-def cpu_without_bf16_dot():
-    """The cpu backend with its AVX512-BF16 products off: bf16 rows upcast to fp32 per tile, what
-    a CPU without those instructions runs. Set for the whole process (forward and backward): each
-    CPU contender runs in a process of its own (benchmarks/run.py)."""
-    os.environ["CDCL_OPS_CPU_BF16_DOT"] = "0"
+def cpu_with_blas():
+    """The cpu backend with BLAS products instead of our AVX-512 blocks (what a CPU without the
+    instructions runs; bf16 rows upcast per tile). Set for the whole process, forward and
+    backward: each CPU contender runs in a process of its own (benchmarks/run.py)."""
+    os.environ["CDCL_OPS_CPU_PRODUCTS"] = "blas"
     return ours("cpu")
 
 
@@ -221,8 +221,11 @@ def contenders(device_type):
         table[device_type] = (lambda: ours(device_type), torch.float32)  # the native kernels
         if device_type == "cpu":
             table["cpu-bf16"] = (lambda: ours("cpu"), torch.bfloat16)
-            if native.cpu_bf16_dot():
-                table["cpu-bf16-upcast"] = (cpu_without_bf16_dot, torch.bfloat16)
+            # the same kernels with BLAS products, where ours run here
+            if native.cpu_products(torch.float32) != "blas":
+                table["cpu-blas"] = (cpu_with_blas, torch.float32)
+            if native.cpu_products(torch.bfloat16) != "blas":
+                table["cpu-bf16-blas"] = (cpu_with_blas, torch.bfloat16)
         if device_type == "cuda":
             table["cuda-bf16"] = (lambda: ours("cuda"), torch.bfloat16)
             # the tensor-core kernels (on request until measured against the CUDA-core ones)

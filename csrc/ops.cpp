@@ -3,7 +3,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include "cpu/bf16_dot.h"
+#include "cpu/products.h"
 
 TORCH_LIBRARY(cdcl_ops_C, m) {
   // Raw contiguous feature rows with their inverse L2 norms (the kernels compare the unit rows
@@ -18,8 +18,8 @@ TORCH_LIBRARY(cdcl_ops_C, m) {
         "Tensor q_grp, Tensor k_lab, Tensor k_grp, Tensor table, Tensor lse, Tensor gs, "
         "float inv_tau, bool tensor_cores) -> Tensor");
   m.def("patch_fg_counts(Tensor labels_or_logits, int grid, int fg_class) -> Tensor");
-  // whether the CPU kernels multiply bf16 rows with AVX512-BF16 here (csrc/cpu/bf16_dot.h)
-  m.def("cpu_bf16_dot() -> bool", &cdcl::cpu::bf16::enabled);
+  // how the CPU kernels multiply rows of a dtype here (csrc/cpu/products.h)
+  m.def("cpu_products(ScalarType dtype) -> str", &cdcl::cpu::products::path);
 }
 
 static struct PyModuleDef cdcl_ops_c_module = {

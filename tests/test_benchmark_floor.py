@@ -121,11 +121,11 @@ def test_benchmark_run_prints_floor_multiples_and_the_flex_row(tmp_path, capsys)
 
 @pytest.mark.skipif("cpu" not in cdcl_ops.available_backends("cpu"), reason="cdcl_ops._C not built")
 def test_cpu_bf16_rows_are_measured_against_the_bf16_rate(tmp_path):
-    names = ["cpu-bf16"] + (["cpu-bf16-upcast"] if native.cpu_bf16_dot() else [])
+    names = ["cpu-bf16"] + (["cpu-bf16-blas"] if native.cpu_products(torch.bfloat16) != "blas" else [])
     assert set(names) <= set(contenders("cpu"))
     run.main(["--device", "cpu", "--sizes", "N70xM300", "--contenders", ",".join(["reference"] + names),
               "--bank-grad", "yes", "--repeats", "1", "--out", str(tmp_path)])
-    assert "CDCL_OPS_CPU_BF16_DOT" not in os.environ  # the upcast contender ran in its own process
+    assert "CDCL_OPS_CPU_PRODUCTS" not in os.environ  # the BLAS contender ran in its own process
     [csv_path] = [p for p in os.listdir(tmp_path) if p.endswith(".csv")]
     with open(tmp_path / csv_path) as f:
         rows = list(csv.DictReader(f))[1:]  # the errors are against the reference's row

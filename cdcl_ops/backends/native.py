@@ -1,7 +1,7 @@
 """The `cpu` and `cuda` backends: the C++/CUDA kernels of csrc/, compiled into `cdcl_ops._C`.
 
 The extension registers the ops `torch.ops.cdcl_ops_C.{infonce_fwd, infonce_bank_grad,
-patch_fg_counts, cpu_bf16_dot}` (schemas in csrc/ops.cpp, CPU kernels in csrc/cpu, CUDA kernels in csrc/cuda).
+patch_fg_counts, cpu_products}` (schemas in csrc/ops.cpp, CPU kernels in csrc/cpu, CUDA kernels in csrc/cuda).
 This module loads it when it was built, registers the ops' fake kernels (for torch.compile and
 opcheck), and implements the backend interface of `cdcl_ops.backends` on top of them.
 `import cdcl_ops` works without the extension; `LOADED`/`LOAD_ERROR` say what happened.
@@ -47,11 +47,12 @@ def _require():
                            "`pip install --no-build-isolation -e .`")
 
 
-def cpu_bf16_dot():
-    """Whether the cpu backend multiplies bf16 rows with AVX512-BF16 instructions here: the CPU
-    has them and the environment variable CDCL_OPS_CPU_BF16_DOT is not "0" (read at each call).
-    Otherwise bf16 rows are upcast to fp32 per tile, as fp16 rows always are (docs/native.md)."""
-    return HAS_CPU and torch.ops.cdcl_ops_C.cpu_bf16_dot()
+def cpu_products(dtype):
+    """How the cpu backend multiplies rows of `dtype` here: "avx512" (fp32 rows, our AVX-512
+    register blocks), "avx512-bf16" (bf16 rows, AVX512-BF16 instructions) or "blas" (fp64 and fp16
+    rows, a CPU without the instructions, or CDCL_OPS_CPU_PRODUCTS=blas; read at each call)."""
+    _require()
+    return torch.ops.cdcl_ops_C.cpu_products(dtype)
 
 
 def tensor_cores(q, precision):

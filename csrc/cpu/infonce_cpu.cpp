@@ -5,8 +5,10 @@
 // score buffer. The two inner products per tile are single-threaded BLAS calls (at::cpu::mm_out /
 // addmm_out on views of the buffers, MKL on x86 builds); masking, the online log-sum-exp and
 // the gradient weights are fused row passes on the buffer while it is in cache (row_kernels.h).
-// fp32 and fp64 compute in their own precision; fp16 rows are upcast to fp32 per tile, and so are
-// bf16 rows unless the CPU has AVX512-BF16, where both products run in bf16 (bf16_dot.h).
+// fp32 and fp64 compute in their own precision, fp16 and bf16 rows in fp32. The two products run
+// in our AVX-512 register blocks for fp32 and bf16 rows where the CPU has the instructions
+// (products.h; bf16 then multiplies in bf16 with fp32 sums), and as BLAS calls otherwise, with
+// 16-bit rows upcast per tile.
 // The kernels read the raw rows: the inverse row norms scale the inner products in the row passes
 // (cosine similarity without a normalised copy of the inputs), and the weights that multiply raw
 // rows carry their inverse norms, so O and the bank gradient are those of the unit rows.
@@ -32,7 +34,7 @@
 #include <vector>
 
 #include "../checks.h"
-#include "bf16_dot.h"
+#include "products.h"
 #include "row_kernels.h"
 
 namespace cdcl::cpu {
@@ -105,22 +107,21 @@ const acc_t* rows_as_acc(const in_t* src, int64_t first, int64_t rows, int64_t d
   return buf.data();
 }
 
+// fp32 and bf16 rows may take our AVX-512 products (products.h), on rows packed once per call
 template <typename in_t>
-constexpr bool is_bf16 = std::is_same_v<in_t, c10::BFloat16>;
+constexpr bool has_own_products = std::is_same_v<in_t, float> || std::is_same_v<in_t, c10::BFloat16>;
 
-// bf16 rows on a CPU with AVX512-BF16 take the bf16 products on rows packed once per call
 template <typename in_t>
-bool bf16_products() {
-  if constexpr (is_bf16<in_t>) return bf16::enabled();
+bool own_products() {
+  if constexpr (has_own_products<in_t>)
+    return products::path(c10::CppTypeToScalarType<in_t>::value) != "blas";
   return false;
 }
 
 template <typename in_t>
-bf16::Rows pack_bf16(const in_t* src, int64_t rows, int64_t d, const RowScales<float>& s,
-                     bool flat, bool by_rows, bool by_pairs) {
-  if constexpr (is_bf16<in_t>)
-    return bf16::pack(src, rows, d, s.any ? s.scale.data() : nullptr, flat, by_rows, by_pairs);
-  return {};
+products::Rows<in_t> pack_rows(const in_t* src, int64_t rows, int64_t d, const RowScales<float>& s,
+                               bool as_a, bool as_b, bool as_w_rows) {
+  return products::pack(src, rows, d, s.any ? s.scale.data() : nullptr, as_a, as_b, as_w_rows);
 }
 
 // Which groups a group may be contrasted with, as bit sets (used when G <= BIT_GROUPS).
@@ -178,12 +179,12 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& p, const at::Tensor& 
   acc_t* o_p = need_o ? o.data_ptr<acc_t>() : nullptr;
   const GroupBits bits(table);
   const int64_t n_blocks = (n + FWD_QUERY_BLOCK - 1) / FWD_QUERY_BLOCK;
-  const bool fast = bf16_products<in_t>();
-  bf16::Rows q_bf, k_bf;
-  if constexpr (is_bf16<in_t>)
-    if (fast) {
-      q_bf = pack_bf16(qp, n, d, q_rows, true, false, false);
-      k_bf = pack_bf16(kp, m, d, k_rows, false, true, need_o);
+  const bool own = own_products<in_t>();
+  products::Rows<in_t> q_pk, k_pk;
+  if constexpr (has_own_products<in_t>)
+    if (own) {
+      q_pk = pack_rows(qp, n, d, q_rows, true, false, false);
+      k_pk = pack_rows(kp, m, d, k_rows, false, true, need_o);
     }
 
   at::parallel_for(0, n_blocks, 1, [&](int64_t blk_begin, int64_t blk_end) {
@@ -214,9 +215,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& p, const at::Tensor& 
         const int64_t mt = std::min(FWD_BANK_TILE, m - c0);
         const acc_t* kt = nullptr;
         at::Tensor s_view = view(scores.data(), nb, mt, mt, 1);
-        if constexpr (is_bf16<in_t>)
-          if (fast) bf16::scores(q_bf, a, nb, k_bf, c0, mt, scores.data(), mt);
-        if (!fast) {
+        if constexpr (has_own_products<in_t>)
+          if (own) products::scores(q_pk, a, nb, k_pk, c0, mt, scores.data(), mt);
+        if (!own) {
           kt = rows_as_acc(kp, c0, mt, d, k_rows, k_buf);
           at::cpu::mm_out(s_view, q_view, view(kt, d, mt, 1, d));
         }
@@ -247,9 +248,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& p, const at::Tensor& 
           any_weight = true;
         }
         if (need_o && any_weight) {
-          if constexpr (is_bf16<in_t>)
-            if (fast) bf16::accumulate(scores.data(), mt, nb, k_bf, c0, mt, out.data(), d, w_buf);
-          if (!fast) at::cpu::addmm_out(o_view, o_view, s_view, view(kt, mt, d, d, 1));
+          if constexpr (has_own_products<in_t>)
+            if (own) products::accumulate(scores.data(), mt, nb, k_pk, c0, mt, out.data(), d, w_buf);
+          if (!own) at::cpu::addmm_out(o_view, o_view, s_view, view(kt, mt, d, d, 1));
         }
       }
 
@@ -286,12 +287,12 @@ void bank_grad_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   acc_t* dk_p = dk.data_ptr<acc_t>();
   const GroupBits bits(table);
   const int64_t n_blocks = (m + GRAD_BANK_BLOCK - 1) / GRAD_BANK_BLOCK;
-  const bool fast = bf16_products<in_t>();
-  bf16::Rows k_bf, q_bf;
-  if constexpr (is_bf16<in_t>)
-    if (fast) {
-      k_bf = pack_bf16(kp, m, d, k_rows, true, false, false);
-      q_bf = pack_bf16(qp, n, d, q_rows, false, true, true);
+  const bool own = own_products<in_t>();
+  products::Rows<in_t> k_pk, q_pk;
+  if constexpr (has_own_products<in_t>)
+    if (own) {
+      k_pk = pack_rows(kp, m, d, k_rows, true, false, false);
+      q_pk = pack_rows(qp, n, d, q_rows, false, true, true);
     }
 
   // Each bank block is owned by one thread and sums the query tiles in a fixed order: the result
@@ -303,9 +304,9 @@ void bank_grad_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     std::vector<c10::BFloat16> w_buf;
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       const int64_t c0 = blk * GRAD_BANK_BLOCK, mb = std::min(GRAD_BANK_BLOCK, m - c0);
-      const acc_t* kb = fast ? nullptr : rows_as_acc(kp, c0, mb, d, k_rows, k_buf);
+      const acc_t* kb = own ? nullptr : rows_as_acc(kp, c0, mb, d, k_rows, k_buf);
       std::fill(acc.begin(), acc.begin() + mb * d, acc_t(0));
-      at::Tensor k_view = fast ? at::Tensor() : view(kb, mb, d, d, 1);
+      at::Tensor k_view = own ? at::Tensor() : view(kb, mb, d, d, 1);
       at::Tensor acc_view = view(acc.data(), mb, d, d, 1);
       bool any_usable = false;
       for (int64_t j = 0; j < mb; ++j) any_usable |= kg[c0 + j] >= 0;
@@ -314,9 +315,9 @@ void bank_grad_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         const int64_t nt = std::min(GRAD_QUERY_TILE, n - a);
         const acc_t* qt = nullptr;
         at::Tensor s_view = view(scores.data(), mb, nt, nt, 1);
-        if constexpr (is_bf16<in_t>)
-          if (fast) bf16::scores(k_bf, c0, mb, q_bf, a, nt, scores.data(), nt);
-        if (!fast) {
+        if constexpr (has_own_products<in_t>)
+          if (own) products::scores(k_pk, c0, mb, q_pk, a, nt, scores.data(), nt);
+        if (!own) {
           qt = rows_as_acc(qp, a, nt, d, q_rows, q_buf);
           at::cpu::mm_out(s_view, k_view, view(qt, d, nt, 1, d));
         }
@@ -332,9 +333,9 @@ void bank_grad_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           grad_weights(row, ok.data(), lse_p + a, gs_p + a, q_scale.data() + a, iq + a, nt,
                        ik[c0 + j]);
         }
-        if constexpr (is_bf16<in_t>)
-          if (fast) bf16::accumulate(scores.data(), nt, mb, q_bf, a, nt, acc.data(), d, w_buf);
-        if (!fast) at::cpu::addmm_out(acc_view, acc_view, s_view, view(qt, nt, d, d, 1));
+        if constexpr (has_own_products<in_t>)
+          if (own) products::accumulate(scores.data(), nt, mb, q_pk, a, nt, acc.data(), d, w_buf);
+        if (!own) at::cpu::addmm_out(acc_view, acc_view, s_view, view(qt, nt, d, d, 1));
       }
       std::copy(acc.begin(), acc.begin() + mb * d, dk_p + c0 * d);
     }
