@@ -118,22 +118,33 @@ CDCL_AVX512 inline void store_cols(float* dst, __m512 x, int64_t cols) {
   _mm512_mask_storeu_ps(dst, lanes(cols), x);
 }
 
-// ---- fp32: one FMA per product
+// One register block of either product: c (MR x up to 16 NV, ldc) = (add ? c : 0) + the sum
+// over k < ksteps of a's column k (rows lda apart) times b's row k (vector v at
+// b + k * kstride + v * vstride); `cols` of the columns are read and stored. scores: a the flat
+// rows, b a by_rows group; accumulate: a the weights, b the other side's rows. One per ISA: the
+// two need different target attributes.
 
-// c (MR x up to 16 NV, ldc) = a (MR rows of kd values, lda) against 16 NV rows of b in the
-// by_rows layout (groups `group` apart); `cols` of the columns are stored
+// fp32: one FMA per product, over k in order
 template <int MR, int NV>
-CDCL_AVX512 void score_block_f32(const float* a, int64_t lda, const float* b, int64_t group,
-                                 int64_t kd, float* c, int64_t ldc, int64_t cols) {
+CDCL_AVX512 void block_f32(const float* a, int64_t lda, const float* b, int64_t kstride,
+                           int64_t vstride, int64_t ksteps, float* c, int64_t ldc, int64_t cols,
+                           bool add) {
+  __mmask16 mask[NV];
   __m512 acc[MR][NV];
-  #pragma GCC unroll 8
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) mask[v] = lanes(cols - v * LANES);
+#pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
-    #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < kd; ++k) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = add ? _mm512_maskz_loadu_ps(mask[v], c + r * ldc + v * LANES) : _mm512_setzero_ps();
+  const bool full = cols >= NV * LANES;  // masked loads of b only at the edge (raw rows end there)
+  for (int64_t k = 0; k < ksteps; ++k) {
     __m512 bv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + v * group + k * LANES);
+    for (int v = 0; v < NV; ++v)
+      bv[v] = full ? _mm512_loadu_ps(b + k * kstride + v * vstride)
+                   : _mm512_maskz_loadu_ps(mask[v], b + k * kstride + v * vstride);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m512 av = _mm512_set1_ps(a[r * lda + k]);
@@ -141,46 +152,11 @@ CDCL_AVX512 void score_block_f32(const float* a, int64_t lda, const float* b, in
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
     }
   }
-  #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-    #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) store_cols(c + r * ldc + v * LANES, acc[r][v], cols - v * LANES);
-}
-
-// out (MR x up to 16 NV, ldo) += w (MR rows of n weights, ldw) times n rows of b (ldb apart);
-// `cols` of the columns are read and stored
-template <int MR, int NV>
-CDCL_AVX512 void accumulate_block_f32(const float* w, int64_t ldw, const float* b, int64_t ldb,
-                                      int64_t n, float* out, int64_t ldo, int64_t cols) {
-  __mmask16 mask[NV];
-  __m512 acc[MR][NV];
-  #pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) mask[v] = lanes(cols - v * LANES);
-  #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-    #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_maskz_loadu_ps(mask[v], out + r * ldo + v * LANES);
-  const bool full = cols >= NV * LANES;  // plain loads inside the loop unless at the edge of D
-  for (int64_t j = 0; j < n; ++j) {
-    __m512 bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      bv[v] = full ? _mm512_loadu_ps(b + j * ldb + v * LANES)
-                   : _mm512_maskz_loadu_ps(mask[v], b + j * ldb + v * LANES);
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m512 av = _mm512_set1_ps(w[r * ldw + j]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
-    }
-  }
-  #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
-    #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(out + r * ldo + v * LANES, mask[v], acc[r][v]);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(c + r * ldc + v * LANES, mask[v], acc[r][v]);
 }
-
-// ---- bf16: vdpbf16ps, one pair of products per lane and instruction
 
 CDCL_AVX512_BF16 inline __m512bh broadcast_pair(const uint16_t* p) {
   int32_t pair;
@@ -188,21 +164,23 @@ CDCL_AVX512_BF16 inline __m512bh broadcast_pair(const uint16_t* p) {
   return (__m512bh)_mm512_set1_epi32(pair);
 }
 
-// as score_block_f32 with pairs: a's rows hold 2 kp bf16 values
+// bf16: vdpbf16ps, a pair of products per lane and instruction; a's rows hold 2 ksteps values
+// (b's layouts are padded, so its loads need no mask)
 template <int MR, int NV>
-CDCL_AVX512_BF16 void score_block_bf16(const uint16_t* a, int64_t lda, const uint16_t* b,
-                                       int64_t group, int64_t kp, float* c, int64_t ldc,
-                                       int64_t cols) {
+CDCL_AVX512_BF16 void block_bf16(const uint16_t* a, int64_t lda, const uint16_t* b,
+                                 int64_t kstride, int64_t vstride, int64_t ksteps, float* c,
+                                 int64_t ldc, int64_t cols, bool add) {
   __m512 acc[MR][NV];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
-    #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < kp; ++k) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = add ? load_cols(c + r * ldc + v * LANES, cols - v * LANES) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < ksteps; ++k) {
     __m512bh bv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v)
-      bv[v] = (__m512bh)_mm512_loadu_si512(b + v * group + k * 2 * LANES);
+      bv[v] = (__m512bh)_mm512_loadu_si512(b + k * kstride + v * vstride);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m512bh av = broadcast_pair(a + r * lda + 2 * k);
@@ -210,39 +188,10 @@ CDCL_AVX512_BF16 void score_block_bf16(const uint16_t* a, int64_t lda, const uin
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
     }
   }
-  #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-    #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) store_cols(c + r * ldc + v * LANES, acc[r][v], cols - v * LANES);
-}
-
-// out += w (MR rows of 2 `pairs` bf16 weights, ldw) times `pairs` pairs of b rows in the by_pairs
-// layout (`stride` apart)
-template <int MR, int NV>
-CDCL_AVX512_BF16 void accumulate_block_bf16(const uint16_t* w, int64_t ldw, const uint16_t* b,
-                                            int64_t stride, int64_t pairs, float* out,
-                                            int64_t ldo, int64_t cols) {
-  __m512 acc[MR][NV];
-  #pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-    #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = load_cols(out + r * ldo + v * LANES, cols - v * LANES);
-  for (int64_t k = 0; k < pairs; ++k) {
-    __m512bh bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      bv[v] = (__m512bh)_mm512_loadu_si512(b + k * stride + v * 2 * LANES);
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m512bh av = broadcast_pair(w + r * ldw + 2 * k);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
-    }
-  }
-  #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
-    #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) store_cols(out + r * ldo + v * LANES, acc[r][v], cols - v * LANES);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) store_cols(c + r * ldc + v * LANES, acc[r][v], cols - v * LANES);
 }
 
 // dst[0, n) = bf16(src[0, n)) rounded to nearest even, dst[n] = 0 when n is odd
@@ -256,19 +205,21 @@ CDCL_AVX512_BF16 void round_row(const float* src, int64_t n, uint16_t* dst) {
 }
 
 // the register blocks by shape, for the edges of a product
-#define CDCL_BLOCK(NAME, FN, ELEM)                                                        \
-  template <int MR, int NV>                                                               \
-  struct NAME {                                                                           \
-    static void run(const ELEM* a, int64_t lda, const ELEM* b, int64_t ldb, int64_t k,    \
-                    float* c, int64_t ldc, int64_t cols) {                                \
-      FN<MR, NV>(a, lda, b, ldb, k, c, ldc, cols);                                        \
-    }                                                                                     \
-  };
-CDCL_BLOCK(ScoreF32, score_block_f32, float)
-CDCL_BLOCK(AccumulateF32, accumulate_block_f32, float)
-CDCL_BLOCK(ScoreBf16, score_block_bf16, uint16_t)
-CDCL_BLOCK(AccumulateBf16, accumulate_block_bf16, uint16_t)
-#undef CDCL_BLOCK
+template <int MR, int NV>
+struct BlockF32 {
+  static void run(const float* a, int64_t lda, const float* b, int64_t kstride, int64_t vstride,
+                  int64_t ksteps, float* c, int64_t ldc, int64_t cols, bool add) {
+    block_f32<MR, NV>(a, lda, b, kstride, vstride, ksteps, c, ldc, cols, add);
+  }
+};
+
+template <int MR, int NV>
+struct BlockBf16 {
+  static void run(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t kstride,
+                  int64_t vstride, int64_t ksteps, float* c, int64_t ldc, int64_t cols, bool add) {
+    block_bf16<MR, NV>(a, lda, b, kstride, vstride, ksteps, c, ldc, cols, add);
+  }
+};
 
 template <template <int, int> class Block, int MR>
 auto pick_vecs(int64_t nv) -> decltype(&Block<MR, 1>::run) {
@@ -318,12 +269,13 @@ void scores(const Rows<T>& a, int64_t a0, int64_t m, const Rows<T>& b, int64_t r
   const T* ab = a.flat + a0 * a.dp;
   const T* bb = b.by_rows.data() + (r0 / 16) * group;
   blocks(m, n, [&](int64_t i0, int64_t mr, int64_t j0, int64_t cols, int64_t nv) {
+    const T* b_block = bb + (j0 / 16) * group;
     if constexpr (is_bf16<T>)
-      pick<ScoreBf16>(mr, nv)(bits(ab + i0 * a.dp), a.dp, bits(bb + (j0 / 16) * group), group, kd,
-                              c + i0 * ldc + j0, ldc, cols);
+      pick<BlockBf16>(mr, nv)(bits(ab + i0 * a.dp), a.dp, bits(b_block), 2 * LANES, group, kd,
+                              c + i0 * ldc + j0, ldc, cols, false);
     else
-      pick<ScoreF32>(mr, nv)(ab + i0 * a.dp, a.dp, bb + (j0 / 16) * group, group, kd,
-                             c + i0 * ldc + j0, ldc, cols);
+      pick<BlockF32>(mr, nv)(ab + i0 * a.dp, a.dp, b_block, LANES, group, kd, c + i0 * ldc + j0,
+                             ldc, cols, false);
   });
 }
 
@@ -339,8 +291,8 @@ void accumulate(const float* w, int64_t ldw, int64_t m, const Rows<T>& b, int64_
     const int64_t stride = 2 * b.d16;
     const uint16_t* bp = bits(b.by_pairs.data()) + (r0 / 2) * stride;
     blocks(m, b.d, [&](int64_t i0, int64_t mr, int64_t c0, int64_t cols, int64_t nv) {
-      pick<AccumulateBf16>(mr, nv)(wb + i0 * np, np, bp + 2 * c0, stride, np / 2,
-                                   out + i0 * ldo + c0, ldo, cols);
+      pick<BlockBf16>(mr, nv)(wb + i0 * np, np, bp + 2 * c0, stride, 2 * LANES, np / 2,
+                              out + i0 * ldo + c0, ldo, cols, true);
     });
   } else {
     // the tile's rows in chunks of F32_CHUNK (16 KB of a 64-column block, in L1 for every row
@@ -349,8 +301,8 @@ void accumulate(const float* w, int64_t ldw, int64_t m, const Rows<T>& b, int64_
     for (int64_t j0 = 0; j0 < n; j0 += F32_CHUNK) {
       const int64_t nj = std::min(F32_CHUNK, n - j0);
       blocks(m, b.d, [&](int64_t i0, int64_t mr, int64_t c0, int64_t cols, int64_t nv) {
-        pick<AccumulateF32>(mr, nv)(w + i0 * ldw + j0, ldw, bp + j0 * b.dp + c0, b.dp, nj,
-                                    out + i0 * ldo + c0, ldo, cols);
+        pick<BlockF32>(mr, nv)(w + i0 * ldw + j0, ldw, bp + j0 * b.dp + c0, b.dp, LANES, nj,
+                               out + i0 * ldo + c0, ldo, cols, true);
       });
     }
   }
