@@ -2,13 +2,12 @@
 //
 // Both are tiled so that no N x M buffer exists: a thread owns a block of rows (queries in the
 // forward, bank rows in the bank gradient) and streams tiles of the other side through a small
-// score buffer. The two inner products per tile are single-threaded BLAS calls (at::cpu::mm_out /
-// addmm_out on views of the buffers, MKL on x86 builds); masking, the online log-sum-exp and
+// score buffer. The two inner products per tile run single-threaded in each thread: our AVX-512
+// register blocks for fp32 and bf16 rows where the CPU has the instructions (products.h; bf16
+// then multiplies in bf16 with fp32 sums), otherwise BLAS calls (at::cpu::mm_out / addmm_out on
+// views of the buffers) with 16-bit rows upcast per tile; masking, the online log-sum-exp and
 // the gradient weights are fused row passes on the buffer while it is in cache (row_kernels.h).
-// fp32 and fp64 compute in their own precision, fp16 and bf16 rows in fp32. The two products run
-// in our AVX-512 register blocks for fp32 and bf16 rows where the CPU has the instructions
-// (products.h; bf16 then multiplies in bf16 with fp32 sums), and as BLAS calls otherwise, with
-// 16-bit rows upcast per tile.
+// fp32 and fp64 compute in their own precision, fp16 and bf16 rows in fp32.
 // The kernels read the raw rows: the inverse row norms scale the inner products in the row passes
 // (cosine similarity without a normalised copy of the inputs), and the weights that multiply raw
 // rows carry their inverse norms, so O and the bank gradient are those of the unit rows.
@@ -118,10 +117,14 @@ bool own_products() {
   return false;
 }
 
-template <typename in_t>
-products::Rows<in_t> pack_rows(const in_t* src, int64_t rows, int64_t d, const RowScales<float>& s,
-                               bool as_a, bool as_b, bool as_w_rows) {
-  return products::pack(src, rows, d, s.any ? s.scale.data() : nullptr, as_a, as_b, as_w_rows);
+// the side's packed rows when `own`, else nothing
+template <typename in_t, typename acc_t>
+products::Rows<in_t> pack_rows(bool own, const in_t* src, int64_t rows, int64_t d,
+                               const RowScales<acc_t>& s, bool as_a, bool as_b, bool as_w_rows) {
+  if constexpr (has_own_products<in_t>)
+    if (own)
+      return products::pack(src, rows, d, s.any ? s.scale.data() : nullptr, as_a, as_b, as_w_rows);
+  return {};
 }
 
 // Which groups a group may be contrasted with, as bit sets (used when G <= BIT_GROUPS).
@@ -180,12 +183,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& p, const at::Tensor& 
   const GroupBits bits(table);
   const int64_t n_blocks = (n + FWD_QUERY_BLOCK - 1) / FWD_QUERY_BLOCK;
   const bool own = own_products<in_t>();
-  products::Rows<in_t> q_pk, k_pk;
-  if constexpr (has_own_products<in_t>)
-    if (own) {
-      q_pk = pack_rows(qp, n, d, q_rows, true, false, false);
-      k_pk = pack_rows(kp, m, d, k_rows, false, true, need_o);
-    }
+  const auto q_pk = pack_rows(own, qp, n, d, q_rows, true, false, false);
+  const auto k_pk = pack_rows(own, kp, m, d, k_rows, false, true, need_o);
 
   at::parallel_for(0, n_blocks, 1, [&](int64_t blk_begin, int64_t blk_end) {
     std::vector<acc_t> q_buf, k_buf, s_pos(FWD_QUERY_BLOCK), run_max(FWD_QUERY_BLOCK),
@@ -288,12 +287,8 @@ void bank_grad_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const GroupBits bits(table);
   const int64_t n_blocks = (m + GRAD_BANK_BLOCK - 1) / GRAD_BANK_BLOCK;
   const bool own = own_products<in_t>();
-  products::Rows<in_t> k_pk, q_pk;
-  if constexpr (has_own_products<in_t>)
-    if (own) {
-      k_pk = pack_rows(kp, m, d, k_rows, true, false, false);
-      q_pk = pack_rows(qp, n, d, q_rows, false, true, true);
-    }
+  const auto k_pk = pack_rows(own, kp, m, d, k_rows, true, false, false);
+  const auto q_pk = pack_rows(own, qp, n, d, q_rows, false, true, true);
 
   // Each bank block is owned by one thread and sums the query tiles in a fixed order: the result
   // does not depend on the thread count or on scheduling.
