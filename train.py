@@ -50,7 +50,7 @@ from cdcl_nuclei.evaluate import (
     validation_dice,
     write_report,
 )
-from cdcl_ops import CrossPatchInfoNCE, available_backends
+from cdcl_ops import CrossPatchInfoNCE, CrossPatchOptions, available_backends
 
 METHODS = ("suponly", "fullsup", "meanteacher", "cdcl")
 # losses on by default per method: (cons, contr, ent)
@@ -317,10 +317,10 @@ class Trainer:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=True)
-        self.contr = CrossPatchInfoNCE(grid=args.grid, fdp=args.fdp, bdp=args.bdp, temperature=args.temperature,
-                                       memory=args.memory, semantics=args.semantics, sampling=args.sampling,
-                                       backend=args.loss_backend, compact=args.loss_compact
-                                       ).to(device) if args.contr else None
+        self.contr = CrossPatchInfoNCE(CrossPatchOptions(
+            grid=args.grid, fdp=args.fdp, bdp=args.bdp, temperature=args.temperature, memory=args.memory,
+            semantics=args.semantics, sampling=args.sampling, backend=args.loss_backend,
+            compact=args.loss_compact)).to(device) if args.contr else None
         self.opt = torch.optim.Adam(self.student.parameters(), lr=args.lr)
         self.sched = schedules.poly_scheduler(self.opt, args.epochs * self.iters, args.poly_power)
         self.aug = augment.AugmentConfig(scale=(0.7, 1.0) if args.resize else tuple(args.scale_range))

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import cdcl_ops
-from cdcl_ops._validate import Masks, canonical_masks, negative_mask
+from cdcl_ops._validate import canonical_masks, negative_mask
 from cdcl_ops.backends import native, reference
+from cdcl_ops.backends.interface import Masks
 
 PAPER_TABLE = [[False, True], [True, False]]
 SIZES = {

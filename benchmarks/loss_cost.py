@@ -42,8 +42,8 @@ def sync(device):
 
 def time_backend(backend, args, device, compact):
     gen = torch.Generator().manual_seed(0)
-    loss_fn = cdcl_ops.CrossPatchInfoNCE(grid=args.grid, memory=args.memory, backend=backend,
-                                         compact=compact)
+    loss_fn = cdcl_ops.CrossPatchInfoNCE(cdcl_ops.CrossPatchOptions(grid=args.grid, memory=args.memory,
+                                                                    backend=backend, compact=compact))
     batches = [make_batch(args, gen, device) for _ in range(2)]
     times = []
     for i in range(args.warmup + args.repeats):
@@ -68,8 +68,8 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--feat", type=int, default=40)
     p.add_argument("--image", type=int, default=320)
-    p.add_argument("--grid", type=int, default=8)
-    p.add_argument("--memory", type=int, default=1)
+    p.add_argument("--grid", type=int, default=cdcl_ops.CrossPatchOptions.grid)
+    p.add_argument("--memory", type=int, default=cdcl_ops.CrossPatchOptions.memory)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compact", choices=["no", "yes", "both"], default="both",

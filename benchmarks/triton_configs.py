@@ -13,8 +13,8 @@ import torch
 import triton
 
 from cdcl_ops._validate import canonical_masks
-from cdcl_ops.backends import registry
-from cdcl_ops.normalize import InverseNorms
+from cdcl_ops.backends import triton_backward, triton_forward
+from cdcl_ops.backends.interface import InverseNorms, Options
 
 from .contenders import SIZES, make_inputs
 
@@ -47,14 +47,14 @@ def main():
                                 inp["bank_groups"], inp["group_table"])
         q, p, k = inp["query"], inp["positive"], inp["bank"]
         inv = InverseNorms.of(q, p, k)
-        options = registry.Options(10.0, precision=prec)
-        kernels = registry.get("triton")  # its entry points take config=: a launch config to time
-        _, lse, _ = kernels.forward(q, p, k, inv, masks, options, False)
+        options = Options(10.0, precision=prec)
+        # the kernels' own entry points take config=: a launch config to time
+        _, lse, _ = triton_forward.forward(q, p, k, inv, masks, options, False)
         gs = torch.rand(n, device="cuda")
         flop = 4 * n * m * d
         for label, configs, call in (
-                ("fwd", FWD, functools.partial(kernels.forward, q, p, k, inv, masks, options, True)),
-                ("bank_grad", BWD, functools.partial(kernels.bank_grad, q, k, inv._replace(p=None), masks,
+                ("fwd", FWD, functools.partial(triton_forward.forward, q, p, k, inv, masks, options, True)),
+                ("bank_grad", BWD, functools.partial(triton_backward.bank_grad, q, k, inv._replace(p=None), masks,
                                                      lse, gs, options))):
             if label not in args.kernels.split(","):
                 continue

@@ -1,19 +1,21 @@
 """cdcl_ops: fused, memory-bounded pseudo-label-masked InfoNCE for cross-patch dense contrastive
 learning (CDCL). See README.md for the API."""
-from . import ops  # registers the torch.library custom ops
+from . import ops  # noqa: F401  (registers the torch.library custom ops)
 from ._validate import MIN_TEMPERATURE
+from .backends import builtin  # noqa: F401  (registers the built-in backends)
 from .bank import FeatureBank
 from .cross_patch import CrossPatchInfoNCE, cross_patch_infonce
 from .infonce import MaskedInfoNCE, available_backends, default_backend, masked_infonce
+from .options import CrossPatchOptions
 from .patches import classify_patches, patch_foreground_scores
 
-__all__ = ["masked_infonce", "MaskedInfoNCE", "available_backends", "default_backend", "BACKENDS", "ops",
-           "FeatureBank", "CrossPatchInfoNCE", "cross_patch_infonce", "classify_patches",
-           "patch_foreground_scores", "MIN_TEMPERATURE"]
+__all__ = ["masked_infonce", "MaskedInfoNCE", "available_backends", "default_backend", "BACKENDS",
+           "FeatureBank", "CrossPatchOptions", "CrossPatchInfoNCE", "cross_patch_infonce",
+           "classify_patches", "patch_foreground_scores", "MIN_TEMPERATURE"]
 __version__ = "0.1.0"
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> tuple[str, ...]:
     # BACKENDS: the registered backends' names, read when asked (a registration later is listed)
     if name == "BACKENDS":
         from .backends import registry

@@ -7,7 +7,8 @@ Every backend sees the same five tensors describing the mask J of docs/design.md
     table (G, G) bool
 
 so that "no groups" is just the 1 x 1 table [[True]] and one mask formula serves all of them. They
-travel together as a `Masks` bundle; only the torch.library schemas take them one by one.
+travel together as a `backends.interface.Masks` bundle; only the torch.library schemas take them
+one by one.
 Nothing is narrowed to int32 by a cast that could change a value: labels that may not fit (int64,
 uint32) are renumbered, equal values to equal ids, and group ids are clamped to [-1, G] first.
 """
@@ -15,10 +16,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple
+from typing import NoReturn
 
 import numpy as np
 import torch
+from torch import Tensor
+
+from .backends.interface import Masks
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # uint16 / uint32: label images (instance maps) are stored so; uint64 has values int64 cannot hold
@@ -31,7 +35,7 @@ REDUCTIONS = ("mean", "sum", "none")
 MIN_TEMPERATURE = 1e-4
 
 
-def _fail(name: str, expected: str, got) -> None:
+def _fail(name: str, expected: str, got: object) -> NoReturn:
     raise ValueError(f"{name}: expected {expected}, got {got}")
 
 
@@ -63,8 +67,9 @@ def _check_ids(name, t, n, device):
         _fail(name, f"a tensor on {device} (as query)", t.device)
 
 
-def check_arguments(query, positive, bank, query_labels, bank_labels, query_groups, bank_groups,
-                    group_table, reduction):
+def check_arguments(query: Tensor, positive: Tensor, bank: Tensor, query_labels: Tensor,
+                    bank_labels: Tensor, query_groups: Tensor | None, bank_groups: Tensor | None,
+                    group_table: Tensor | None, reduction: str) -> None:
     """Shape/dtype/device checks that need no data from the device (safe under torch.compile)."""
     _check_features("query", query)
     n, d = query.shape
@@ -97,7 +102,7 @@ def check_arguments(query, positive, bank, query_labels, bank_labels, query_grou
         _fail("reduction", f"one of {REDUCTIONS}", repr(reduction))
 
 
-def check_temperature(temperature) -> float:
+def check_temperature(temperature: object) -> float:
     """tau as a float: a finite number >= MIN_TEMPERATURE, the one rule of every entry point.
 
     Python numbers, numpy scalars and 0-d real tensors are numbers here; bool (Python's, numpy's
@@ -118,19 +123,31 @@ def check_temperature(temperature) -> float:
     return value
 
 
-def check_grid(grid, h=None, w=None, what="labels_or_logits"):
+def check_grid(grid: object, h: int | None = None, w: int | None = None,
+               what: str = "labels_or_logits") -> None:
     """grid: patches per side, an int >= 1; with (h, w) given, a divisor of both (equal patches)."""
     if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
         raise ValueError(f"grid: expected an int >= 1, got {grid!r}")
-    if h is not None and (h % grid or w % grid):
+    if h is not None and w is not None and (h % grid or w % grid):
         raise ValueError(f"grid: expected a divisor of both H={h} and W={w} of {what} "
                          f"(equal patches), got {grid}")
 
 
-def check_values(query, positive, bank, query_groups, bank_groups, group_table, check_finite):
+def check_thresholds(fdp: float, bdp: float) -> None:
+    """fdp, bdp: numbers in [0, 1] with bdp < fdp (the patch kinds' thresholds)."""
+    for name, v in (("fdp", fdp), ("bdp", bdp)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name}: expected a number in [0, 1], got {v!r}")
+    if not bdp < fdp:
+        raise ValueError(f"bdp, fdp: expected bdp < fdp (background- below foreground-dominated "
+                         f"threshold), got bdp={bdp}, fdp={fdp}")
+
+
+def check_values(query: Tensor, positive: Tensor, bank: Tensor, query_groups: Tensor | None,
+                 bank_groups: Tensor | None, group_table: Tensor | None, check_finite: bool) -> None:
     """Checks that read device data: one host synchronisation for all of them together."""
     flags = []
-    if group_table is not None:
+    if group_table is not None and query_groups is not None and bank_groups is not None:
         g = group_table.shape[0]
         flags.append(("query_groups", f"ids < G={g} (the group_table size)",
                       (query_groups.long() >= g).any()))
@@ -176,21 +193,8 @@ def _groups_int32(groups, g):
     return torch.where((groups < 0) | (groups >= g), -1, groups).to(torch.int32)
 
 
-class Masks(NamedTuple):
-    """The mask J's five tensors, in the encoding of the module doc; Python's copy of the C++
-    `Masks` struct (csrc/cuda/launch.h). Flattened (`*masks`) only at the torch.library schemas."""
-    q_lab: torch.Tensor
-    q_grp: torch.Tensor
-    k_lab: torch.Tensor
-    k_grp: torch.Tensor
-    table: torch.Tensor
-
-    def tile(self, a, b, c0, c1) -> Masks:
-        """The masks of query rows [a, b) against bank rows [c0, c1)."""
-        return Masks(self.q_lab[a:b], self.q_grp[a:b], self.k_lab[c0:c1], self.k_grp[c0:c1], self.table)
-
-
-def canonical_masks(query_labels, bank_labels, query_groups, bank_groups, group_table) -> Masks:
+def canonical_masks(query_labels: Tensor, bank_labels: Tensor, query_groups: Tensor | None,
+                    bank_groups: Tensor | None, group_table: Tensor | None) -> Masks:
     """The masks of the user's labels, groups and table, in the encoding of the module doc."""
     ql, kl = _labels_int32(query_labels, bank_labels)
     if group_table is None:
@@ -208,7 +212,7 @@ def canonical_masks(query_labels, bank_labels, query_groups, bank_groups, group_
     return Masks(ql.contiguous(), qg, kl.contiguous(), kg, table.contiguous())
 
 
-def negative_mask(masks: Masks):
+def negative_mask(masks: Masks) -> Tensor:
     """The dense mask J (rows x cols) for the PyTorch backends."""
     q_lab, q_grp, k_lab, k_grp, table = masks
     ok = (q_grp[:, None] >= 0) & (k_grp[None, :] >= 0) & (q_lab[:, None] != k_lab[None, :])

@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from ._validate import INT_DTYPES
+from .options import CrossPatchOptions
 
 
-def _world():
+def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
 
 
-def _gather(t, world):
+def _gather(t: Tensor, world: int) -> Tensor:
     parts = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
@@ -42,12 +44,15 @@ class FeatureBank(torch.nn.Module):
         dim: feature dimension D, or None to take it from the first push.
         capacity: rows per batch slot (after gathering across ranks), or None for the first
             push's row count.
-        memory: previous batches kept besides the current one (the paper: 1).
+        memory: previous batches kept besides the current one (default: the paper's,
+            CrossPatchOptions.memory).
         device, dtype: where and how the features are stored (default: the first push's device
             and dtype). Labels and groups are int64.
     """
 
-    def __init__(self, dim=None, capacity=None, memory=1, device=None, dtype=None):
+    def __init__(self, dim: int | None = None, capacity: int | None = None,
+                 memory: int = CrossPatchOptions.memory, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
             raise ValueError(f"dim: expected an int >= 1 or None, got {dim!r}")
@@ -74,7 +79,7 @@ class FeatureBank(torch.nn.Module):
             self._allocate(capacity, dim, device)
 
     @property
-    def capacity(self):
+    def capacity(self) -> int | None:
         """Rows per batch slot, or None before the first push of a lazily sized bank."""
         return self.labels.shape[0] // self.slots if self.labels.shape[0] else None
 
@@ -87,7 +92,7 @@ class FeatureBank(torch.nn.Module):
         self.groups = torch.full((rows,), -1, dtype=torch.int64, device=device)
         self.cursor = torch.zeros((), dtype=torch.int64, device=device)
 
-    def check_compatible(self, dim, device, name="feats"):
+    def check_compatible(self, dim: int, device: torch.device | str, name: str = "feats") -> None:
         """Raise ValueError unless rows of dimension `dim` on `device` can go into this bank."""
         if self.dim is not None and dim != self.dim:
             raise ValueError(f"{name}: expected feature dim D={self.dim} (the bank's), got D={dim}")
@@ -111,7 +116,7 @@ class FeatureBank(torch.nn.Module):
                 raise ValueError(f"{name}: expected a tensor on {feats.device} (as feats), got {t.device}")
 
     @torch.no_grad()
-    def push(self, feats, labels=None, groups=None):
+    def push(self, feats: Tensor, labels: Tensor | None = None, groups: Tensor | None = None) -> Tensor:
         """Write one batch into the oldest slot; with torch.distributed, the batch of every rank.
 
         Args:
@@ -155,7 +160,7 @@ class FeatureBank(torch.nn.Module):
         self.cursor.add_(1).remainder_(self.slots)
         return rows
 
-    def tensors(self):
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
         """(feats (R, D), labels (R,), groups (R,)) of the whole storage, R = (memory+1) * capacity.
 
         Empty rows have label and group -1. Slot order is storage order, not age order.
@@ -163,7 +168,7 @@ class FeatureBank(torch.nn.Module):
         return self.feats, self.labels, self.groups
 
     @torch.no_grad()
-    def reset(self):
+    def reset(self) -> None:
         """Forget every stored batch (the storage keeps its size)."""
         self.feats.zero_()
         self.labels.fill_(-1)
@@ -225,11 +230,11 @@ class FeatureBank(torch.nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
-    def get_extra_state(self):
+    def get_extra_state(self) -> dict[str, int]:
         return {"memory": self.memory}
 
-    def set_extra_state(self, state):
+    def set_extra_state(self, state: object) -> None:
         pass  # checked in _load_from_state_dict, before the buffers are resized
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"dim={self.dim}, capacity={self.capacity}, memory={self.memory}, dtype={self.feats.dtype}"

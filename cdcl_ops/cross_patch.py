@@ -6,24 +6,18 @@ the shapes depend only on the input shapes: no host synchronisation, and torch.c
 """
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from ._validate import check_grid, check_temperature
+from ._validate import check_grid
 from .bank import FeatureBank
 from .infonce import masked_infonce
-from .patches import (
-    BDP,
-    FDP,
-    check_thresholds,
-    classify_patches,
-    patch_foreground_scores,
-    per_pixel,
-    signed_labels,
-)
-
-SEMANTICS = ("paper", "official")
-SAMPLINGS = ("pixel-patch", "pixel", "random")
+from .options import CrossPatchOptions
+from .patches import BDP, FDP, classify_patches, patch_foreground_scores, signed_labels
+from .sampling import MODES, Batch
 
 
 def _check_features(student_feats, teacher_feats):
@@ -40,7 +34,7 @@ def _check_features(student_feats, teacher_feats):
     return student_feats.shape
 
 
-def pseudo_labels(pred, b, h, w, name):
+def pseudo_labels(pred: Tensor, b: int, h: int, w: int, name: str) -> Tensor:
     """(B, H, W) labels from logits (B, C, kh*H, kw*W) or from integer labels (B, H, W).
 
     Larger logits are brought to (H, W) by average-pooling the softmax, then argmax (docs/design.md §1).
@@ -66,18 +60,9 @@ def pseudo_labels(pred, b, h, w, name):
     return signed_labels(pred, name)
 
 
-def _check_options(grid, fdp, bdp, temperature, semantics, sampling, fg_class):
-    check_thresholds(fdp, bdp)
-    check_temperature(temperature)
-    check_grid(grid)
-    if semantics not in SEMANTICS:
-        raise ValueError(f"semantics: expected one of {SEMANTICS}, got {semantics!r}")
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"sampling: expected one of {SAMPLINGS}, got {sampling!r}")
-    if semantics == "official" and sampling != "pixel-patch":
-        raise ValueError(f"sampling: semantics='official' has only 'pixel-patch' sampling, got {sampling!r}")
-    if isinstance(fg_class, bool) or not isinstance(fg_class, int):
-        raise ValueError(f"fg_class: expected an int, got {fg_class!r}")
+def _check_options(options: object) -> None:
+    if not isinstance(options, CrossPatchOptions):
+        raise ValueError(f"options: expected a cdcl_ops.CrossPatchOptions, got {type(options).__name__}")
 
 
 def _check_bank(bank, d, device):
@@ -90,16 +75,10 @@ def _check_bank(bank, d, device):
                          f"{bank.feats.device}")
 
 
-def official_group_table(pixels, fdp, bdp, device):
-    """group_table[a, b] of the released code: patch foreground counts a + b <= (bdp + fdp) * pixels."""
-    limit = int((bdp + fdp) * pixels + 1e-9)  # counts are integers: compare exactly
-    a = torch.arange(pixels + 1, device=device)
-    return (a[:, None] + a[None, :]) <= limit
-
-
-def cross_patch_infonce(student_feats, teacher_feats, student_pred, teacher_pred, bank=None, grid=8,
-                        fdp=0.7, bdp=0.3, temperature=0.1, fg_class=1, semantics="paper",
-                        sampling="pixel-patch", backend=None, return_stats=False, compact=False):
+def cross_patch_infonce(student_feats: Tensor, teacher_feats: Tensor, student_pred: Tensor,
+                        teacher_pred: Tensor, bank: FeatureBank | None = None,
+                        options: CrossPatchOptions = CrossPatchOptions(), *,
+                        return_stats: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """Cross-patch dense contrastive loss L_contr of CDCL (docs/design.md §1, paper Eqs. 3-12).
 
     Args:
@@ -110,26 +89,19 @@ def cross_patch_infonce(student_feats, teacher_feats, student_pred, teacher_pred
         student_pred, teacher_pred: logits (B, C, h, w) with h, w integer multiples of H, W
             (softmax average-pooled to (H, W), then argmax), or integer labels (B, H, W).
         bank: a FeatureBank (this batch is pushed into it first), or None: the current batch only.
-        grid: patches per side (must divide H and W). fdp, bdp: FDP / BDP thresholds on the
-            foreground score. temperature: tau. fg_class: the foreground label.
-        semantics: "paper" (docs/design.md §1) or "official" (the released code's rule, docs/design.md §2).
-        sampling: "pixel-patch" (the paper's), "pixel" (Table 2 Scheme 2: every student pixel
-            against one merged bank, negatives = different pseudo label) or "random" (Scheme 1:
-            every other bank pixel is a negative, no pseudo labels).
-        backend: masked_infonce backend (None: the fastest for the device).
+        options: a CrossPatchOptions (grid, thresholds, temperature, semantics, sampling, backend,
+            compact; its `memory` is the module's: here the bank decides).
         return_stats: also return a dict of device tensors: "queries" (active queries),
             "queries_with_negative" (active queries with at least one valid negative),
             "negatives_per_query" (mean over active queries), "fdp_patches", "bdp_patches" (student
             patches), "positive_prob" (mean e^{s+} / denominator).
-        compact: gather the active queries and bank rows before the op. Same result with less
-            work when many pixels are MP or the bank has empty slots, at the price of one host
-            synchronisation and data-dependent shapes (eager mode only: not under torch.compile).
 
     Returns:
         The scalar loss (float32; float64 for float64 features), or (loss, stats).
     """
     b, d, h, w = _check_features(student_feats, teacher_feats)
-    _check_options(grid, fdp, bdp, temperature, semantics, sampling, fg_class)
+    _check_options(options)
+    grid, fdp, bdp = options.grid, options.fdp, options.bdp
     check_grid(grid, h, w, "student_feats")
     if bank is not None:
         _check_bank(bank, d, student_feats.device)
@@ -139,64 +111,23 @@ def cross_patch_infonce(student_feats, teacher_feats, student_pred, teacher_pred
         raise ValueError(f"student_pred, teacher_pred: expected tensors on {student_feats.device} "
                          f"(as student_feats), got {student_pred.device} and {teacher_pred.device}")
     pixels = (h // grid) * (w // grid)
-    _, count_s = patch_foreground_scores(ys, grid, fg_class)
-    _, count_t = patch_foreground_scores(yt, grid, fg_class)
+    _, count_s = patch_foreground_scores(ys, grid, options.fg_class)
+    _, count_t = patch_foreground_scores(yt, grid, options.fg_class)
     kind_s = classify_patches(count_s.double() / pixels, fdp, bdp)
     kind_t = classify_patches(count_t.double() / pixels, fdp, bdp)
 
     q = student_feats.permute(0, 2, 3, 1).reshape(-1, d)
     p = teacher_feats.detach().permute(0, 2, 3, 1).reshape(-1, d).to(q.dtype)
-    q_lab = ys.reshape(-1).long()
-    t_lab = yt.reshape(-1).long()  # labels < 0: inactive rows (the mask encoding of masked_infonce)
-    q_grp = k_grp = table = None
-
-    if semantics == "official":
-        cs_pix, ct_pix = per_pixel(count_s.long(), h, w), per_pixel(count_t.long(), h, w)
-        anchor = per_pixel(kind_s, h, w) >= 0
-        q_grp = torch.where(anchor, cs_pix, torch.full_like(cs_pix, -1))
-        table = official_group_table(pixels, fdp, bdp, q.device)
-        k_lab, k_grp = torch.cat([q_lab, t_lab]), torch.cat([cs_pix, ct_pix])
-        if bank is None:
-            k = torch.cat([q, p])
-        else:
-            rows = bank.push(torch.cat([q.detach(), p]), k_lab, k_grp)
-            k, k_lab, k_grp = bank.tensors()
-            # this rank's student rows of the current batch take part with their gradient
-            k = torch.index_copy(k.to(q.dtype), 0, rows[: q.shape[0]], q)
-        active = anchor
-    elif sampling == "pixel-patch":
-        q_grp = per_pixel(kind_s, h, w)
-        t_grp = per_pixel(kind_t, h, w)
-        # [[0, 1], [1, 0]]: BDP queries see FDB rows, FDP queries BDB rows (made on the device:
-        # a tensor from host data would be a synchronous copy)
-        table = ~torch.eye(2, dtype=torch.bool, device=q.device)
-        k, k_lab, k_grp = p, t_lab, t_grp
-        if bank is not None:
-            bank.push(p, t_lab, t_grp)
-            k, k_lab, k_grp = bank.tensors()
-        active = q_grp >= 0
-    elif sampling == "pixel":
-        k, k_lab = p, t_lab
-        if bank is not None:
-            bank.push(p, t_lab)
-            k, k_lab, _ = bank.tensors()
-        active = q_lab >= 0
-    else:  # random: each query's only non-negative is its own positive (unique ids)
-        q_grp = torch.where(q_lab >= 0, 0, -1)
-        t_grp = torch.where(t_lab >= 0, 0, -1)
-        table = torch.ones(1, 1, dtype=torch.bool, device=q.device)
-        if bank is None:
-            q_lab = torch.arange(q.shape[0], device=q.device)
-            k, k_lab, k_grp = p, q_lab, t_grp
-        else:
-            q_lab = bank.push(p, None, t_grp)
-            k, k_lab, k_grp = bank.tensors()
-        active = q_grp >= 0
+    # labels < 0: inactive rows (the mask encoding of masked_infonce)
+    batch = Batch(q, p, ys.reshape(-1).long(), yt.reshape(-1).long(), count_s, count_t, kind_s, kind_t,
+                  h, w, pixels, fdp, bdp)
+    q_lab, q_grp, k, k_lab, k_grp, table, active = MODES[options.semantics, options.sampling](batch, bank)
     # a pixel whose pseudo label is < 0 (an "ignore" label passed in) is never a query
     active = active & (ys.reshape(-1) >= 0)
 
     k = k.to(q.dtype)
-    if compact:
+    temperature, backend = options.temperature, options.backend
+    if options.compact:
         per = _compacted(q, p, k, q_lab, k_lab, q_grp, k_grp, table, active, temperature, backend)
     else:
         per = masked_infonce(q, p, k, q_lab, k_lab, q_grp, k_grp, table, temperature=temperature,
@@ -253,31 +184,19 @@ def _compacted(q, p, k, q_lab, k_lab, q_grp, k_grp, table, active, temperature, 
 
 
 class CrossPatchInfoNCE(torch.nn.Module):
-    """`cross_patch_infonce` owning its FeatureBank (sized on the first call, saved in state_dict).
+    """`cross_patch_infonce` owning its FeatureBank (sized on the first call, saved in state_dict):
+    `options.memory` previous batches are kept besides the current one (the paper: 1)."""
 
-    `memory` previous batches are kept besides the current one (the paper: 1). The other options
-    are those of `cross_patch_infonce`.
-    """
-
-    def __init__(self, grid=8, fdp=0.7, bdp=0.3, temperature=0.1, fg_class=1, memory=1,
-                 semantics="paper", sampling="pixel-patch", backend=None, compact=False):
+    def __init__(self, options: CrossPatchOptions = CrossPatchOptions()) -> None:
         super().__init__()
-        _check_options(grid, fdp, bdp, temperature, semantics, sampling, fg_class)
-        self.grid, self.fdp, self.bdp = grid, fdp, bdp
-        self.temperature, self.fg_class = temperature, fg_class
-        self.semantics, self.sampling, self.backend = semantics, sampling, backend
-        self.compact = bool(compact)
-        self.bank = FeatureBank(dim=None, capacity=None, memory=memory)
+        _check_options(options)
+        self.options = options
+        self.bank = FeatureBank(dim=None, capacity=None, memory=options.memory)
 
-    def forward(self, student_feats, teacher_feats, student_pred, teacher_pred, return_stats=False):
-        return cross_patch_infonce(student_feats, teacher_feats, student_pred, teacher_pred,
-                                   bank=self.bank, grid=self.grid, fdp=self.fdp, bdp=self.bdp,
-                                   temperature=self.temperature, fg_class=self.fg_class,
-                                   semantics=self.semantics, sampling=self.sampling,
-                                   backend=self.backend, return_stats=return_stats,
-                                   compact=self.compact)
+    def forward(self, student_feats: Tensor, teacher_feats: Tensor, student_pred: Tensor,
+                teacher_pred: Tensor, return_stats: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        return cross_patch_infonce(student_feats, teacher_feats, student_pred, teacher_pred, self.bank,
+                                   self.options, return_stats=return_stats)
 
-    def extra_repr(self):
-        return (f"grid={self.grid}, fdp={self.fdp}, bdp={self.bdp}, temperature={self.temperature}, "
-                f"fg_class={self.fg_class}, memory={self.bank.memory}, semantics={self.semantics!r}, "
-                f"sampling={self.sampling!r}, backend={self.backend!r}, compact={self.compact}")
+    def extra_repr(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self.options, f.name)!r}" for f in fields(self.options))

@@ -1,33 +1,41 @@
 """`masked_infonce`: the public functional API of the pseudo-label-masked InfoNCE (docs/design.md §2)."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch import Tensor
 
 from . import ops
 from ._validate import canonical_masks, check_arguments, check_temperature, check_values
 from .backends import reference, registry
+from .backends.interface import Options
+from .options import CrossPatchOptions
 
 PRECISIONS = ("auto", "tf32x3", "tf32", "ieee")
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> tuple[str, ...]:
     # BACKENDS follows the registry, so a backend registered after import is listed too
     if name == "BACKENDS":
         return registry.names()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def available_backends(device="cpu") -> list[str]:
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on `device` in this process."""
     return registry.available(device)
 
 
-def default_backend(device) -> str:
+def default_backend(device: torch.device | str) -> str:
     """What `backend=None` picks: the fastest backend measured on that device type."""
-    return registry.default(device)
+    name = registry.default(device)
+    if name is None:  # only when a test or plug-in has taken the fallbacks out of the registry
+        raise ValueError(f"device: no registered backend may be the default on {device}")
+    return name
 
 
-def _resolve_backend(backend, query):
+def _resolve_backend(backend: str | None, query: Tensor) -> str:
     if backend is None:
         return default_backend(query.device)
     spec = registry.get(backend)
@@ -39,10 +47,12 @@ def _resolve_backend(backend, query):
     return backend
 
 
-def masked_infonce(query, positive, bank, query_labels, bank_labels, query_groups=None,
-                   bank_groups=None, group_table=None, temperature=0.1, reduction="mean",
-                   backend=None, *, chunk_size=0, precision="auto", check_inputs=True,
-                   check_finite=False):
+def masked_infonce(query: Tensor, positive: Tensor, bank: Tensor, query_labels: Tensor,
+                   bank_labels: Tensor, query_groups: Tensor | None = None, bank_groups: Tensor | None = None,
+                   group_table: Tensor | None = None,
+                   temperature: float | Tensor = CrossPatchOptions.temperature, reduction: str = "mean",
+                   backend: str | None = None, *, chunk_size: int = 0, precision: str = "auto",
+                   check_inputs: bool = True, check_finite: bool = False) -> Tensor:
     """Pseudo-label-masked InfoNCE of each query against its positive and a bank (docs/design.md §2).
 
     Args:
@@ -54,7 +64,8 @@ def masked_infonce(query, positive, bank, query_labels, bank_labels, query_group
         query_groups, bank_groups, group_table: optional (N,), (M,) integer group ids and a (G, G)
             bool table: bank row j may be a negative of query i only if
             group_table[query_groups[i], bank_groups[j]]. Group < 0 marks the row inactive.
-        temperature: tau of s = cos / tau, finite and >= MIN_TEMPERATURE = 1e-4 (docs/loss.md).
+        temperature: tau of s = cos / tau, finite and >= MIN_TEMPERATURE = 1e-4 (docs/loss.md);
+            the default is the paper's (CrossPatchOptions.temperature).
         reduction: "mean" over active queries (0 when there is none), "sum", or "none" (N,).
         backend: None (fastest for the device), "reference", "chunked", "triton", "cpu" or "cuda".
         chunk_size: bank rows per chunk for the "chunked" backend (0: its default).
@@ -83,7 +94,7 @@ def masked_infonce(query, positive, bank, query_labels, bank_labels, query_group
     named = backend is not None
     backend = _resolve_backend(backend, query)
     options = registry.get(backend).own_options(
-        registry.Options(1.0 / temperature, chunk_size, precision), named)
+        Options(1.0 / temperature, chunk_size, precision), named)
     if not torch.compiler.is_compiling() and (check_inputs or check_finite):
         check_values(query, positive, bank, query_groups, bank_groups, group_table, check_finite)
     masks = canonical_masks(query_labels, bank_labels, query_groups, bank_groups, group_table)
@@ -105,7 +116,8 @@ def masked_infonce(query, positive, bank, query_labels, bank_labels, query_group
 class MaskedInfoNCE(torch.nn.Module):
     """Module form of `masked_infonce`; keyword options are fixed at construction."""
 
-    def __init__(self, temperature=0.1, reduction="mean", backend=None, **options):
+    def __init__(self, temperature: float | Tensor = CrossPatchOptions.temperature, reduction: str = "mean",
+                 backend: str | None = None, **options: Any) -> None:
         super().__init__()
         check_temperature(temperature)
         self.temperature = temperature
@@ -113,11 +125,12 @@ class MaskedInfoNCE(torch.nn.Module):
         self.backend = backend
         self.options = options
 
-    def forward(self, query, positive, bank, query_labels, bank_labels, query_groups=None,
-                bank_groups=None, group_table=None):
+    def forward(self, query: Tensor, positive: Tensor, bank: Tensor, query_labels: Tensor,
+                bank_labels: Tensor, query_groups: Tensor | None = None, bank_groups: Tensor | None = None,
+                group_table: Tensor | None = None) -> Tensor:
         return masked_infonce(query, positive, bank, query_labels, bank_labels, query_groups,
                               bank_groups, group_table, temperature=self.temperature,
                               reduction=self.reduction, backend=self.backend, **self.options)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"

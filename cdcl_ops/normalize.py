@@ -12,8 +12,6 @@ subnormal with fewer significant bits, as the exact value requires.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 EPS = 1e-12  # as F.normalize
@@ -46,19 +44,6 @@ def norms(x: torch.Tensor) -> torch.Tensor:
 def inverse_norms(x: torch.Tensor) -> torch.Tensor:
     """1 / max(|x_i|, eps) per row, in fp32 (fp64 for fp64 rows)."""
     return norms(x).clamp_min(EPS).reciprocal().to(acc_dtype(x))
-
-
-class InverseNorms(NamedTuple):
-    """The inverse row norms of the query, positive and bank rows, as the backends take them;
-    Python's copy of the C++ `InverseNorms` struct (csrc/cuda/launch.h). `p` is None where only the
-    queries and the bank are read (the bank gradient), as the struct's null pointer there."""
-    q: torch.Tensor
-    p: torch.Tensor | None
-    k: torch.Tensor
-
-    @classmethod
-    def of(cls, q: torch.Tensor, p: torch.Tensor | None, k: torch.Tensor) -> InverseNorms:
-        return cls(inverse_norms(q), None if p is None else inverse_norms(p), inverse_norms(k))
 
 
 def unit_copy(x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:

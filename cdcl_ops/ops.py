@@ -12,18 +12,25 @@ so no normalised copy is kept for backward.
 import torch
 from torch import Tensor
 
-from ._validate import Masks
 from .backends import registry
-from .backends.registry import Options
-from .normalize import InverseNorms, acc_dtype, project_
+from .backends.interface import BankGrad, Forward, InverseNorms, Masks, Options
+from .normalize import acc_dtype, inverse_norms, project_
 
 
-def _streaming(backend: str) -> registry.Backend:
-    spec = registry.get(backend)
-    if spec.forward is None:
+def _forward(backend: str) -> Forward:
+    forward = registry.get(backend).forward
+    if forward is None:
         streaming = tuple(n for n in registry.names() if registry.get(n).forward is not None)
         raise ValueError(f"backend: expected one of {streaming} for the custom op, got {backend!r}")
-    return spec
+    return forward
+
+
+def _bank_grad(backend: str) -> BankGrad:
+    bank_grad = registry.get(backend).bank_grad
+    if bank_grad is None:
+        streaming = tuple(n for n in registry.names() if registry.get(n).bank_grad is not None)
+        raise ValueError(f"backend: expected one of {streaming} for the custom op, got {backend!r}")
+    return bank_grad
 
 
 @torch.library.custom_op("cdcl_ops::masked_infonce_fwd", mutates_args=())
@@ -32,10 +39,11 @@ def masked_infonce_fwd(q: Tensor, p: Tensor, k: Tensor, q_lab: Tensor, q_grp: Te
                        precision: str, need_o: bool
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # the schema is flat; the backends take the bundles
-    inv = InverseNorms.of(q, p, k)
-    loss, lse, o = _streaming(backend).forward(q, p, k, inv, Masks(q_lab, q_grp, k_lab, k_grp, table),
-                                               Options(inv_tau, chunk_size, precision), need_o)
-    return loss, lse, o, *inv
+    inv_q, inv_p, inv_k = inverse_norms(q), inverse_norms(p), inverse_norms(k)
+    loss, lse, o = _forward(backend)(q, p, k, InverseNorms(inv_q, inv_p, inv_k),
+                                     Masks(q_lab, q_grp, k_lab, k_grp, table),
+                                     Options(inv_tau, chunk_size, precision), need_o)
+    return loss, lse, o, inv_q, inv_p, inv_k
 
 
 @masked_infonce_fwd.register_fake
@@ -57,9 +65,9 @@ def masked_infonce_bank_grad(q: Tensor, k: Tensor, inv_q: Tensor, inv_k: Tensor,
     # so fp16 weights underflow (emulated at N = 51,200, M = 25,600: 23% error in dK). Dividing gs
     # by its largest magnitude keeps every weight in [-1, 1]; dK is scaled back afterwards.
     g_scale = (gs.abs().amax() if gs.numel() else gs.new_ones(())).clamp_min(1e-30)
-    dk_unit = _streaming(backend).bank_grad(q, k, InverseNorms(inv_q, None, inv_k),
-                                            Masks(q_lab, q_grp, k_lab, k_grp, table), lse,
-                                            gs / g_scale, Options(inv_tau, chunk_size, precision))
+    dk_unit = _bank_grad(backend)(q, k, InverseNorms(inv_q, None, inv_k),
+                                  Masks(q_lab, q_grp, k_lab, k_grp, table), lse, gs / g_scale,
+                                  Options(inv_tau, chunk_size, precision))
     return project_(k, inv_k, dk_unit.to(inv_k.dtype)).mul_(g_scale).to(k.dtype)
 
 

@@ -1,4 +1,4 @@
-"""Patch foreground scores (docs/design.md §3), patch kinds and the per-pixel group ids built from them.
+"""Patch foreground scores (docs/design.md §3) and patch kinds.
 
 The feature map is cut into a grid x grid array of equal patches; a patch's foreground score is the
 fraction of its pixels whose label is `fg_class`. Everything stays on the device.
@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import check_grid
+from ._validate import check_grid, check_thresholds
 from .backends import registry
+from .options import CrossPatchOptions
 
 BDP, FDP, MP = 0, 1, -1  # patch kinds, also the paper-mode group ids (MP pixels are inactive)
 # plain PyTorch, always available: the fallback, and what torch.compile traces into the graph
@@ -25,7 +26,7 @@ def patch_backends() -> tuple[str, ...]:
 _WIDER = {torch.uint16: torch.int32, torch.uint32: torch.int64}
 
 
-def signed_labels(labels, name="labels_or_logits"):
+def signed_labels(labels: torch.Tensor, name: str = "labels_or_logits") -> torch.Tensor:
     """Integer labels in a dtype every backend takes, with the same values."""
     if labels.dtype == torch.uint64:
         raise ValueError(f"{name}: expected integer labels of at most 32 bits if unsigned "
@@ -69,7 +70,8 @@ def _pick_backend(backend, x):
     return backend
 
 
-def patch_foreground_scores(labels_or_logits, grid, fg_class=1, backend=None):
+def patch_foreground_scores(labels_or_logits: torch.Tensor, grid: int, fg_class: int = CrossPatchOptions.fg_class,
+                            backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Foreground fraction and count of each patch of a grid x grid split.
 
     Args:
@@ -97,21 +99,15 @@ def patch_foreground_scores(labels_or_logits, grid, fg_class=1, backend=None):
     elif backend == TORCH:
         counts = _torch_counts(labels_or_logits, grid, fg_class)
     else:
-        counts = registry.get(backend).patch_counts(labels_or_logits, grid, fg_class)
+        kernel = registry.get(backend).patch_counts
+        assert kernel is not None  # _pick_backend returns "torch" or a backend with a kernel
+        counts = kernel(labels_or_logits, grid, fg_class)
     pixels = (h // grid) * (w // grid)
     return counts.to(torch.float32) / max(pixels, 1), counts
 
 
-def check_thresholds(fdp, bdp):
-    for name, v in (("fdp", fdp), ("bdp", bdp)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-            raise ValueError(f"{name}: expected a number in [0, 1], got {v!r}")
-    if not bdp < fdp:
-        raise ValueError(f"bdp, fdp: expected bdp < fdp (background- below foreground-dominated "
-                         f"threshold), got bdp={bdp}, fdp={fdp}")
-
-
-def classify_patches(scores, fdp=0.7, bdp=0.3):
+def classify_patches(scores: torch.Tensor, fdp: float = CrossPatchOptions.fdp,
+                     bdp: float = CrossPatchOptions.bdp) -> torch.Tensor:
     """Patch kinds from foreground scores: 1 = FDP (>= fdp), 0 = BDP (<= bdp), -1 = MP (between).
 
     Returns an int64 tensor of the shape of `scores` (the paper-mode group ids of docs/design.md §2).
@@ -123,10 +119,3 @@ def classify_patches(scores, fdp=0.7, bdp=0.3):
     kinds = torch.full(scores.shape, MP, dtype=torch.int64, device=scores.device)
     kinds = torch.where(scores <= bdp, torch.full_like(kinds, BDP), kinds)
     return torch.where(scores >= fdp, torch.full_like(kinds, FDP), kinds)
-
-
-def per_pixel(patch_values, h, w):
-    """Broadcast (B, grid, grid) patch values to (B * H * W,) pixels in (b, h, w) row-major order."""
-    b, g, _ = patch_values.shape
-    ph, pw = h // g, w // g
-    return patch_values[:, :, None, :, None].expand(b, g, ph, g, pw).reshape(-1)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import cdcl_ops
-from cdcl_ops import FeatureBank
+from cdcl_ops import CrossPatchOptions, FeatureBank
 
 
 def rows_as_set(feats, labels, groups):
@@ -117,16 +117,16 @@ def test_module_state_dict_includes_the_bank():
         return (torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen),
                 torch.randint(0, 2, (2, 8, 8), generator=gen), torch.randint(0, 2, (2, 8, 8), generator=gen))
 
-    a = cdcl_ops.CrossPatchInfoNCE(grid=4, memory=1)
+    a = cdcl_ops.CrossPatchInfoNCE(CrossPatchOptions(grid=4, memory=1))
     for _ in range(3):
         a(*step())
     assert {"bank.feats", "bank.labels", "bank.groups", "bank.cursor"} <= set(a.state_dict())
-    b = cdcl_ops.CrossPatchInfoNCE(grid=4, memory=1)
+    b = cdcl_ops.CrossPatchInfoNCE(CrossPatchOptions(grid=4, memory=1))
     b.load_state_dict(a.state_dict())
     nxt = step()
     loss = a(*nxt)
     torch.testing.assert_close(b(*nxt), loss, rtol=0, atol=0)
-    fresh = cdcl_ops.CrossPatchInfoNCE(grid=4, memory=1)
+    fresh = cdcl_ops.CrossPatchInfoNCE(CrossPatchOptions(grid=4, memory=1))
     assert not torch.equal(fresh(*nxt), loss)                   # the restored history mattered
 
 

@@ -209,10 +209,10 @@ def test_fp16_bank_grad_weights_need_the_rescaling(emulator):
     # exp(s - lse) ~ 1e-4: the weights fall below fp16's smallest subnormal (6e-8) unless gs is
     # divided by its largest magnitude first, as the bank-gradient op does. dK rows are independent,
     # so 64 bank rows (with the LSE of the whole bank) and 4,096 of the queries show it.
-    from cdcl_ops._validate import Masks, canonical_masks
+    from cdcl_ops._validate import canonical_masks
     from cdcl_ops.backends import chunked
-    from cdcl_ops.backends.registry import Options
-    from cdcl_ops.normalize import InverseNorms, inverse_norms
+    from cdcl_ops.backends.interface import InverseNorms, Masks, Options
+    from cdcl_ops.normalize import inverse_norms
     n, m = 4096, 25600
     inp = make_inputs(n, m, 64, seed=3)
     ql, qg, kl, kg, table = canonical_masks(inp["query_labels"], inp["bank_labels"],

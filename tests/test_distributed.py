@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from test_cross_patch import TOL, make_batch, official_loop, paper_loop
 
 import cdcl_ops
+from cdcl_ops import CrossPatchOptions
 
 WORLD = 2
 STEPS = 3
@@ -27,8 +28,8 @@ def _worker(rank, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         for semantics in SEMANTICS:
-            module = cdcl_ops.CrossPatchInfoNCE(grid=SHAPE[4], memory=1, semantics=semantics,
-                                                backend="reference")
+            module = cdcl_ops.CrossPatchInfoNCE(CrossPatchOptions(grid=SHAPE[4], memory=1, semantics=semantics,
+                                                                  backend="reference"))
             results = []
             for step in range(STEPS):
                 batch = data(step, rank)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import cdcl_ops
-from cdcl_ops import FeatureBank
-from cdcl_ops.cross_patch import official_group_table
+from cdcl_ops import CrossPatchOptions, FeatureBank
+from cdcl_ops.sampling import official_group_table
 from helpers import loss_and_grads, make_inputs, with_nan_rows
 
 BACKENDS = [b for b in ("reference", "chunked", "cpu", "triton") if b in cdcl_ops.available_backends("cpu")]
@@ -130,7 +130,7 @@ def test_uint64_labels_are_refused():
         cdcl_ops.patch_foreground_scores(labels, 2)
     feats = torch.randn(1, 3, 4, 4)
     with pytest.raises(ValueError, match="student_pred"):
-        cdcl_ops.cross_patch_infonce(feats, feats, labels, labels.long(), grid=2)
+        cdcl_ops.cross_patch_infonce(feats, feats, labels, labels.long(), options=CrossPatchOptions(grid=2))
     with pytest.raises(ValueError, match="labels"):
         FeatureBank(dim=3).push(torch.randn(2, 3), torch.zeros(2, dtype=torch.uint64))
 
@@ -157,11 +157,11 @@ def test_unsigned_label_maps_through_the_loss(dtype, semantics, sampling):
     ft = torch.randn(2, 4, 8, 8, generator=gen)
     ys, yt = (torch.randint(0, 3, (2, 8, 8), generator=gen) for _ in range(2))
     ys[0, 0, 0] = 2**15  # a large instance id: another class, never foreground
-    want = cdcl_ops.cross_patch_infonce(fs, ft, ys, yt, grid=4, semantics=semantics, sampling=sampling)
-    got = cdcl_ops.cross_patch_infonce(fs, ft, ys.to(dtype), yt.to(dtype), grid=4, semantics=semantics,
-                                       sampling=sampling)
+    options = CrossPatchOptions(grid=4, semantics=semantics, sampling=sampling)
+    want = cdcl_ops.cross_patch_infonce(fs, ft, ys, yt, options=options)
+    got = cdcl_ops.cross_patch_infonce(fs, ft, ys.to(dtype), yt.to(dtype), options=options)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    module = cdcl_ops.CrossPatchInfoNCE(grid=4, semantics=semantics, sampling=sampling)
+    module = cdcl_ops.CrossPatchInfoNCE(options)
     assert torch.isfinite(module(fs, ft, ys.to(dtype), yt.to(dtype)))
     bank = FeatureBank(dim=4)
     rows = bank.push(torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 65535]).to(dtype))
@@ -187,8 +187,8 @@ def test_first_bank_push_of_zero_rows():
                                                 ("paper", "pixel"), ("paper", "random")])
 @pytest.mark.parametrize("compact", [False, True])
 def test_module_with_empty_batches(semantics, sampling, compact):
-    module = cdcl_ops.CrossPatchInfoNCE(grid=2, memory=1, semantics=semantics, sampling=sampling,
-                                        compact=compact)
+    module = cdcl_ops.CrossPatchInfoNCE(CrossPatchOptions(grid=2, memory=1, semantics=semantics, sampling=sampling,
+                                                          compact=compact))
     gen = torch.Generator().manual_seed(0)
 
     def step(b):
@@ -241,7 +241,7 @@ def test_bank_state_out_of_range_fails_at_load(name, mutate, lazy):
     buf.seek(0)
     with pytest.raises(ValueError, match=name):
         bank.load_state_dict(torch.load(buf))
-    module = cdcl_ops.CrossPatchInfoNCE(grid=2, memory=2)
+    module = cdcl_ops.CrossPatchInfoNCE(CrossPatchOptions(grid=2, memory=2))
     with pytest.raises(ValueError, match=name):
         module.load_state_dict({f"bank.{k}": v for k, v in state.items()})
 
@@ -290,16 +290,17 @@ def test_temperature_out_of_range_is_refused(backend, tau):
     feats = torch.randn(1, 3, 4, 4)
     labels = torch.zeros(1, 4, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="temperature"):
-        cdcl_ops.cross_patch_infonce(feats, feats, labels, labels, grid=2, temperature=tau, backend=backend)
+        cdcl_ops.cross_patch_infonce(feats, feats, labels, labels,
+                                     options=CrossPatchOptions(grid=2, temperature=tau, backend=backend))
     with pytest.raises(ValueError, match="temperature"):
-        cdcl_ops.CrossPatchInfoNCE(temperature=tau)
+        cdcl_ops.CrossPatchInfoNCE(CrossPatchOptions(temperature=tau))
 
 
 def test_minimum_temperature_is_accepted():
     assert cdcl_ops.MIN_TEMPERATURE == 1e-4
     inputs = make_inputs(5, 6, 3, dtype=torch.float32, seed=0)
     assert torch.isfinite(cdcl_ops.masked_infonce(**inputs, temperature=cdcl_ops.MIN_TEMPERATURE))
-    cdcl_ops.CrossPatchInfoNCE(temperature=cdcl_ops.MIN_TEMPERATURE)
+    cdcl_ops.CrossPatchInfoNCE(CrossPatchOptions(temperature=cdcl_ops.MIN_TEMPERATURE))
 
 
 # ------------------------------------------------------------------ magnitudes
@@ -372,6 +373,6 @@ def test_foreground_class_outside_the_label_dtype_matches_nothing(backend):
         assert cdcl_ops.patch_foreground_scores(labels, 2, fg, backend=backend)[1].sum() == 0
     assert cdcl_ops.patch_foreground_scores(labels, 2, 255, backend=backend)[1].sum() == 16
     feats = torch.randn(1, 3, 4, 4)
-    stats = cdcl_ops.cross_patch_infonce(feats, feats, labels, labels, grid=2, fg_class=65535,
-                                         return_stats=True)[1]
+    stats = cdcl_ops.cross_patch_infonce(feats, feats, labels, labels,
+                                         options=CrossPatchOptions(grid=2, fg_class=65535), return_stats=True)[1]
     assert int(stats["fdp_patches"]) == 0 and int(stats["bdp_patches"]) == 4

@@ -11,8 +11,8 @@ from test_backends import SHAPES
 import cdcl_ops
 from cdcl_ops._validate import canonical_masks
 from cdcl_ops.backends import chunked, native
-from cdcl_ops.backends.registry import Options
-from cdcl_ops.normalize import InverseNorms, inverse_norms
+from cdcl_ops.backends.interface import InverseNorms, Options
+from cdcl_ops.normalize import inverse_norms
 from helpers import assert_close_to_reference, assert_compiled_matches_eager, loss_and_grads, make_inputs, strided_copy
 
 needs_ext = pytest.mark.skipif(not native.HAS_CPU,

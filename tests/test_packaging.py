@@ -8,6 +8,7 @@ import sys
 import sysconfig
 import tarfile
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,8 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     _build(src, "--wheel")
     wheels = list((src / "dist").glob("cdcl_ops-*.whl"))
     assert len(wheels) == 1, wheels
+    with zipfile.ZipFile(wheels[0]) as whl:
+        assert "cdcl_ops/py.typed" in whl.namelist()  # PEP 561: type checkers read the annotations
     py = _fresh_venv(tmp_path)
     _pip_install(py, str(wheels[0]))
     _use_elsewhere(tmp_path, py)

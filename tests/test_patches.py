@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cdcl_ops
-from cdcl_ops.patches import per_pixel
+from cdcl_ops.sampling import per_pixel
 
 BACKENDS = ["torch"]
 if "triton" in cdcl_ops.available_backends("cpu"):

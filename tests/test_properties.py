@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from test_extremes import assert_matches, dense_labels
 
 import cdcl_ops
-from cdcl_ops import FeatureBank
+from cdcl_ops import CrossPatchOptions, FeatureBank
 from helpers import loss_and_grads
 
 BACKENDS = [b for b in ("reference", "chunked", "cpu", "triton") if b in cdcl_ops.available_backends("cpu")]
@@ -132,10 +132,11 @@ def test_cross_patch_loss_matches_the_reference_backend(backend):
         ft = torch.randn(b, 3, h, w, generator=gen, dtype=torch.float64)
         yt = labels.flip(-1)
         kw = dict(grid=grid, fdp=0.6, bdp=0.4, semantics=mode[0], sampling=mode[1])
-        want = cdcl_ops.cross_patch_infonce(fs, ft, labels, yt, backend="reference", **kw)
+        want = cdcl_ops.cross_patch_infonce(fs, ft, labels, yt,
+                                            options=CrossPatchOptions(backend="reference", **kw))
         (want_grad,) = torch.autograd.grad(want, fs) if want.requires_grad else (torch.zeros_like(fs),)
-        got = cdcl_ops.cross_patch_infonce(fs, ft, labels.to(dtype), yt.to(dtype), backend=backend,
-                                           compact=compact, **kw)
+        got = cdcl_ops.cross_patch_infonce(fs, ft, labels.to(dtype), yt.to(dtype),
+                                           options=CrossPatchOptions(backend=backend, compact=compact, **kw))
         (got_grad,) = torch.autograd.grad(got, fs) if got.requires_grad else (torch.zeros_like(fs),)
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-9, atol=1e-10)

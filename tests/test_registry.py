@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import cdcl_ops
-from cdcl_ops.backends import chunked, registry
+from cdcl_ops import CrossPatchOptions
+from cdcl_ops.backends import chunked, interface, platform, registry
 from cdcl_ops.patches import patch_backends
 from helpers import make_inputs
 
@@ -27,8 +28,8 @@ def test_max_d_matches_the_cuda_kernels():
     # the C++ kernels keep their own copy of the limit: the two must agree
     with open(os.path.join(ROOT, "csrc", "cuda", "launch.h")) as f:
         kernel = int(re.search(r"constexpr int64_t MAX_D = (\d+);", f.read()).group(1))
-    assert registry.MAX_D == kernel
-    assert registry.get("cuda").max_d == registry.get("triton").max_d == registry.MAX_D
+    assert platform.MAX_D == kernel
+    assert registry.get("cuda").max_d == registry.get("triton").max_d == platform.MAX_D
 
 
 def test_unavailable_backends_say_why():
@@ -113,11 +114,12 @@ def test_temperature_accepted_forms(tau):
     torch.testing.assert_close(cdcl_ops.masked_infonce(**inputs, temperature=tau, backend="chunked"), want)
     torch.testing.assert_close(cdcl_ops.MaskedInfoNCE(temperature=tau, backend="reference")(**inputs), want)
     feats, labels = _feats()
-    want = cdcl_ops.cross_patch_infonce(feats, feats, labels, labels, grid=2, temperature=float(tau))
-    torch.testing.assert_close(cdcl_ops.cross_patch_infonce(feats, feats, labels, labels, grid=2,
-                                                            temperature=tau), want)
-    module = cdcl_ops.CrossPatchInfoNCE(grid=2, temperature=tau)
-    want = cdcl_ops.CrossPatchInfoNCE(grid=2, temperature=float(tau))(feats, feats, labels, labels)
+    want = cdcl_ops.cross_patch_infonce(feats, feats, labels, labels,
+                                        options=CrossPatchOptions(grid=2, temperature=float(tau)))
+    torch.testing.assert_close(cdcl_ops.cross_patch_infonce(feats, feats, labels, labels,
+                                                            options=CrossPatchOptions(grid=2, temperature=tau)), want)
+    module = cdcl_ops.CrossPatchInfoNCE(CrossPatchOptions(grid=2, temperature=tau))
+    want = cdcl_ops.CrossPatchInfoNCE(CrossPatchOptions(grid=2, temperature=float(tau)))(feats, feats, labels, labels)
     torch.testing.assert_close(module(feats, feats, labels, labels), want)
 
 
@@ -129,14 +131,15 @@ def test_temperature_refused_forms(tau):
     with pytest.raises(ValueError, match="^temperature: "):
         cdcl_ops.MaskedInfoNCE(temperature=tau)
     with pytest.raises(ValueError, match="^temperature: "):
-        cdcl_ops.CrossPatchInfoNCE(temperature=tau)
+        cdcl_ops.CrossPatchInfoNCE(CrossPatchOptions(temperature=tau))
     feats, labels = _feats()
     with pytest.raises(ValueError, match="^temperature: "):
-        cdcl_ops.cross_patch_infonce(feats, feats, labels, labels, grid=2, temperature=tau)
+        cdcl_ops.cross_patch_infonce(feats, feats, labels, labels, options=CrossPatchOptions(grid=2, temperature=tau))
 
 
 def test_masks_travel_as_one_bundle():
-    from cdcl_ops._validate import Masks, canonical_masks
+    from cdcl_ops._validate import canonical_masks
+    from cdcl_ops.backends.interface import Masks
     inp = make_inputs(5, 7, 2)
     masks = canonical_masks(inp["query_labels"], inp["bank_labels"], inp["query_groups"],
                             inp["bank_groups"], inp["group_table"])
@@ -146,7 +149,8 @@ def test_masks_travel_as_one_bundle():
 
 
 def test_inverse_norms_are_one_bundle_like_the_kernels_struct():
-    from cdcl_ops.normalize import InverseNorms, inverse_norms
+    from cdcl_ops.backends.interface import InverseNorms
+    from cdcl_ops.normalize import inverse_norms
     with open(os.path.join(ROOT, "csrc", "cuda", "launch.h")) as f:
         struct = re.search(r"struct InverseNorms \{(.*?)\};", f.read(), re.S).group(1)
     assert tuple(re.findall(r"\* (\w+);", struct)) == InverseNorms._fields == ("q", "p", "k")
@@ -195,9 +199,9 @@ def test_backends_see_only_the_options_they_read(options):
         asked = dict(chunk_size=4, precision="tf32")
         # backend=None picks the spy (priority 99): options it does not read are dropped
         cdcl_ops.masked_infonce(**inputs, temperature=0.5, **asked).backward()
-        want = registry.Options(2.0, **{f: asked[f] for f in options})
+        want = interface.Options(2.0, **{f: asked[f] for f in options})
         assert seen == [want, want]
-        for field in set(registry.TUNABLE) - set(options):
+        for field in set(interface.TUNABLE) - set(options):
             with pytest.raises(ValueError, match=f"^{field}: the spy backend does not take it"):
                 cdcl_ops.masked_infonce(**inputs, backend="spy", **{field: asked[field]})
         # the defaults are never refused
@@ -218,3 +222,96 @@ def test_registered_backends_declare_their_options():
     # the same call with backend=None runs wherever it lands (here: cpu, which drops both)
     torch.testing.assert_close(cdcl_ops.masked_infonce(**inputs, chunk_size=16, precision="ieee"),
                                cdcl_ops.masked_infonce(**inputs))
+
+
+def test_default_backend_says_when_nothing_may_be_the_default():
+    real = registry.get("chunked")
+    registry.register(dataclasses.replace(real, default_on=()), replace=True)
+    try:
+        with pytest.raises(ValueError, match="^device: no registered backend may be the default on meta"):
+            cdcl_ops.default_backend("meta")
+    finally:
+        registry.register(real, replace=True)
+    assert cdcl_ops.default_backend("meta") == "chunked"
+
+
+# -- the layout: each backend declares its records, the registry imports none of them -------------
+
+def test_each_backend_module_declares_its_records():
+    from cdcl_ops.backends import native, reference, triton_backend
+    declared = [r for m in (reference, chunked, triton_backend, native) for r in m.RECORDS]
+    assert tuple(r.name for r in declared) == registry.names()
+    assert all(registry.get(r.name) is r for r in declared)
+
+
+PACKAGE = os.path.join(ROOT, "cdcl_ops")
+
+
+def _modules():
+    """{dotted name: path} of the package's Python modules (a package is its __init__.py)."""
+    found = {}
+    for folder, _, files in os.walk(PACKAGE):
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(folder, f), ROOT)[:-3].split(os.sep)
+                found[".".join(rel[:-1] if rel[-1] == "__init__" else rel)] = os.path.join(folder, f)
+    return found
+
+
+def _import_graph():
+    """{module: the package modules it imports}, anywhere in its code (a function's import too),
+    from the source. `from pkg import name` counts as importing pkg.name when that is a module
+    (the compiled cdcl_ops._C included), else pkg itself."""
+    import ast
+    modules = _modules()
+    known = set(modules) | {"cdcl_ops._C"}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name.split(".")[0] == "cdcl_ops"}
+            elif isinstance(node, ast.ImportFrom):
+                base = package.split(".")
+                base = ".".join(base[:len(base) - node.level + 1]) if node.level else ""
+                source = ".".join(filter(None, (base, node.module)))
+                if source.split(".")[0] != "cdcl_ops":
+                    continue
+                for alias in node.names:
+                    edges.add(f"{source}.{alias.name}" if f"{source}.{alias.name}" in known else source)
+        graph[name] = edges & set(modules)
+    return graph
+
+
+def _reach(graph, start):
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_the_registry_imports_no_backend():
+    graph = _import_graph()
+    assert graph["cdcl_ops.backends.registry"] == {"cdcl_ops.backends.interface", "cdcl_ops.backends.platform"}
+    # everything it rests on, transitively: the interface, the platform facts and the row norms
+    assert _reach(graph, "cdcl_ops.backends.registry") == {
+        "cdcl_ops.backends.interface", "cdcl_ops.backends.platform", "cdcl_ops.normalize"}
+    assert graph["cdcl_ops.backends.platform"] == set()  # a leaf
+    assert "cdcl_ops.backends.registry" not in _reach(graph, "cdcl_ops.backends.tl_utils")
+    for backend in ("reference", "chunked", "triton_backend", "native"):
+        assert f"cdcl_ops.backends.{backend}" in graph["cdcl_ops.backends.builtin"]
+
+
+def test_no_import_cycle():
+    graph = _import_graph()
+    # the package's __init__ imports the layers to make the API; no module imports it back
+    importers = sorted(m for m, edges in graph.items() if "cdcl_ops" in edges)
+    assert importers == [], importers
+    cycles = [m for m in graph if m in _reach(graph, m)]
+    assert cycles == [], cycles
+    # the graph is read as Python resolves it: the compiled extension is a module, not the package
+    assert "cdcl_ops.backends.native" in graph["cdcl_ops.backends.builtin"]

@@ -1,18 +1,19 @@
-"""Backends of the masked InfoNCE op, each one record of `registry` (where it runs, its dtypes and
-maximum D, its entry points).
+"""The backends of the masked InfoNCE op and of the patch foreground counts.
 
-`reference` is plain autograd over the materialised N x M matrix (the test oracle). The streaming
-backends (`chunked`, `triton`, and the native `cpu`/`cuda` ones) share one interface, used by the
-custom ops in `cdcl_ops.ops`:
+    platform.py        what this process and the kernels can do (Triton installed / interpreting,
+                       the fused kernels' dtypes and MAX_D); imports nothing of cdcl_ops
+    interface.py       the bundles the kernels take (Masks, InverseNorms, Options) and the entry
+                       points' Protocols (Forward, BankGrad, PatchCounts): csrc/cuda/launch.h in Python
+    registry.py        the table of backends and its record type, `Backend`; imports no backend
+    reference.py       the materialising oracle (autograd over the N x M matrix)
+    chunked.py         pure PyTorch streaming over bank chunks, any device
+    triton_backend.py  the triton record; its kernels: triton_forward.py, triton_backward.py,
+                       triton_patches.py, tl_utils.py (loaded on first use)
+    native.py          the C++ / CUDA kernels of csrc/ (cdcl_ops._C): the cpu and cuda records
+    builtin.py         registers each module's RECORDS
 
-    forward(q, p, k, inv, masks, options, need_o)
-        -> loss (N,), lse (N,), o (N, D) or (0, D)      (accumulation dtype: fp32, fp64 for fp64)
-    bank_grad(q, k, inv, masks, lse, gs, options)
-        -> (M, D) gradient with respect to the unit bank rows, where gs = upstream gradient / tau
-
-q, p, k are the raw contiguous rows and `inv` a `normalize.InverseNorms` of their inverse L2 norms
-(inv.p is None in bank_grad): every similarity is computed between the unit rows x * inv, and O_i
-is a weighted sum of unit bank rows. `masks` is a `_validate.Masks` (q_lab, q_grp, k_lab, k_grp,
-table) from `canonical_masks`; `options` a `registry.Options` (inv_tau, and chunk_size / precision
-for the backends that read them, at their defaults for the others).
+The registry imports only interface and platform; the backend modules import the registry (for
+the record type), never the other way round; the kernel modules (triton_*, tl_utils) import
+neither the registry nor a record module. Nothing here imports the package's upper layers
+(infonce, ops, cross_patch): docs/design.md §4 has the layers.
 """

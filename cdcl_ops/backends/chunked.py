@@ -3,10 +3,15 @@
 Peak memory is a few (query tile x bank chunk) buffers; only LSE (N) and O (N, D) are kept for
 backward, as in docs/design.md §3. Works on any device and dtype (fp64 included, used by gradcheck).
 """
+from __future__ import annotations
+
 import torch
+from torch import Tensor
 
 from .._validate import negative_mask
 from ..normalize import acc_dtype
+from .interface import InverseNorms, Masks, Options
+from .registry import Backend
 
 QUERY_TILE = 4096
 DEFAULT_CHUNK = 2048
@@ -20,7 +25,8 @@ def _unit(x, inv, a, b, acc):
     return x[a:b].to(acc) * inv[a:b, None]
 
 
-def forward(q, p, k, inv, masks, options, need_o):
+def forward(q: Tensor, p: Tensor, k: Tensor, inv: InverseNorms, masks: Masks, options: Options,
+            need_o: bool) -> tuple[Tensor, Tensor, Tensor]:
     acc = acc_dtype(q)
     n, d = q.shape
     chunk = options.chunk_size or DEFAULT_CHUNK
@@ -42,18 +48,19 @@ def forward(q, p, k, inv, masks, options, need_o):
             alpha = torch.exp(m_run - m_new)
             e = torch.exp(s - m_new[:, None])
             l_run = l_run * alpha + e.sum(dim=1)
-            if need_o:
+            if o_run is not None:
                 o_run = o_run * alpha[:, None] + e @ kc
             m_run = m_new
         log_l = torch.log(l_run)
         loss[a:b] = (m_run - s_pos) + log_l
         lse[a:b] = m_run + log_l
-        if need_o:
+        if o_run is not None:
             o[a:b] = o_run / l_run[:, None]
     return loss, lse, o
 
 
-def bank_grad(q, k, inv, masks, lse, gs, options):
+def bank_grad(q: Tensor, k: Tensor, inv: InverseNorms, masks: Masks, lse: Tensor, gs: Tensor,
+              options: Options) -> Tensor:
     acc = acc_dtype(q)
     chunk = options.chunk_size or DEFAULT_CHUNK
     inv_tau = options.inv_tau
@@ -68,3 +75,8 @@ def bank_grad(q, k, inv, masks, lse, gs, options):
             w.masked_fill_(~negative_mask(masks.tile(a, b, c0, c1)), 0)
             dk[c0:c1] += w.T @ qt
     return dk
+
+
+# runs anywhere: the default where no faster backend is available (lowest priority)
+RECORDS = (Backend("chunked", forward=forward, bank_grad=bank_grad, default_on=None, priority=0,
+                   options=("chunk_size",)),)

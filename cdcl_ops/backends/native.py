@@ -3,19 +3,27 @@
 The extension registers the ops `torch.ops.cdcl_ops_C.{infonce_fwd, infonce_bank_grad,
 patch_fg_counts, cpu_products}` (schemas in csrc/ops.cpp, CPU kernels in csrc/cpu, CUDA kernels in csrc/cuda).
 This module loads it when it was built, registers the ops' fake kernels (for torch.compile and
-opcheck), and implements the backend interface of `cdcl_ops.backends` on top of them.
+opcheck), implements the entry points of `backends.interface` on top of them, and declares the
+`cpu` and `cuda` records.
 `import cdcl_ops` works without the extension; `LOADED`/`LOAD_ERROR` say what happened.
 """
+from __future__ import annotations
+
 import torch
+from torch import Tensor
 
 from ..normalize import acc_dtype
+from .interface import InverseNorms, Masks, Options
+from .platform import FUSED_DTYPES, MAX_D
+from .registry import Backend
 
+LOAD_ERROR: str | None = None
 try:
     from .. import _C  # noqa: F401  (loading the library registers the ops)
 except ImportError as exc:  # not built, or built against another torch
     LOADED, LOAD_ERROR = False, f"{type(exc).__name__}: {exc}"
 else:
-    LOADED, LOAD_ERROR = True, None
+    LOADED = True
 
 # decided once at import: torch.compile cannot trace the dispatcher queries
 HAS_CPU = LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("cdcl_ops_C::infonce_fwd", "CPU")
@@ -47,7 +55,7 @@ def _require():
                            "`pip install --no-build-isolation -e .`")
 
 
-def cpu_products(dtype):
+def cpu_products(dtype: torch.dtype) -> str:
     """How the cpu backend multiplies rows of `dtype` here: "avx512" (fp32 rows, our AVX-512
     register blocks), "avx512-bf16" (bf16 rows, AVX512-BF16 instructions) or "blas" (fp64 and fp16
     rows, a CPU without the instructions, or CDCL_OPS_CPU_PRODUCTS=blas; read at each call)."""
@@ -55,7 +63,7 @@ def cpu_products(dtype):
     return torch.ops.cdcl_ops_C.cpu_products(dtype)
 
 
-def tensor_cores(q, precision):
+def tensor_cores(q: Tensor, precision: str) -> bool:
     """Whether the CUDA kernels take their tensor-core path (16-bit features, D <= 256).
 
     Only on request (precision="tf32") for now: that path passes the compile-only check and the
@@ -66,20 +74,46 @@ def tensor_cores(q, precision):
     return q.is_cuda and wants_tensor_cores(q.dtype, precision)
 
 
-def wants_tensor_cores(dtype, precision):
+def wants_tensor_cores(dtype: torch.dtype, precision: str) -> bool:
     return dtype in (torch.bfloat16, torch.float16) and precision == "tf32"
 
 
-def forward(q, p, k, inv, masks, options, need_o):
-    """Backend interface (see cdcl_ops.backends)."""
+def forward(q: Tensor, p: Tensor, k: Tensor, inv: InverseNorms, masks: Masks, options: Options,
+            need_o: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The Forward entry point of backends.interface."""
     _require()
     return torch.ops.cdcl_ops_C.infonce_fwd(q, p, k, *inv, *masks, float(options.inv_tau),
                                             bool(need_o), tensor_cores(q, options.precision))
 
 
-def bank_grad(q, k, inv, masks, lse, gs, options):
+def bank_grad(q: Tensor, k: Tensor, inv: InverseNorms, masks: Masks, lse: Tensor, gs: Tensor,
+              options: Options) -> Tensor:
     _require()
     acc = acc_dtype(q)
     return torch.ops.cdcl_ops_C.infonce_bank_grad(q, k, inv.q, inv.k, *masks, lse.to(acc).contiguous(),
                                                   gs.to(acc).contiguous(), float(options.inv_tau),
                                                   tensor_cores(q, options.precision))
+
+
+def patch_counts(x: Tensor, grid: int, fg_class: int) -> Tensor:
+    return torch.ops.cdcl_ops_C.patch_fg_counts(x, grid, fg_class).to(torch.int32)
+
+
+def _available(device: torch.device) -> tuple[bool, str]:
+    # a CPU-only build registers the ops without CUDA kernels: ask per device type
+    if not LOADED:
+        return False, f"needs the compiled extension cdcl_ops._C, not loaded here: {LOAD_ERROR}"
+    if not {"cpu": HAS_CPU, "cuda": HAS_CUDA}.get(device.type, False):
+        return False, f"cdcl_ops._C was built without {device.type} kernels"
+    return True, ""
+
+
+RECORDS = (
+    # the loss default on the CPU: the fastest measured there (benchmarks/RESULTS.md)
+    Backend("cpu", _available, device_types=("cpu",), forward=forward, bank_grad=bank_grad,
+            patch_counts=patch_counts, default_on=("cpu",), patch_default_on=("cpu",), priority=1),
+    # not the loss default on CUDA: triton measured faster, and chunked is the fallback there
+    Backend("cuda", _available, device_types=("cuda",), dtypes=FUSED_DTYPES, max_d=MAX_D,
+            forward=forward, bank_grad=bank_grad, patch_counts=patch_counts,
+            patch_default_on=("cuda",), priority=1, options=("precision",)),
+)

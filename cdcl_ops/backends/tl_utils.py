@@ -3,8 +3,8 @@ import torch
 import triton
 import triton.language as tl
 
-# one answer to "is Triton interpreting", the registry's; re-exported for the launch code
-from .registry import triton_interpreting as interpreting  # noqa: F401
+# one answer to "is Triton interpreting", the platform's; re-exported for the launch code
+from .platform import triton_interpreting as interpreting  # noqa: F401
 
 # kernels may only read constexpr globals; LOG2E is also used on the host
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -28,7 +28,7 @@ def negative_mask(q_lab, q_code, k_lab, k_grp, TABLE, G, USE_BITS: tl.constexpr)
     return ok
 
 
-def query_codes(q_grp, table):
+def query_codes(q_grp: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Per-query code for `negative_mask`: a bit set when G <= 32, else the group id itself."""
     g = table.shape[0]
     if g > MAX_BITS_GROUPS:
@@ -43,7 +43,7 @@ def query_codes(q_grp, table):
     return bits.to(torch.int32).contiguous(), True
 
 
-def dot_precision(dtype, precision: str) -> str:
+def dot_precision(dtype: torch.dtype, precision: str) -> str:
     """Triton's input_precision for the kernels' dots.
 
     For fp32 operands "auto" means TF32 where torch.backends.cuda.matmul.allow_tf32 allows it, and

@@ -6,8 +6,10 @@ number; the accumulated sum carries that 1/tau and is multiplied by tau at the e
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ..normalize import unit_copy
+from .interface import InverseNorms, Masks, Options
 from .tl_utils import LOG2E, block_d, dot_precision, interpreting, negative_mask, query_codes
 from .triton_forward import scaled_queries
 
@@ -49,7 +51,7 @@ def _bank_grad_kernel(Q, K, Q_LAB, Q_CODE, K_LAB, K_GRP, TABLE, LSE, GS, DK,
     tl.store(DK + k_off, (acc * tau).to(DK.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
-def bank_grad_config(bd: int, dtype, precision: str) -> dict:
+def bank_grad_config(bd: int, dtype: torch.dtype, precision: str) -> dict[str, int]:
     if interpreting():
         return dict(BLOCK_N=32, BLOCK_M=16, num_warps=4, num_stages=1)
     if bd <= 64:
@@ -67,8 +69,9 @@ def bank_grad_config(bd: int, dtype, precision: str) -> dict:
     return dict(BLOCK_N=32, BLOCK_M=32, num_warps=8, num_stages=1)
 
 
-def bank_grad(q, k, inv, masks, lse, gs, options, config=None):
-    """Backend interface (see cdcl_ops.backends); config: launch parameters in place of
+def bank_grad(q: Tensor, k: Tensor, inv: InverseNorms, masks: Masks, lse: Tensor, gs: Tensor,
+              options: Options, config: dict[str, int] | None = None) -> Tensor:
+    """The entry point of backends.interface; config: launch parameters in place of
     `bank_grad_config`'s (benchmarks/triton_configs.py sweeps them)."""
     n, d = q.shape
     m = k.shape[0]

@@ -9,12 +9,14 @@ and where s ~ 1/tau is large one rounding more or less there would move exp(s - 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ..normalize import unit_copy
+from .interface import InverseNorms, Masks, Options
 from .tl_utils import LOG2E, block_d, dot_precision, interpreting, negative_mask, query_codes
 
 
-def scaled_queries(q, inv_q, inv_tau):
+def scaled_queries(q: Tensor, inv_q: Tensor, inv_tau: float) -> Tensor:
     """The unit query rows times 1/tau, in q's dtype (fp16 holds them: 1/tau <= 1e4 by
     MIN_TEMPERATURE). The forward and the bank gradient both call this: the same numbers."""
     return unit_copy(q, inv_q * inv_tau)
@@ -72,7 +74,7 @@ def _forward_kernel(Q, P, K, Q_LAB, Q_CODE, K_LAB, K_GRP, TABLE, LOSS, LSE, O,  
         tl.store(O + q_off, acc / l_i[:, None], mask=n_ok[:, None] & d_ok[None, :])
 
 
-def forward_config(bd: int, dtype, precision: str) -> dict:
+def forward_config(bd: int, dtype: torch.dtype, precision: str) -> dict[str, int]:
     if interpreting():
         return dict(BLOCK_N=16, BLOCK_M=32, num_warps=4, num_stages=1)
     # measured on an H200 (benchmarks/triton_configs.py, paper and large sizes, D = 128)
@@ -89,8 +91,9 @@ def forward_config(bd: int, dtype, precision: str) -> dict:
     return dict(BLOCK_N=32, BLOCK_M=32, num_warps=8, num_stages=1)
 
 
-def forward(q, p, k, inv, masks, options, need_o, config=None):
-    """Backend interface (see cdcl_ops.backends); config: launch parameters in place of
+def forward(q: Tensor, p: Tensor, k: Tensor, inv: InverseNorms, masks: Masks, options: Options,
+            need_o: bool, config: dict[str, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The entry point of backends.interface; config: launch parameters in place of
     `forward_config`'s (benchmarks/triton_configs.py sweeps them)."""
     n, d = q.shape
     m = k.shape[0]
@@ -100,6 +103,7 @@ def forward(q, p, k, inv, masks, options, need_o, config=None):
     if n == 0:
         return loss, lse, o
     # the kernels take unit rows: transient copies, freed when the launch returns
+    assert inv.p is not None  # only the bank gradient goes without the positives' norms
     q, p, k = scaled_queries(q, inv.q, options.inv_tau), unit_copy(p, inv.p), unit_copy(k, inv.k)
     q_lab, q_grp, k_lab, k_grp, table = masks
     codes, use_bits = query_codes(q_grp, table)
