@@ -198,7 +198,7 @@ class Emulator:
         self._check_guards(counts_buf)
         return counts.clone()
 
-    # -- the backend interface of cdcl_ops.backends, as cdcl_ops.backends.native ---------------
+    # -- the entry points of cdcl_ops.backends.interface, as cdcl_ops.backends.native -----------
     def forward(self, q, p, k, inv, masks, options, need_o):
         return self.infonce_fwd(q, p, k, *inv, *masks, options.inv_tau, need_o,
                                 native.wants_tensor_cores(q.dtype, options.precision))
