@@ -257,6 +257,17 @@ def goals(rows):
     return out
 
 
+def last_lines(work, step):
+    """The last non-empty line of each log of `step` (the why of a failure without test results)."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(work, "logs", f"{step}*.log"))):
+        with open(path, errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+        if lines:
+            out.append(f"{os.path.basename(path)}: {lines[-1][:160]}")
+    return out
+
+
 def training_lines(log_path):
     """The test report's two lines (model, Otsu) that train.py prints last."""
     if not os.path.exists(log_path):
@@ -279,6 +290,8 @@ def summary_text(header, records, work, result_notes=()):
             detail = f"{passed} passed, {failed} failed, {errors} errors, {skipped} skipped" + \
                      (f"; {r.note}" if r.note else "")
             failures += fails
+        if r.status in ("failed", "timeout") and not (counts and counts[4]):
+            detail = "; ".join([detail] + last_lines(work, r.name)).strip("; ")
         used = f"{r.seconds:.0f} s (limit {r.limit:.0f} s)" if r.status != "skipped" else "-"
         lines.append(f"  {r.name:<13} {r.status:<8} {used:<20}  {detail}".rstrip())
     if failures:
@@ -361,8 +374,17 @@ def _add_tree(tar, folder, arcname, skip=(".pt", ".pth")):
             tar.add(path, arcname=os.path.join(arcname, os.path.relpath(path, folder)))
 
 
-def pack(archive, members, limit_bytes=LIMITS["file_bytes"]):
-    """tar.gz of (folder, arcname) pairs; None (and no file) when it would exceed the limit."""
+def tree_bytes(folder):
+    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(folder) for n in names)
+
+
+def pack(archive, members, limit_bytes=LIMITS["file_bytes"], raw_factor=4):
+    """tar.gz of (folder, arcname) pairs; None (and no file) when it would exceed the limit. Trees
+    over raw_factor times the limit are not even compressed (a large Inductor cache would cost
+    the reserve's seconds for nothing)."""
+    if sum(tree_bytes(f) if os.path.isdir(f) else os.path.getsize(f) if os.path.isfile(f) else 0
+           for f, _ in members) > raw_factor * limit_bytes:
+        return None
     with tarfile.open(archive, "w:gz") as tar:
         for folder, arcname in members:
             if os.path.isdir(folder):

@@ -152,12 +152,17 @@ def test_summary_from_junit_benchmark_csv_and_training_log(tmp_path, quick_rates
     logs = tmp_path / "work" / "logs"
     logs.mkdir()
     (logs / "train-suponly.log").write_text("epoch 1\nmodel: Dice over the set 80.00\nOtsu:  Dice over the set 70.00\n")
-    records = [lease.Record("triton", "failed", 12.0, 150.0, "exit 1"), lease.Record("train", "ok", 50.0, 60.0)]
+    (logs / "bench-large.log").write_text("rates\nAssertionError: Torch not compiled with CUDA enabled\n\n")
+    records = [lease.Record("triton", "failed", 12.0, 150.0, "exit 1"), lease.Record("train", "ok", 50.0, 60.0),
+               lease.Record("bench-large", "failed", 3.0, 100.0, "exit 1")]
     text = lease.summary_text("GPU lease summary: test", records, str(tmp_path / "work"), ["note"])
     steps = lease.parse_summary(text)
     assert steps["triton"] == dict(status="failed", seconds=12, limit=150,
                                    detail="1 passed, 1 failed, 0 errors, 1 skipped; exit 1")
     assert steps["train"]["status"] == "ok"
+    # a failure without test results says why: the last line of its log
+    assert steps["bench-large"]["detail"] == \
+        "exit 1; bench-large.log: AssertionError: Torch not compiled with CUDA enabled"
     assert "tests/test_sample.py::test_bad" in text
     assert "| N40xM60 | no | chunked |" in text and "| N40xM60 | yes | chunked |" in text
     assert "suponly  model: Dice over the set 80.00" in text
