@@ -12,11 +12,15 @@ import shutil
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# nvcc flags beyond those torch.utils.cpp_extension adds itself; tests/test_cuda_compile.py reads
-# both constants, so the compile-only check on CPU machines compiles as this build does
+# nvcc flags beyond those torch.utils.cpp_extension adds itself. benchmarks/lease.py reads these
+# constants (setup_constants) for its fallback build, and tests/test_cuda_compile.py so that the
+# compile-only check on CPU machines compiles as this build does
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 # GPUs built for unless TORCH_CUDA_ARCH_LIST names others (benchmarks/lease.py: the one at hand)
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# no trapping math / errno (as torch itself is built): lets the masked row loops of
+# csrc/cpu/row_kernels.h if-convert and vectorise
+CXX_FLAGS = ["-O3", "-fopenmp", "-fvisibility=hidden", "-fno-trapping-math", "-fno-math-errno"]
 
 
 def _sources(*patterns):
@@ -39,9 +43,7 @@ def _extensions():
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:  # metadata-only runs (e.g. an sdist without torch): pure Python
         return [], {}
-    # no trapping math / errno (as torch itself is built): lets the masked row loops of
-    # csrc/cpu/row_kernels.h if-convert and vectorise
-    cxx = ["-O3", "-fopenmp", "-fvisibility=hidden", "-fno-trapping-math", "-fno-math-errno"]
+    cxx = list(CXX_FLAGS)
     link = ["-fopenmp"]
     if os.environ.get("CDCL_ASAN") == "1":  # a checking build of the CPU kernels (docs/native.md)
         cxx = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address"] + cxx[1:]

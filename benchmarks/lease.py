@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -414,6 +415,42 @@ def truncate_logs(folder, keep=256 * 1024):
 
 # -- the extension: build, stamp, reuse ------------------------------------------------------------
 
+def setup_constants(names=("CXX_FLAGS", "NVCC_FLAGS", "DEFAULT_CUDA_ARCHS")):
+    """Module-level constants of setup.py, read without running it."""
+    import ast
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
+                and node.targets[0].id in names:
+            found[node.targets[0].id] = ast.literal_eval(node.value)
+    missing = set(names) - set(found)
+    if missing:
+        raise RuntimeError(f"setup.py: no module-level {sorted(missing)}")
+    return found
+
+
+def jit_build(ext_dir):
+    """The extension through torch.utils.cpp_extension.load, with setup.py's flags: the fallback
+    when `setup.py build_ext` fails on a machine's own setuptools (pyproject.toml's metadata
+    needs a recent one). The library lands where the setup.py build puts it."""
+    import torch
+    from torch.utils.cpp_extension import load
+    flags = setup_constants()
+    cuda = torch.version.cuda is not None  # a CPU torch (the tests) builds the C++ kernels alone
+    patterns = ("csrc/*.cpp", "csrc/cpu/*.cpp") + (("csrc/cuda/*.cpp", "csrc/cuda/*.cu") if cuda else ())
+    sources = [p for pattern in patterns for p in sorted(glob.glob(os.path.join(ROOT, pattern)))]
+    build = os.path.join(ext_dir, "jit")
+    os.makedirs(build, exist_ok=True)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", flags["DEFAULT_CUDA_ARCHS"])
+    load("_C", sources, extra_cflags=flags["CXX_FLAGS"], extra_cuda_cflags=flags["NVCC_FLAGS"],
+         extra_ldflags=["-fopenmp"], build_directory=build, with_cuda=cuda, is_python_module=False,
+         verbose=True)
+    os.makedirs(os.path.join(ext_dir, "cdcl_ops"), exist_ok=True)
+    shutil.copy2(os.path.join(build, "_C.so"), os.path.join(ext_dir, "cdcl_ops", "_C.so"))
+
+
 def sources_digest():
     h = hashlib.sha256()
     for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True)) + \
@@ -588,8 +625,12 @@ class Lease:
             json.dump(stamp, f)
         env = self.env(FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST=stamp["arch"],
                        MAX_JOBS=str(os.cpu_count() or 4))
-        # setup.py directly: pip would try to fetch build dependencies, and there is no network
-        cmd = [self.py, "setup.py", "-q", "build_ext", "-b", ext_dir, "-t", os.path.join(self.work, "ext-tmp")]
+        # setup.py directly: pip would try to fetch build dependencies, and there is no network;
+        # where it fails, cpp_extension.load with the same flags
+        setup_py = [self.py, "setup.py", "-q", "build_ext", "-b", ext_dir, "-t", os.path.join(self.work, "ext-tmp")]
+        fallback = [self.py, "-m", "benchmarks.lease", "--jit-build", ext_dir]
+        cmd = ["sh", "-c", f"{shlex.join(setup_py)} || {{ echo 'setup.py failed: cpp_extension.load'; "
+                           f"{shlex.join(fallback)}; }}"]
         self.build_proc = start(cmd, self.path("logs", "build.log"), env)
         self.build_limit = limit
         return "started", f"TORCH_CUDA_ARCH_LIST={stamp['arch']}"
@@ -829,6 +870,7 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="print the plan and pack a result folder; no GPU")
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--reserve", type=int, default=RESERVE_S, help=argparse.SUPPRESS)
+    ap.add_argument("--jit-build", metavar="EXT_DIR", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     names = {s.name for s in PLAN}
     for flag in ("only", "skip"):
@@ -848,6 +890,9 @@ def main(argv=None):
         return 2
     if args.probe:
         probe()
+        return 0
+    if args.jit_build:
+        jit_build(args.jit_build)
         return 0
     if os.path.isdir(args.out) and os.listdir(args.out):
         if os.path.abspath(args.out) != DEFAULT_OUT:

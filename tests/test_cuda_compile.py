@@ -6,7 +6,6 @@ torch headers. The flags are the ones torch.utils.cpp_extension's CUDAExtension 
 extension defines; its C++ standard; -gencode flags from TORCH_CUDA_ARCH_LIST) plus setup.py's
 NVCC_FLAGS, so code that only a real build would reject (an implicit half conversion, say) fails
 here. Skipped, with the reason, where nvcc or the CUDA headers are absent."""
-import ast
 import glob
 import inspect
 import os
@@ -18,25 +17,12 @@ import pytest
 import torch
 import torch.utils.cpp_extension as cpp_ext
 
+from benchmarks.lease import setup_constants
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CU_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 GLUE = os.path.join(ROOT, "csrc", "cuda", "cuda_glue.cpp")
-SETUP = os.path.join(ROOT, "setup.py")
-
-
-def _setup_constants():
-    """setup.py's NVCC_FLAGS and DEFAULT_CUDA_ARCHS, read without running setup.py."""
-    with open(SETUP) as f:
-        tree = ast.parse(f.read())
-    found = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            if node.targets[0].id in ("NVCC_FLAGS", "DEFAULT_CUDA_ARCHS"):
-                found[node.targets[0].id] = ast.literal_eval(node.value)
-    return found["NVCC_FLAGS"], found["DEFAULT_CUDA_ARCHS"]
-
-
-NVCC_FLAGS, DEFAULT_CUDA_ARCHS = _setup_constants()
+NVCC_FLAGS, DEFAULT_CUDA_ARCHS = (setup_constants()[k] for k in ("NVCC_FLAGS", "DEFAULT_CUDA_ARCHS"))
 # what BuildExtension adds to every compile of the extension "cdcl_ops._C", and its C++ standard
 # (the newest -std= that torch.utils.cpp_extension passes)
 EXTENSION_DEFINES = ["-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",

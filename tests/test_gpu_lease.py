@@ -299,3 +299,20 @@ def test_benchmark_records_missing_contenders_instead_of_stopping(tmp_path, caps
     out = capsys.readouterr().out
     assert "| N40xM60 | no | cuda-bf16-tc | - | unavailable |" in out
     assert "| N40xM60 | no | reference | float32 |" in out
+
+
+def test_the_fallback_build_gives_a_library_that_loads_as_cdcl_ops_c(tmp_path):
+    # where a machine's setuptools rejects pyproject.toml, the build step falls back to
+    # cpp_extension.load with setup.py's flags (here without CUDA: this torch has none)
+    ext = tmp_path / "ext"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.lease", "--jit-build", str(ext)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    pkg = tmp_path / "pkg"
+    shutil.copytree(os.path.join(ROOT, "cdcl_ops"), pkg / "cdcl_ops",
+                    ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    shutil.copy2(ext / "cdcl_ops" / "_C.so", pkg / "cdcl_ops" / "_C.so")
+    probe = ("import cdcl_ops; from cdcl_ops.backends import native; "
+             "print(cdcl_ops.__file__, native.LOADED, native.HAS_CPU)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=pkg, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == [str(pkg / "cdcl_ops" / "__init__.py"), "True", "True"], out.stdout + out.stderr
