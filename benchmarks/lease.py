@@ -119,6 +119,8 @@ def plan_schedule(plan, budget_s, reserve_s=RESERVE_S, expected=False):
     Returns (name, start, limit or None when skipped)."""
     t, rows, background_end = 0.0, [], None
     for step in plan:
+        if background_end is not None and not step.background and step.name != "triton":
+            t, background_end = max(t, background_end), None  # what follows the Triton tests waits
         limit = min(step.own_s, budget_s - t - reserve_s)
         if limit < step.min_s:
             rows.append((step.name, t, None))
@@ -129,8 +131,6 @@ def plan_schedule(plan, budget_s, reserve_s=RESERVE_S, expected=False):
             background_end = t + took
             continue
         t += took
-        if background_end is not None and step.name == "triton":  # the tests that need the build wait
-            t = max(t, background_end)
     return rows
 
 
@@ -539,7 +539,10 @@ def _alias_probe(torch):
 class Lease:
     def __init__(self, args, plan=PLAN):
         self.args = args
-        self.plan = [s for s in plan if (not args.only or s.name in args.only) and s.name not in args.skip]
+        # --only keeps env and build: the probe says which build fits, and a carried or earlier
+        # build is installed in no time (--skip drops them)
+        self.plan = [s for s in plan if (not args.only or s.name in args.only or s.name in ("env", "build"))
+                     and s.name not in args.skip]
         self.work = os.path.abspath(args.work)
         self.out = os.path.abspath(args.out)
         self.reserve = args.reserve
@@ -592,6 +595,7 @@ class Lease:
 
     def step_env(self, limit):
         log = self.path("logs", "env.log")
+        deadline = time.monotonic() + limit
         rc = 0
         if shutil.which("nvidia-smi"):
             with open(self.path("logs", "nvidia-smi-q.txt"), "w") as f:
@@ -600,8 +604,7 @@ class Lease:
         for tool in (["nvcc", "--version"], ["compute-sanitizer", "--version"]):
             if shutil.which(tool[0]):
                 run(tool, log, 20)
-        rc2, _ = run([self.py, "-m", "benchmarks.lease", "--probe"], log, limit - self.clock.elapsed(),
-                     self.env())
+        rc2, _ = run([self.py, "-m", "benchmarks.lease", "--probe"], log, deadline - time.monotonic(), self.env())
         with open(log, errors="replace") as f:
             for line in f:
                 if line.startswith("PROBE "):
