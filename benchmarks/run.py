@@ -109,7 +109,7 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--allow-missing", action="store_true",
                     help="record contenders this machine lacks (a failed build) as 'unavailable' rows "
-                         "instead of stopping (benchmarks/gpu_check.sh)")
+                         "instead of stopping (benchmarks/gpu_lease.sh)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -137,6 +137,8 @@ def main(argv=None):
     rates, rates_line = _rates(device)
     print(rates_line)
     tag = f"{device.type}-{'sweep' + args.sweep if args.sweep else '-'.join(sizes)}-{date}"
+    if args.bank_grad != "both":  # the bank-detached and bank-gradient rows of one size, apart
+        tag += {"no": "-detached", "yes": "-bankgrad"}[args.bank_grad]
     csv_path = os.path.join(args.out, f"bench-{tag}.csv")
     with open(csv_path, "w", newline="") as f:
         csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore").writeheader()

@@ -1,5 +1,5 @@
-"""The short table that ends benchmarks/gpu_check.sh: every benchmark row of the CSV files given
-(or found in a folder), one table, in the order measured.
+"""One table of every benchmark row of the CSV files given (or found in a folder), in the order
+measured (benchmarks/lease.py puts it in a lease's summary).
 
     python -m benchmarks.summary benchmarks/out
 """
@@ -32,7 +32,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     paths = []
     for p in args.paths:
-        # a folder's CSVs in the order written: one per benchmark invocation (gpu_check: per size)
+        # a folder's CSVs in the order written: one per benchmark invocation
         paths += sorted(glob.glob(os.path.join(p, "*.csv")), key=os.path.getmtime) if os.path.isdir(p) else [p]
     rows = read_rows(paths)
     if not rows:

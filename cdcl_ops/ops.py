@@ -74,7 +74,9 @@ def masked_infonce_bank_grad(q: Tensor, k: Tensor, inv_q: Tensor, inv_k: Tensor,
 @masked_infonce_bank_grad.register_fake
 def _(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, backend, chunk_size,
       precision):
-    return torch.empty_like(k)
+    # a new contiguous (M, D), as every backend returns it: empty_like would keep the strides of a
+    # non-contiguous bank, and Inductor lays out what follows by the fake's strides
+    return k.new_empty(k.shape)
 
 
 def _setup_context(ctx, inputs, output):

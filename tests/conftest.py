@@ -11,7 +11,7 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (run by benchmarks/gpu_check.sh)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (run by benchmarks/gpu_lease.sh)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,5 +1,6 @@
 """Random inputs and comparisons shared by the masked InfoNCE tests."""
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cdcl_ops
 
@@ -90,22 +91,43 @@ def assert_close_to_reference(inputs, backend, dtype, bank_grad=True, **kw):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
-def assert_compiled_matches_eager(inputs, backend, rtol=1e-5, atol=1e-6, compiler="inductor", **kw):
+FEATURES = ("query", "positive", "bank")
+
+
+def strided_weights(n, device, seed=7):
+    """Per-query weights as a non-contiguous view (every other element of a 2n buffer): under
+    torch.compile the op's upstream gradient then arrives with a stride of 2."""
+    gen = torch.Generator().manual_seed(seed)
+    wide = torch.rand(2 * n, generator=gen).to(device)
+    return wide[::2]
+
+
+def assert_compiled_matches_eager(inputs, backend, rtol=1e-5, atol=1e-6, compiler="inductor",
+                                  requires_grad=FEATURES, weights=None, **kw):
     """masked_infonce under torch.compile(fullgraph=True, backend=compiler): same loss and
     gradients as eager. compiler="aot_eager" runs the traced graphs without Inductor's kernels,
-    which tells a tracing problem from a code-generation one."""
+    which tells a tracing problem from a code-generation one. requires_grad: the features that
+    get gradients (the others are detached); weights: per-query weights of a reduction="none" loss
+    (so the op's upstream gradient is those weights, with their strides), instead of the mean."""
     torch._dynamo.reset()
 
     def loss_fn(q, p, k):
-        return cdcl_ops.masked_infonce(**dict(inputs, query=q, positive=p, bank=k), backend=backend, **kw)
+        if weights is None:
+            return cdcl_ops.masked_infonce(**dict(inputs, query=q, positive=p, bank=k), backend=backend, **kw)
+        per_query = cdcl_ops.masked_infonce(**dict(inputs, query=q, positive=p, bank=k), backend=backend,
+                                            reduction="none", **kw)
+        return (per_query * weights).sum()
 
     results = []
     for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend=compiler)):
-        feats = [inputs[n].clone().requires_grad_() for n in ("query", "positive", "bank")]
+        feats = [inputs[n].clone().requires_grad_(n in requires_grad) for n in FEATURES]
         loss = fn(*feats)
         loss.backward()
         results.append([loss.detach()] + [f.grad for f in feats])
-    for name, eager, comp in zip(("loss", "query", "positive", "bank"), *results):
+    for name, eager, comp in zip(("loss",) + FEATURES, *results):
+        if eager is None:
+            assert comp is None, f"{name}: compiled gave a gradient where eager gave none"
+            continue
         torch.testing.assert_close(comp.float(), eager.float(), rtol=rtol, atol=atol,
                                    msg=lambda m, name=name: f"{name}: {m}")
 
@@ -130,3 +152,35 @@ def with_nan_rows(inputs, where, bank_rows):
         inputs["query"][3] = float("nan")
         inputs["query_labels"][3], inputs["query_groups"][3] = 0, 0  # active
     return inputs
+
+
+def _fake_run(op, args):
+    with FakeTensorMode() as mode:
+        return op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+
+
+def _storages(tensors):
+    return [t.untyped_storage().data_ptr() for t in tensors if t.numel() > 0]
+
+
+def assert_outputs_match_fake(op, args):
+    """Run `op` for real and on fake tensors: the outputs' metadata must agree, and the real
+    outputs must neither alias the inputs or each other nor have changed an input."""
+    inputs = [a for a in args if isinstance(a, torch.Tensor)]
+    before = [a.clone() for a in inputs]
+    real = op(*args)
+    fake = _fake_run(op, args)
+    real = real if isinstance(real, (tuple, list)) else (real,)
+    fake = fake if isinstance(fake, (tuple, list)) else (fake,)
+    assert len(real) == len(fake)
+    for i, (r, f) in enumerate(zip(real, fake)):
+        got = (tuple(r.shape), r.stride(), r.dtype, r.device.type)
+        want = (tuple(f.shape), f.stride(), f.dtype, f.device.type)
+        assert got == want, f"output {i}: real (shape, strides, dtype, device) {got}, fake {want}"
+    outs = _storages(real)
+    assert len(set(outs)) == len(outs), "two outputs share memory"
+    assert not set(outs) & set(_storages(inputs)), "an output shares memory with an input"
+    for i, (a, b) in enumerate(zip(inputs, before)):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), \
+            f"input {i} was written"
+    return real

@@ -1,4 +1,4 @@
-"""benchmarks.summary, the table that ends gpu_check.sh, on a CSV the GPU benchmark wrote."""
+"""benchmarks.summary, the table of a GPU lease's summary, on a CSV the GPU benchmark wrote."""
 import os
 
 from benchmarks import summary

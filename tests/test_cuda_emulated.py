@@ -14,9 +14,19 @@ import pytest
 import torch
 
 import cdcl_ops
-from cdcl_ops.backends import registry
+from cdcl_ops._validate import canonical_masks
+from cdcl_ops.backends import native, registry
+from cdcl_ops.normalize import inverse_norms
 from cuda_emulator import Emulator, compiler
-from helpers import assert_close_to_reference, assert_compiled_matches_eager, loss_and_grads, make_inputs, with_nan_rows
+from helpers import (
+    assert_close_to_reference,
+    assert_compiled_matches_eager,
+    assert_outputs_match_fake,
+    loss_and_grads,
+    make_inputs,
+    strided_weights,
+    with_nan_rows,
+)
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++ compiler for the CUDA emulator")
 
@@ -263,6 +273,70 @@ def test_public_api_reaches_the_emulated_kernels(emulated_cuda):
     inputs = make_inputs(5, 7, 4, dtype=torch.float32)
     cdcl_ops.masked_infonce(**inputs, backend="cuda")
     assert emulated_cuda.fiber_switches > before
+
+
+# -- what the ops promise torch.compile (tests/test_op_contract.py), on the CUDA kernels ----------
+
+@pytest.fixture(scope="module")
+def emulated_ops(emulator):
+    """The emulated kernels as ops of their own (the cdcl_ops_C schemas, CPU tensors) whose fake
+    kernels are the ones cdcl_ops registers for the CUDA ops: what the glue allocates (the
+    emulator's wrappers allocate as csrc/cuda/cuda_glue.cpp does) held to what Inductor is told."""
+    if not native.LOADED:
+        pytest.skip(f"the schemas come from cdcl_ops._C, not loaded here ({native.LOAD_ERROR})")
+    lib = torch.library.Library("cdcl_emu_contract", "DEF")
+    for name, impl, fake in (("infonce_fwd", emulator.infonce_fwd, native.fwd_fake),
+                             ("infonce_bank_grad", emulator.infonce_bank_grad, native.bank_grad_fake)):
+        schema = str(getattr(torch.ops.cdcl_ops_C, name).default._schema)
+        lib.define(schema.split("::", 1)[1])
+        lib.impl(name, impl, "CPU")
+        torch.library.register_fake(f"cdcl_emu_contract::{name}", fake, lib=lib)
+    yield torch.ops.cdcl_emu_contract
+    lib._destroy()
+
+
+@pytest.mark.parametrize("n,m,d", [(0, 9, 3), (7, 0, 3), (5, 9, 1), (19, 41, 200)])
+@pytest.mark.parametrize("dtype,tensor_cores", [(torch.float32, False), (torch.bfloat16, True)])
+def test_emulated_glue_matches_the_fake_kernels(emulated_ops, n, m, d, dtype, tensor_cores):
+    inp = make_inputs(n, m, d, dtype=dtype, seed=11)
+    masks = canonical_masks(inp["query_labels"], inp["bank_labels"], inp["query_groups"],
+                            inp["bank_groups"], inp["group_table"])
+    q, p, k = inp["query"], inp["positive"], inp["bank"]
+    inv = [inverse_norms(x) for x in (q, p, k)]
+    for need_o in (True, False):
+        args = (q, p, k, *inv, *masks, 10.0, need_o, tensor_cores)
+        _, lse, _ = assert_outputs_match_fake(emulated_ops.infonce_fwd, args)
+        torch.library.opcheck(emulated_ops.infonce_fwd, args)
+    args = (q, k, inv[0], inv[2], *masks, lse, torch.rand(n), 10.0, tensor_cores)
+    assert_outputs_match_fake(emulated_ops.infonce_bank_grad, args)
+    torch.library.opcheck(emulated_ops.infonce_bank_grad, args)
+
+
+@pytest.mark.parametrize("precision", ["auto", "tf32"])
+def test_opcheck_library_ops_on_the_emulated_kernels(emulated_cuda, precision):
+    # with features that require grad opcheck also compiles the op's autograd (aot_eager) and
+    # compares its gradients with eager ones
+    dtype = torch.bfloat16 if precision == "tf32" else torch.float32  # tf32: the tensor-core path
+    inp = make_inputs(23, 37, 24, dtype=dtype, seed=12)
+    masks = canonical_masks(inp["query_labels"], inp["bank_labels"], inp["query_groups"],
+                            inp["bank_groups"], inp["group_table"])
+    q, p, k = (inp[n].requires_grad_() for n in ("query", "positive", "bank"))
+    torch.library.opcheck(torch.ops.cdcl_ops.masked_infonce_fwd,
+                          (q, p, k, *masks, 10.0, "cuda", 0, precision, True))
+    _, lse, _, inv_q, _, inv_k = torch.ops.cdcl_ops.masked_infonce_fwd(
+        q.detach(), p.detach(), k.detach(), *masks, 10.0, "cuda", 0, precision, False)
+    torch.library.opcheck(torch.ops.cdcl_ops.masked_infonce_bank_grad,
+                          (q.detach(), k.detach(), inv_q, inv_k, *masks, lse, torch.rand(23) * 10.0,
+                           10.0, "cuda", 0, precision))
+
+
+@pytest.mark.parametrize("case", ["bank-detached", "query-only", "strided-upstream"])
+def test_compiled_gradients_match_eager_cases(emulated_cuda, case):
+    kw = {"bank-detached": dict(requires_grad=("query", "positive")),
+          "query-only": dict(requires_grad=("query",)),
+          "strided-upstream": dict(weights=strided_weights(70, "cpu"))}[case]
+    assert_compiled_matches_eager(make_inputs(70, 130, 32, dtype=torch.float32, seed=2), "cuda",
+                                  compiler="aot_eager", **kw)
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])

@@ -1,5 +1,5 @@
 """GPU tests (marker `gpu`): the Triton kernels compiled for the device, against the float64
-reference computed on the same device. Run by benchmarks/gpu_check.sh on a lent GPU."""
+reference computed on the same device. Run by benchmarks/gpu_lease.sh on a lent GPU."""
 import pytest
 import torch
 

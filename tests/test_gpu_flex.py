@@ -1,5 +1,5 @@
 """GPU test (marker `gpu`): the benchmark's `flex` contender, compiled FlexAttention forward and
-backward, against the reference on the same device, before benchmarks/gpu_check.sh times it.
+backward, against the reference on the same device, before benchmarks/gpu_lease.sh times it.
 One contender (fp32 features, IEEE products, bank with gradient) keeps the compilation short;
 the benchmark compares every flex row with `reference` again (its max rel err column)."""
 import pytest

@@ -1,5 +1,8 @@
 """GPU tests (marker `gpu`) of the `cuda` backend (csrc/cuda through cdcl_ops._C) against the
-float64 reference on the same device. Run by benchmarks/gpu_check.sh on a lent GPU."""
+float64 reference on the same device. Run by benchmarks/gpu_lease.sh on a lent GPU, in three
+processes: the CUDA-core tests, then those with `tensor_cores` or `opcheck` in their names (the
+tensor-core kernels have never run on a GPU: a fault there must not spoil the others' CUDA
+context), then those with `compile` in their names (with tests/test_gpu_compile.py)."""
 import pytest
 import torch
 
@@ -19,8 +22,8 @@ pytestmark = [pytest.mark.gpu,
 CUDA = "cuda"
 
 
-def _compare(inputs, dtype, bank_grad=True):
-    assert_close_to_reference(inputs, "cuda", dtype, bank_grad)
+def _compare(inputs, dtype, bank_grad=True, **kw):
+    assert_close_to_reference(inputs, "cuda", dtype, bank_grad, **kw)
 
 
 def test_cuda_listed():

@@ -4,9 +4,11 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -270,7 +272,8 @@ def test_bf16_autocast_and_channels_last_run(tmp_path):
 
 def test_gpu_table1_script_on_a_tiny_cpu_schedule(tmp_path):
     env = dict(os.environ, DATA=str(SAMPLE), DEVICE="cpu", PRESET="tiny", EPOCHS="2", ITERS="1", CROP="64",
-               UNSUP_START="2", MAX_IMAGES="40", OUT=str(tmp_path / "g"), PYTHON=sys.executable, OMP_NUM_THREADS="1")
+               UNSUP_START="2", MAX_IMAGES="40", OUT=str(tmp_path / "g"), WORK=str(tmp_path / "w"),
+               PYTHON=sys.executable, OMP_NUM_THREADS="1")
     r = subprocess.run(["bash", str(ROOT / "experiments" / "gpu_table1.sh")], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -278,8 +281,28 @@ def test_gpu_table1_script_on_a_tiny_cpu_schedule(tmp_path):
     assert tail[0] == "== suponly" and tail[3] == "== cdcl"
     assert all(line.startswith("model:") for line in (tail[1], tail[4]))
     assert all(line.startswith("Otsu:") for line in (tail[2], tail[5]))
+    # what a lease brings back: few files, no checkpoint; the checkpoints stay in WORK
+    assert sorted(os.listdir(tmp_path / "g")) == ["cdcl.log", "results.tar.gz", "summary.txt", "suponly.log"]
+    with tarfile.open(tmp_path / "g" / "results.tar.gz") as tar:
+        names = tar.getnames()
     for m in ("suponly", "cdcl"):
-        assert (tmp_path / "g" / m / "metrics.json").is_file()
+        assert f"./{m}/metrics.json" in names and (tmp_path / "w" / m / "last.pt").is_file()
+    assert not any(n.endswith(".pt") for n in names)
+
+
+def test_gpu_table1_dry_run_checks_the_data_and_the_transfer_size(tmp_path):
+    env = dict(os.environ, DATA=str(SAMPLE), PYTHON=sys.executable)
+    r = subprocess.run(["bash", str(ROOT / "experiments" / "gpu_table1.sh"), "--dry-run"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r"data \S+ [0-9.]+ MiB \+ tracked files [0-9.]+ MiB = [0-9.]+ MiB of the 64 MiB transfer",
+                     r.stdout), r.stdout
+    assert "--autocast bf16 --channels-last" in r.stdout and r.stdout.count("train.py") == 2
+    missing = subprocess.run(["bash", str(ROOT / "experiments" / "gpu_table1.sh"), "--dry-run"],
+                             env=dict(env, DATA=str(tmp_path / "none")), cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode == 2 and missing.stderr.startswith("gpu_table1: DATA: expected")
+    assert len(missing.stderr.strip().splitlines()) == 1
 
 
 def test_soft_dice_loss():

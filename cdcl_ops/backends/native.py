@@ -31,22 +31,29 @@ HAS_CUDA = LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("cdcl_ops_C
                                                                      "CUDA")
 
 
+# The fake kernels (for torch.compile and opcheck), named so that the tests can hold the CUDA
+# emulator's outputs to them too (tests/test_cuda_emulated.py)
+def fwd_fake(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o,
+             tensor_cores):
+    n, d = q.shape
+    acc = acc_dtype(q)
+    return (q.new_empty(n, dtype=acc), q.new_empty(n, dtype=acc),
+            q.new_empty((n if need_o else 0, d), dtype=acc))
+
+
+def bank_grad_fake(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau,
+                   tensor_cores):
+    return k.new_empty(k.shape, dtype=acc_dtype(k))
+
+
+def patch_counts_fake(labels_or_logits, grid, fg_class):
+    return labels_or_logits.new_empty((labels_or_logits.shape[0], grid, grid), dtype=torch.int32)
+
+
 if LOADED:
-    @torch.library.register_fake("cdcl_ops_C::infonce_fwd")
-    def _(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o,
-          tensor_cores):
-        n, d = q.shape
-        acc = acc_dtype(q)
-        return (q.new_empty(n, dtype=acc), q.new_empty(n, dtype=acc),
-                q.new_empty((n if need_o else 0, d), dtype=acc))
-
-    @torch.library.register_fake("cdcl_ops_C::infonce_bank_grad")
-    def _(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs, inv_tau, tensor_cores):
-        return k.new_empty(k.shape, dtype=acc_dtype(k))
-
-    @torch.library.register_fake("cdcl_ops_C::patch_fg_counts")
-    def _(labels_or_logits, grid, fg_class):
-        return labels_or_logits.new_empty((labels_or_logits.shape[0], grid, grid), dtype=torch.int32)
+    torch.library.register_fake("cdcl_ops_C::infonce_fwd")(fwd_fake)
+    torch.library.register_fake("cdcl_ops_C::infonce_bank_grad")(bank_grad_fake)
+    torch.library.register_fake("cdcl_ops_C::patch_fg_counts")(patch_counts_fake)
 
 
 def _require():
