@@ -7,10 +7,13 @@ Two decodings of a binary foreground (``Decoding.method``):
     distance to the background or the foreground probability, smoothed by a Gaussian of ``sigma``
     pixels; the markers are its h-maxima (domes at least ``h`` high: pixels for the distance, a
     probability for the probability) or the 4-connected regions where the probability exceeds
-    ``marker_threshold``. A component without a marker stays one nucleus.
+    ``marker_threshold``. A component without a marker (too small or too flat to hold one) stays one
+    nucleus (``unmarked="keep"``) or is dropped (``"drop"``: what scikit-image's watershed does with
+    a mask, so what its users get: specks vanish).
 
-Both only split: the union of the instances is exactly the foreground, so the pixel metrics of a
-model do not depend on its decoding. The surface is defined on the whole image; markers are taken
+Components, and the watershed that keeps unmarked components, only split: the union of the instances
+is exactly the foreground, so the pixel metrics do not depend on the decoding. The surface is defined
+on the whole image; markers are taken
 per component (the surface outside it counts as 0, so a neighbour's dome never decides whether this
 component's dome is a marker), and the flooding stays inside its component. That makes the decoding
 local: it runs over groups of components (those whose bounding box starts in one block of
@@ -29,6 +32,7 @@ from scipy import ndimage
 METHODS = ("watershed", "components")
 SURFACES = ("distance", "probability")
 MARKERS = ("h_maxima", "threshold")
+UNMARKED = ("keep", "drop")
 # 4-connectivity everywhere: nuclei that touch only at a corner are separate, as in the components
 CROSS = ndimage.generate_binary_structure(2, 1)
 TRUNCATE = 4.0  # scipy's gaussian_filter default: the kernel reaches int(4 sigma + 0.5) pixels
@@ -43,9 +47,11 @@ class Decoding:
     sigma: float = 1.0
     h: float = 2.0
     marker_threshold: float = 0.9
+    unmarked: str = "keep"
 
     def __post_init__(self):
-        for name, allowed in (("method", METHODS), ("surface", SURFACES), ("markers", MARKERS)):
+        for name, allowed in (("method", METHODS), ("surface", SURFACES), ("markers", MARKERS),
+                              ("unmarked", UNMARKED)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not (self.sigma >= 0 and math.isfinite(self.sigma)):
@@ -69,8 +75,10 @@ class Decoding:
 
 
 COMPONENTS = Decoding(method="components")
-# the classical pipeline's split, untuned: what a CellProfiler or Fiji user runs on Otsu's foreground
-CLASSICAL = Decoding(method="watershed", surface="distance", markers="h_maxima", sigma=1.0, h=2.0)
+# the classical pipeline's split, untuned: what a CellProfiler, Fiji or scikit-image user runs on
+# Otsu's foreground (a component without an h-maximum stays background, as skimage's watershed leaves it)
+CLASSICAL = Decoding(method="watershed", surface="distance", markers="h_maxima", sigma=1.0, h=2.0,
+                     unmarked="drop")
 # the model's decoding in reports and predictions: chosen on the demo's validation split only
 # (experiments/tune_instances.py, experiments/results/instances/)
 DEFAULT = CLASSICAL
@@ -137,12 +145,16 @@ def _watershed(mask, labels, probability, d: Decoding, block):
         relief[~inside] = 0.0
         seeds = _markers(relief, None if probability is None else probability[window], inside, d)
         flooded = watershed(-relief, seeds, mask=inside, connectivity=1)
-        # components without a marker stay whole: their component id, after the markers' ids
-        alone = inside & (flooded == 0)
-        flooded[alone] = labels[window][alone] + int(seeds.max(initial=0))
+        if d.unmarked == "keep":  # a component without a marker: its component id, after the markers'
+            alone = inside & (flooded == 0)
+            flooded[alone] = labels[window][alone] + int(seeds.max(initial=0))
         ids, inverse = np.unique(flooded[inside], return_inverse=True)
-        out[window][inside] = inverse.astype(np.int32) + (next_id + 1)
-        next_id += len(ids)
+        unflooded = ids[0] == 0  # dropped components: they stay background
+        new = inverse.astype(np.int32) + (next_id + 1 - unflooded)
+        if unflooded:
+            new[inverse == 0] = 0
+        out[window][inside] = new
+        next_id += len(ids) - unflooded
     return out
 
 

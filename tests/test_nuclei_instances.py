@@ -80,6 +80,18 @@ def test_blockwise_decoding_equals_one_pass_over_the_image(decoding):
         assert sorted(np.unique(part)) == list(range(part.max() + 1))  # ids 1..K, none skipped
 
 
+def test_unmarked_components_are_kept_whole_or_dropped():
+    shape = (40, 60)
+    (disc,) = _discs(shape, [(20, 20)], 10)
+    fg = disc.copy()
+    fg[5:7, 50:52] = True  # a 2 x 2 speck: its smoothed distance never rises 2 pixels
+    keep = decode(fg, decoding=Decoding(unmarked="keep"))
+    drop = decode(fg, decoding=CLASSICAL)
+    assert CLASSICAL.unmarked == "drop"
+    assert keep.max() == 2 and np.array_equal(keep > 0, fg)
+    assert drop.max() == 1 and np.array_equal(drop > 0, disc)
+
+
 def test_empty_and_full_foregrounds():
     z = np.zeros((7, 9), bool)
     assert decode(z).max() == 0 and decode(z, decoding=COMPONENTS).max() == 0
@@ -92,7 +104,7 @@ def test_decoding_checks_name_the_argument():
                       (dict(markers="peaks"), "markers"), (dict(sigma=-1), "sigma"),
                       (dict(sigma=float("nan")), "sigma"), (dict(h=0), "h"),
                       (dict(marker_threshold=1.0), "marker_threshold"),
-                      (dict(marker_threshold=float("nan")), "marker_threshold")):
+                      (dict(marker_threshold=float("nan")), "marker_threshold"), (dict(unmarked="no"), "unmarked")):
         with pytest.raises(ValueError, match=f"^{name}:"):
             Decoding(**bad)
     fg = np.ones((4, 4), bool)

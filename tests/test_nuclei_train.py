@@ -141,7 +141,11 @@ def test_end_to_end_loss_falls_and_outputs_written(tmp_path):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 3 and 0 <= metrics["model"]["over_set"]["DC"] <= 1
-    assert set(metrics["model"]["per_image_mean"]) == {"DC", "JC", "ACC", "SP", "SE", "AJI", "PQ", "F1"}
+    assert set(metrics["model"]["per_image_mean"]) == {"DC", "JC", "ACC", "SP", "SE", "AJI", "AJI+", "PQ", "SQ",
+                                                       "F1", "DSB"}
+    # the instance report: the model's watershed and components beside the classical pipeline's
+    for name in ("model_components", "otsu_components", "model_minus_otsu_components"):
+        assert set(metrics[name]) >= {"over_set", "per_image_mean"}, name
     # the Otsu baseline on the same images, and the model's difference to it
     assert metrics["otsu"]["images"] == 3 and 0.5 < metrics["otsu"]["over_set"]["DC"] <= 1
     for part in ("over_set", "per_image_mean"):
