@@ -65,6 +65,14 @@ class Decoding:
     def needs_probability(self) -> bool:
         return self.method == "watershed" and (self.surface == "probability" or self.markers == "threshold")
 
+    def __str__(self) -> str:
+        if self.method == "components":
+            return "4-connected components"
+        markers = f"h-maxima (h {self.h:g})" if self.markers == "h_maxima" else \
+            f"probability > {self.marker_threshold:g}"
+        return (f"watershed on the {self.surface} (Gaussian sigma {self.sigma:g}), markers: {markers}, "
+                f"components without a marker {'kept whole' if self.unmarked == 'keep' else 'dropped'}")
+
     def describe(self) -> dict:
         """The fields that matter for this method (what reports record)."""
         if self.method == "components":
