@@ -1,5 +1,5 @@
-"""Prediction on whole images, evaluation against ground truth with the Otsu baseline beside the
-model, reports and Figure-3 style overlays."""
+"""Prediction on whole images, evaluation against ground truth with the classical pipeline (Otsu +
+watershed) beside the model, reports and Figure-3 style overlays."""
 from __future__ import annotations
 
 import json

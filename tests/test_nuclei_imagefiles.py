@@ -130,6 +130,14 @@ def test_a_data_folder_with_tiff_label_maps(tmp_path):
     imagefiles.write_labels(tmp_path / "labels" / "a.tif", labels)
     (entry,) = data.read_folder(str(tmp_path))
     assert np.array_equal(entry.load().labels, labels.astype(np.int32))
+    # a multi-page image in the folder: refused when loaded, or read by the folder's channel
+    tifffile.imwrite(tmp_path / "images" / "b.tif", np.stack([np.full((20, 24), v, np.uint8) for v in (5, 9)]),
+                     photometric="minisblack")
+    imagefiles.write_labels(tmp_path / "labels" / "b.tiff", labels)
+    with pytest.raises(data.DataError, match=r"b\.tif.*channel"):
+        data.read_folder(str(tmp_path))[1].load()
+    b = data.read_folder(str(tmp_path), channel=1)[1].load()
+    assert b.id == "b" and (b.image == 9).all()
     Image.fromarray(np.zeros((20, 24), np.uint16)).save(tmp_path / "labels" / "a.png")
     with pytest.raises(data.DataError, match=r"a\.png and .*a\.tif: two label files"):
         data.read_folder(str(tmp_path))
