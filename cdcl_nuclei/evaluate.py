@@ -84,9 +84,11 @@ class Comparison:
     """The model's and the classical pipeline's metrics on the same images, each decoded into nuclei
     two ways: the model's `decoding` (and its 4-connected components, when the decoding is not
     those), Otsu's foreground (`otsu_side`, baseline.py) split by the untuned watershed
-    (`instances.CLASSICAL`) and into its components."""
+    (`instances.CLASSICAL`) and into its components. The decoding defaults to the components, all
+    that a caller holding only the foreground mask can decode; evaluate_samples passes
+    `instances.DEFAULT` with the probability."""
 
-    def __init__(self, instances=True, decoding: Decoding = DEFAULT, otsu_side: str = "minority"):
+    def __init__(self, instances=True, decoding: Decoding = COMPONENTS, otsu_side: str = "minority"):
         self.instances, self.decoding, self.otsu_side = instances, decoding, otsu_side
         names = PIPELINES if instances else ("model", "otsu")
         if decoding.method == "components":

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cdcl_nuclei.evaluate import Comparison, summary_lines, write_report
-from cdcl_nuclei.instances import CLASSICAL, COMPONENTS, Decoding, decode
+from cdcl_nuclei.instances import CLASSICAL, COMPONENTS, DEFAULT, Decoding, decode
 
 
 def _touching_pair(shift=0):
@@ -66,7 +66,7 @@ def test_report_holds_every_pipeline_and_the_differences(tmp_path):
 
 
 def test_summary_lines_give_dice_and_aji_of_the_model_and_the_classical_pipeline(tmp_path):
-    report = write_report(_comparison(), tmp_path)
+    report = write_report(_comparison(decoding=DEFAULT), tmp_path)
     model, otsu = summary_lines(report)
     assert model.startswith("model: Dice ") and "AJI" in model and "watershed" in model and "2 images" in model
     assert otsu.startswith("Otsu:  Dice ") and "Otsu + watershed" in otsu and "model - Otsu: Dice" in otsu
@@ -76,8 +76,8 @@ def test_summary_lines_give_dice_and_aji_of_the_model_and_the_classical_pipeline
 
 
 def test_components_decoding_and_pixel_only_reports(tmp_path):
-    comp = _comparison(decoding=COMPONENTS)
-    assert list(comp.meters) == ["model", "otsu", "otsu_components"]
+    comp = _comparison()  # a caller with only the mask gets the components
+    assert comp.decoding == COMPONENTS and list(comp.meters) == ["model", "otsu", "otsu_components"]
     report = write_report(comp, tmp_path)
     assert "model_components" not in report and report["decoding"]["model"] == {"method": "components"}
     pixels = write_report(_comparison(instances=False), tmp_path / "px")
