@@ -88,7 +88,7 @@ def load_model(path):
     st = load_checkpoint(path)
     model = models.build_model(models.config_from_dict(st["config"]["model"]))
     load_into(model, st["student"], path, "student")
-    return model.eval(), st["config"]
+    return model.eval(), st["config"], f"epoch {st['epoch']}, sha256 {st['sha256'][:16]}"
 
 
 def main(argv=None):
@@ -101,14 +101,15 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, cfg = load_model(args.checkpoint)
+    model, cfg, which = load_model(args.checkpoint)
     icfg = inference_config(cfg["inference"])
     splits = data.dataset_splits(cfg["dataset"], args.data, seed=cfg["split_seed"], fmt=cfg["format"],
                                  max_images=cfg["max_images"])
     tile = 250 if cfg["dataset"] == "monuseg" else None
     seed = cfg["seed"]
     os.makedirs(args.out, exist_ok=True)
-    stamp = {"checkpoint": args.checkpoint, "machine": machine(), "date": datetime.date.today().isoformat()}
+    stamp = {"checkpoint": f"{args.checkpoint} ({which})", "machine": machine(),
+             "date": datetime.date.today().isoformat()}
 
     if args.test:
         samples = data.load_full(splits["test"], tile)
@@ -131,7 +132,7 @@ def main(argv=None):
     header = ("| decoding | " + " | ".join(f"{k} (set)" for k in GOAL) + " | "
               + " | ".join(f"{k} (image)" for k in GOAL) + " | mean |")
     lines = [f"# Instance decoding chosen on the validation split ({len(samples)} images, seed {seed})", "",
-             f"Model: `{args.checkpoint}` (its own split: {cfg['dataset']}, split seed {cfg['split_seed']}). "
+             f"Model: `{stamp['checkpoint']}` (its own split: {cfg['dataset']}, split seed {cfg['split_seed']}). "
              f"{stamp['machine']}; {stamp['date']}. `python experiments/tune_instances.py`.", "",
              "Chosen by the mean of the goal metrics (AJI, PQ, F1 at IoU 0.5, DSB score; over the set and "
              f"per image): **{best['decoding']}**. Values in %.", "",
