@@ -139,9 +139,10 @@ def evaluate_samples(model, samples, cfg: InferenceConfig, device="cpu", out_dir
     for k, s in enumerate(tqdm(samples, desc="evaluating", leave=False, disable=not progress)):
         prob = predict_probability(model, s.image, cfg, device)
         pred = prob > cfg.threshold
-        comp.update(pred, s.image, s.labels, s.id, probability=prob)
-        if out_dir and k < overlays:
-            Image.fromarray(overlay(s.image, pred, s.labels, stretch=True)).save(
+        nuclei = comp.update(pred, s.image, s.labels, s.id, probability=prob)
+        if out_dir and k < overlays:  # the nuclei's foreground: the decoding may drop unsure blobs
+            shown = pred if nuclei is None else nuclei > 0
+            Image.fromarray(overlay(s.image, shown, s.labels, stretch=True)).save(
                 os.path.join(out_dir, "overlays", f"{s.id}.png"))
     return comp
 
