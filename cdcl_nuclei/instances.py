@@ -88,7 +88,7 @@ COMPONENTS = Decoding(method="components")
 CLASSICAL = Decoding(method="watershed", surface="distance", markers="h_maxima", sigma=1.0, h=2.0,
                      unmarked="drop")
 # the model's decoding in reports and predictions, chosen on the demo's validation split only (the
-# best mean of AJI, PQ, F1 and the DSB score over 127 decodings: experiments/tune_instances.py,
+# best mean of AJI, PQ, F1 and the DSB score over 125 decodings: experiments/tune_instances.py,
 # experiments/results/instances/validation-seed0.md): the probability flooded from its cores above
 # 0.95, so touching nuclei split where the model is less sure, and blobs never that sure dropped
 DEFAULT = Decoding(method="watershed", surface="probability", markers="threshold", sigma=1.0,
