@@ -2,8 +2,8 @@
 labeled subset.
 
 Formats (``detect_format`` tells them apart):
-  * ``layout``  -- ``<root>/images/<id>.png`` + ``<root>/labels/<id>.png`` (uint16 instance map), as in
-    ``../shared/nuclei`` and the bundled ``data/dsb2018_sample``;
+  * ``layout``  -- ``<root>/images/<id>.<ext>`` + ``<root>/labels/<id>.png`` (or ``.tif`` / ``.tiff``: an
+    integer instance map), as in ``../shared/nuclei`` and the bundled ``data/dsb2018_sample``;
   * ``dsb``     -- the original DSB2018 folders ``<root>/<id>/images/<id>.png`` + ``<root>/<id>/masks/*.png``
     (one binary mask per nucleus; where masks overlap the later file name wins);
   * ``monuseg`` -- the original MoNuSeg ``<id>.tif`` images with ``<id>.xml`` polygon annotations
@@ -11,6 +11,7 @@ Formats (``detect_format`` tells them apart):
 
 Every reader returns ``Entry`` objects that load lazily, so a split of a large set can be resized one
 image at a time. Any missing, unreadable or mismatched file raises ``DataError`` naming the file.
+Single files are read (TIFF, 16-bit, multi-plane) and written by ``imagefiles``.
 """
 from __future__ import annotations
 
@@ -27,11 +28,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
-
-
-class DataError(ValueError):
-    """A data file is missing, unreadable or does not match its partner."""
+# the file layer (imagefiles) under the names the scripts use: data.DataError, data.read_image, ...
+from .imagefiles import (  # noqa: F401
+    IMAGE_EXTS,
+    LABEL_EXTS,
+    DataError,
+    check_regular,
+    open_image,
+    read_image,
+    read_labels,
+)
 
 
 @dataclass
@@ -49,49 +55,15 @@ class Entry:
 
 # ---------------------------------------------------------------- files
 
-def _check_regular(path):
-    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO or device would block the reader
-        raise DataError(f"{path}: not a regular file")
-
-
-def _open(path):
-    _check_regular(path)
-    try:
-        im = Image.open(path)
-        im.load()
-        return im
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except Exception as e:  # PIL raises many types for truncated or foreign files
-        raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
-
-
-def read_image(path) -> np.ndarray:
-    """uint8 RGB (H, W, 3); grey images are repeated, an alpha channel is dropped, 16-bit is rescaled."""
-    im = _open(path)
-    a = np.asarray(im)
-    if a.dtype != np.uint8:
-        a = a.astype(np.float64)
-        top = a.max()
-        a = (a * (255.0 / top) if top > 0 else a).round().astype(np.uint8)
-    if a.ndim == 2:
-        a = np.repeat(a[:, :, None], 3, axis=2)
-    elif a.ndim == 3 and a.shape[2] in (3, 4):
-        a = a[:, :, :3]
-    elif a.ndim == 3 and a.shape[2] in (1, 2):
-        a = np.repeat(a[:, :, :1], 3, axis=2)
-    else:
-        raise DataError(f"{path}: expected a grey or RGB(A) image, got an array of shape {a.shape}")
-    return np.ascontiguousarray(a)
-
-
-def read_labels(path) -> np.ndarray:
-    """int32 (H, W) instance map from a single-channel integer image."""
-    a = np.asarray(_open(path))
-    if a.ndim != 2 or not np.issubdtype(a.dtype, np.integer):
-        raise DataError(f"{path}: expected a single-channel integer instance label map, "
-                        f"got {a.dtype} of shape {a.shape}")
-    return a.astype(np.int32)
+def label_file(lab_dir, stem, image_path) -> str:
+    """The label map of an image: <lab_dir>/<stem>.png, .tif or .tiff (exactly one of them)."""
+    found = [p for p in (os.path.join(lab_dir, stem + ext) for ext in LABEL_EXTS) if os.path.isfile(p)]
+    if not found:
+        raise DataError(f"{os.path.join(lab_dir, stem + '.png')}: label file not found for image {image_path} "
+                        f"(also looked for {', '.join(stem + e for e in LABEL_EXTS[1:])})")
+    if len(found) > 1:
+        raise DataError(f"{' and '.join(found)}: two label files for image {image_path}; keep one")
+    return found[0]
 
 
 def _check_same_size(image, labels, image_path, label_path):
@@ -102,13 +74,13 @@ def _check_same_size(image, labels, image_path, label_path):
 
 # ---------------------------------------------------------------- formats
 
-def _load_layout(image_path, label_path, sid):
-    image, labels = read_image(image_path), read_labels(label_path)
+def _load_layout(image_path, label_path, sid, channel=None):
+    image, labels = read_image(image_path, channel), read_labels(label_path)
     _check_same_size(image, labels, image_path, label_path)
     return Sample(sid, image, labels)
 
 
-def read_layout(root) -> list[Entry]:
+def read_layout(root, channel=None) -> list[Entry]:
     img_dir, lab_dir = os.path.join(root, "images"), os.path.join(root, "labels")
     for d in (img_dir, lab_dir):
         if not os.path.isdir(d):
@@ -118,18 +90,17 @@ def read_layout(root) -> list[Entry]:
         stem, ext = os.path.splitext(name)
         if ext.lower() not in IMAGE_EXTS:
             continue
-        label_path = os.path.join(lab_dir, stem + ".png")
-        if not os.path.isfile(label_path):
-            raise DataError(f"{label_path}: label file not found for image {os.path.join(img_dir, name)}")
-        entries.append(Entry(stem, partial(_load_layout, os.path.join(img_dir, name), label_path, stem)))
+        image_path = os.path.join(img_dir, name)
+        label_path = label_file(lab_dir, stem, image_path)
+        entries.append(Entry(stem, partial(_load_layout, image_path, label_path, stem, channel)))
     if not entries:
         raise DataError(f"{img_dir}: no images found")
     return entries
 
 
-def _load_dsb(folder, sid):
+def _load_dsb(folder, sid, channel=None):
     image_path = os.path.join(folder, "images", sid + ".png")
-    image = read_image(image_path)
+    image = read_image(image_path, channel)
     mask_dir = os.path.join(folder, "masks")
     if not os.path.isdir(mask_dir):
         raise DataError(f"{mask_dir}: masks folder not found")
@@ -137,7 +108,7 @@ def _load_dsb(folder, sid):
     names = sorted(n for n in os.listdir(mask_dir) if os.path.splitext(n)[1].lower() in IMAGE_EXTS)
     for k, name in enumerate(names, start=1):
         path = os.path.join(mask_dir, name)
-        m = np.asarray(_open(path))
+        m = np.asarray(open_image(path))
         if m.ndim == 3:
             m = m[..., 0]
         if m.shape != labels.shape:
@@ -147,7 +118,7 @@ def _load_dsb(folder, sid):
     return Sample(sid, image, labels)
 
 
-def read_dsb(root) -> list[Entry]:
+def read_dsb(root, channel=None) -> list[Entry]:
     entries = []
     for sid in sorted(os.listdir(root)):
         folder = os.path.join(root, sid)
@@ -156,7 +127,7 @@ def read_dsb(root) -> list[Entry]:
         image_path = os.path.join(folder, "images", sid + ".png")
         if not os.path.isfile(image_path):
             raise DataError(f"{image_path}: image not found (DSB2018 layout <id>/images/<id>.png)")
-        entries.append(Entry(sid, partial(_load_dsb, folder, sid)))
+        entries.append(Entry(sid, partial(_load_dsb, folder, sid, channel)))
     if not entries:
         raise DataError(f"{root}: no DSB2018 sample folders found")
     return entries
@@ -164,7 +135,7 @@ def read_dsb(root) -> list[Entry]:
 
 def rasterize_monuseg_xml(path, height, width) -> np.ndarray:
     """Instance map from a MoNuSeg XML file: one polygon (Region/Vertices/Vertex X,Y) per nucleus."""
-    _check_regular(path)
+    check_regular(path)
     try:
         tree = ET.parse(path)
     except FileNotFoundError:
@@ -186,13 +157,13 @@ def rasterize_monuseg_xml(path, height, width) -> np.ndarray:
     return np.asarray(canvas, dtype=np.int32).copy()
 
 
-def _load_monuseg(image_path, xml_path, sid):
-    image = read_image(image_path)
+def _load_monuseg(image_path, xml_path, sid, channel=None):
+    image = read_image(image_path, channel)
     labels = rasterize_monuseg_xml(xml_path, *image.shape[:2])
     return Sample(sid, image, labels)
 
 
-def read_monuseg(root) -> list[Entry]:
+def read_monuseg(root, channel=None) -> list[Entry]:
     images, xmls = {}, {}
     for dirpath, _, names in os.walk(root):
         for n in names:
@@ -207,7 +178,7 @@ def read_monuseg(root) -> list[Entry]:
     for sid in sorted(images):
         if sid not in xmls:
             raise DataError(f"{images[sid]}: no annotation file {sid}.xml found under {root}")
-        entries.append(Entry(sid, partial(_load_monuseg, images[sid], xmls[sid], sid)))
+        entries.append(Entry(sid, partial(_load_monuseg, images[sid], xmls[sid], sid, channel)))
     return entries
 
 
@@ -229,11 +200,12 @@ def detect_format(root) -> str:
 READERS = {"layout": read_layout, "dsb": read_dsb, "monuseg": read_monuseg}
 
 
-def read_folder(root, fmt: str = "auto") -> list[Entry]:
+def read_folder(root, fmt: str = "auto", channel: int | None = None) -> list[Entry]:
+    """Entries of a data folder; channel: the plane read from multi-plane images (imagefiles.read_image)."""
     fmt = detect_format(root) if fmt == "auto" else fmt
     if fmt not in READERS:
         raise ValueError(f"fmt: expected 'auto' or one of {sorted(READERS)}, got {fmt!r}")
-    return READERS[fmt](root)
+    return READERS[fmt](root, channel)
 
 
 # ---------------------------------------------------------------- splits and subsets
@@ -277,21 +249,21 @@ def labeled_indices(n, fraction, seed):
     return sorted(perm[:k])
 
 
-def dataset_splits(dataset, root, seed=0, fmt="auto", max_images=None):
+def dataset_splits(dataset, root, seed=0, fmt="auto", max_images=None, channel=None):
     """{'train', 'val', 'test'} lists of Entry.
 
     dsb: one folder split 7:1:2 by a seeded shuffle. monuseg: ``root/train`` split 80/20 (train/val)
     by whole tiles, ``root/test`` is the official test set; use ``tile_samples`` after loading.
     """
     if dataset == "dsb":
-        entries = read_folder(root, fmt)
+        entries = read_folder(root, fmt, channel)
         if max_images:
             entries = seeded_split(entries, (1,), seed)[0][:max_images]
         train, val, test = seeded_split(entries, (7, 1, 2), seed)
         return {"train": train, "val": val, "test": test}
     if dataset == "monuseg":
-        train_all = read_folder(os.path.join(root, "train"), fmt)
-        test = read_folder(os.path.join(root, "test"), fmt)
+        train_all = read_folder(os.path.join(root, "train"), fmt, channel)
+        test = read_folder(os.path.join(root, "test"), fmt, channel)
         if max_images:
             train_all, test = train_all[:max_images], test[:max_images]
         train, val = seeded_split(train_all, (8, 2), seed)

@@ -28,7 +28,7 @@ def test_empty_image_counts_as_perfect():
     z = np.zeros((4, 5), dtype=np.int32)
     s = pixel_scores(*confusion(z, z))
     assert all(v == 1.0 for v in s.values())
-    assert instance_scores(instance_terms(z, z)) == {"AJI": 1.0, "PQ": 1.0, "F1": 1.0}
+    assert instance_scores(instance_terms(z, z)) == {k: 1.0 for k in ("AJI", "AJI+", "PQ", "SQ", "F1", "DSB")}
 
 
 def _hand_case():
@@ -48,7 +48,8 @@ def test_instance_metrics_hand_computed():
     assert inst.max() == 2
     t = instance_terms(inst, gt)
     # gt 1 matches the 5-pixel component with IoU 4/5; gt 2 is missed; the lone pixel is a false positive
-    assert (t["tp"], t["fp"], t["fn"]) == (1, 1, 1)
+    tp = t["tp_at"][0]
+    assert (tp, t["n_pred"] - tp, t["n_gt"] - tp) == (1, 1, 1)
     assert t["aji_c"] == 4 and t["aji_u"] == 5 + 4 + 1
     s = instance_scores(t)
     assert s["AJI"] == pytest.approx(0.4)
@@ -108,7 +109,7 @@ def test_meter_over_set_and_per_image():
     gt2 = np.zeros((3, 3), dtype=np.int32)
     gt2[0, 0] = 7
     m = SegmentationMeter()
-    r1 = m.update(pred1, gt1, "a")
+    r1 = m.update(connected_components(pred1), gt1, "a")
     r2 = m.update(pred2, gt2, "b")
     s = m.summary()
     tp, fp, tn, fn = np.add(confusion(pred1, gt1), confusion(pred2, gt2))
