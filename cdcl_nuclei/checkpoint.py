@@ -87,7 +87,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     except Exception as e:  # noqa: BLE001 -- torch.load raises a dozen types on corrupt or foreign bytes
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not written by "
-                              f"train.py): {type(e).__name__}: {first}") from None
+                              f"cdcl-train / train.py): {type(e).__name__}: {first}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         got = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: not a {FORMAT} training checkpoint (format {got!r})")
@@ -108,14 +108,11 @@ def check_finite(path, state_dict, what) -> None:
             raise CheckpointError(f"{path}: the {what} weight {k} holds non-finite values")
 
 
-FLAG_OF = {"model": "--preset/--input-size", "inference": "--window/--overlap/--flips/--resize"}
-
-
-def check_compatible(path, saved: dict, current: dict, keys) -> None:
-    """Raise CheckpointError naming every setting in `keys` that differs between a checkpoint and
-    now, as its command-line flag with both values."""
-    diff = [f"{FLAG_OF.get(k, '--' + k.replace('_', '-'))}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
-            for k in keys if saved.get(k) != current.get(k)]
+def check_compatible(path, saved: dict, current: dict, labels: dict) -> None:
+    """Raise CheckpointError naming every setting in `labels` (stored key: how to name it, e.g. its
+    flag) that differs between a checkpoint and now, with both values."""
+    diff = [f"{label}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
+            for k, label in labels.items() if saved.get(k) != current.get(k)]
     if diff:
         raise CheckpointError(f"{path}: the checkpoint was written by a different run setting ("
                               + "; ".join(diff) + ")")

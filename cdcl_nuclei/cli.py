@@ -1,5 +1,6 @@
-"""Checks of command-line values shared by train.py and predict.py. Each raises ValueError whose
-message starts with the flag, so a script prints it as its one-line error and exits with status 2."""
+"""Checks of setting values shared by cdcl-train and cdcl-predict. Each raises ValueError whose
+message starts with the setting's name (its flag, or `FILE: key` from --config), so a command
+prints it as its one-line error and exits with status 2."""
 from __future__ import annotations
 
 import math

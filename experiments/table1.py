@@ -47,19 +47,11 @@ def parse_args(argv=None):
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--preset", default="small")
     p.add_argument("--out", default="runs/table1")
-    p.add_argument("--in-process", action="store_true", help="call train.main here instead of a subprocess")
+    p.add_argument("--in-process", action="store_true",
+                   help="call cdcl_nuclei.cli_train.main here instead of a subprocess")
     args = p.parse_args(argv)
     args.extra = extra
     return args
-
-
-def _train_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_train_script", os.path.join(ROOT, "train.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def run_dir(args, method, seed):
@@ -77,7 +69,12 @@ def train_once(args, method, seed):
            "--resume", "auto", "--no-progress", *args.extra]
     print(f"{method} seed {seed}: " + " ".join(cmd[1:]), flush=True)
     t0 = time.time()
-    code = _train_module().main(cmd[2:]) if args.in_process else subprocess.run(cmd, cwd=ROOT).returncode
+    if args.in_process:
+        from cdcl_nuclei import cli_train  # torch and the package load only for in-process runs
+
+        code = cli_train.main(cmd[2:])
+    else:
+        code = subprocess.run(cmd, cwd=ROOT).returncode
     if code != 0:
         raise SystemExit(f"{method} seed {seed}: train.py failed with exit status {code}")
     print(f"{method} seed {seed}: {time.time() - t0:.0f} s", flush=True)

@@ -1,7 +1,7 @@
-"""Hostile input to train.py and predict.py: every bad flag, file or checkpoint is one line naming
-it and exit status 2; corrupt checkpoints are caught by their checksum; an interrupted save leaves
-nothing behind; a resumed run logs each epoch once; the test evaluation uses this run's model only;
-a non-finite loss stops the run with exit status 3."""
+"""Hostile input to cdcl-train and cdcl-predict (train.py, predict.py): every bad flag, file or
+checkpoint is one line naming it and exit status 2; corrupt checkpoints are caught by their
+checksum; an interrupted save leaves nothing behind; a resumed run logs each epoch once; the test
+evaluation uses this run's model only; a non-finite loss stops the run with exit status 3."""
 import csv
 import json
 import os
@@ -12,9 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cdcl_nuclei import models
+from cdcl_nuclei import cli_predict as predict
+from cdcl_nuclei import cli_train as train
+from cdcl_nuclei import losses, models
 from cdcl_nuclei.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from test_nuclei_train import SAMPLE, TINY, predict, train  # noqa: F401  (the scripts, loaded once)
+from test_nuclei_train import SAMPLE, TINY
 
 
 @pytest.fixture(autouse=True)
@@ -256,14 +258,14 @@ def test_no_validation_split_says_the_last_epoch_was_tested(tmp_path, capsys):
 def test_non_finite_loss_stops_with_exit_3(tmp_path, capsys, monkeypatch):
     out = tmp_path / "nan"
     common = TINY + ["--method", "meanteacher", "--epochs", "2", "--no-test", "--out", str(out)]
-    real = train.entropy
+    real = losses.entropy
     calls = {"n": 0}
 
     def entropy_nan_from_step_3(logits):
         calls["n"] += 1
         return real(logits) * (float("nan") if calls["n"] >= 3 else 1.0)
 
-    monkeypatch.setattr(train, "entropy", entropy_nan_from_step_3)
+    monkeypatch.setattr(losses, "entropy", entropy_nan_from_step_3)
     assert train.main(common) == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "step 3" in err and "ent" in err, err

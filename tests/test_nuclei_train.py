@@ -1,7 +1,6 @@
-"""train.py / predict.py end to end on tiny settings: resume equivalence, checkpoint errors,
-a short run on bundled images, predict, and a 2-process DDP smoke test."""
+"""cdcl-train / cdcl-predict (train.py / predict.py) end to end on tiny settings: resume equivalence,
+checkpoint errors, a short run on bundled images, predict, and a 2-process DDP smoke test."""
 import csv
-import importlib.util
 import json
 import os
 import re
@@ -16,21 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
+from cdcl_nuclei import cli_predict as predict
+from cdcl_nuclei import cli_train as train
+from cdcl_nuclei import losses
 from cdcl_nuclei.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from experiments import table1
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "dsb2018_sample"
 
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"_{name}_script", ROOT / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-train = _script("train")
-predict = _script("predict")
 
 TINY = ["--data", str(SAMPLE), "--preset", "tiny", "--max-images", "12", "--labeled-fraction", "1/4",
         "--batch-size", "2", "--unlabeled-batch-size", "2", "--iters-per-epoch", "2",
@@ -221,9 +214,6 @@ def test_ddp_two_processes_smoke(tmp_path):
 
 
 def test_table1_protocol_runs_and_writes_the_table(tmp_path):
-    spec = importlib.util.spec_from_file_location("_table1", ROOT / "experiments" / "table1.py")
-    table1 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table1)
     out = tmp_path / "t1"
     common = ["--data", str(SAMPLE), "--fraction", "1/4", "--preset", "tiny", "--out", str(out), "--in-process",
               "--", "--max-images", "12", "--batch-size", "2", "--unlabeled-batch-size", "2", "--epochs", "1",
@@ -315,9 +305,9 @@ def test_gpu_table1_dry_run_checks_the_data_and_the_transfer_size(tmp_path):
 def test_soft_dice_loss():
     target = torch.tensor([[[0, 1], [1, 0]]])
     perfect = torch.stack([1 - target, target], dim=1).float() * 40 - 20
-    assert float(train.soft_dice_loss(perfect, target)) < 1e-6
+    assert float(losses.soft_dice_loss(perfect, target)) < 1e-6
     # all wrong: only the +1 smoothing is left, 1 - 1 / (2 + 2 + 1)
-    assert float(train.soft_dice_loss(-perfect, target)) == pytest.approx(0.8, abs=1e-6)
+    assert float(losses.soft_dice_loss(-perfect, target)) == pytest.approx(0.8, abs=1e-6)
 
 
 def test_resize_protocol_and_val_every(tmp_path):

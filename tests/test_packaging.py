@@ -1,6 +1,8 @@
 """The package as a user installs it: a wheel built from a copy of the sources, and a plain
 `pip install` of them, each into a fresh virtual environment, imported outside the checkout, with
-one forward + backward on the `cpu` backend and an opcheck; the sdist carries csrc/."""
+one forward + backward on the `cpu` backend and an opcheck; from the wheel, the console scripts
+cdcl-train and cdcl-predict train and predict on a few bundled images; the sdist carries csrc/."""
+import json
 import os
 import shutil
 import subprocess
@@ -84,6 +86,36 @@ def _use_elsewhere(tmp_path, py):
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout[-3000:] + r.stderr[-3000:]
 
 
+def _console_scripts(tmp_path, py):
+    """cdcl-train and cdcl-predict of the installed wheel: --help, one tiny training step on
+    bundled images and a prediction with its checkpoint, all outside the checkout."""
+    run, bin_dir = tmp_path / "scripts", py.parent
+    run.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = subprocess.run([str(py), "-c", "import cdcl_nuclei.cli_train as m; print(m.__file__)"], cwd=run,
+                           capture_output=True, text=True, env=env)
+    assert os.path.realpath(where.stdout.strip()).startswith(os.path.realpath(py.parent.parent)), where
+    for name, words in (("cdcl-train", "--labeled-fraction"), ("cdcl-predict", "--checkpoint")):
+        r = subprocess.run([str(bin_dir / name), "--help"], cwd=run, capture_output=True, text=True, env=env)
+        assert r.returncode == 0 and r.stdout.startswith(f"usage: {name}") and words in r.stdout, r.stderr[-3000:]
+    sample = ROOT / "data" / "dsb2018_sample"
+    r = subprocess.run([str(bin_dir / "cdcl-train"), "--data", str(sample), "--preset", "tiny", "--max-images", "12",
+                        "--labeled-fraction", "1/4", "--batch-size", "2", "--unlabeled-batch-size", "2",
+                        "--epochs", "1", "--iters-per-epoch", "1", "--unsup-start-epoch", "1", "--overlays", "0",
+                        "--threads", "1", "--no-progress", "--out", "run"],
+                       cwd=run, capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "model: Dice over the set" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    test_ids = json.loads((run / "run" / "splits.json").read_text())["test"]
+    images = run / "images"
+    images.mkdir()
+    for sid in test_ids[:2]:
+        shutil.copy(sample / "images" / f"{sid}.png", images)
+    r = subprocess.run([str(bin_dir / "cdcl-predict"), "--checkpoint", "run/best.pt", "--images", "images",
+                        "--out", "pred", "--no-progress"], cwd=run, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert sorted(p.name for p in (run / "pred" / "masks").iterdir()) == sorted(f"{i}.png" for i in test_ids[:2])
+
+
 @needs_git
 def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     src = _sources(tmp_path / "src")
@@ -95,6 +127,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     py = _fresh_venv(tmp_path)
     _pip_install(py, str(wheels[0]))
     _use_elsewhere(tmp_path, py)
+    _console_scripts(tmp_path, py)  # the [train] extra's packages come from this environment
 
 
 @needs_git
