@@ -23,6 +23,8 @@ from cdcl_ops import available_backends
 from . import cli, data, losses, models
 from .evaluate import InferenceConfig
 
+ALWAYS = object()  # Spec.before of a setting as old as the checkpoint format
+
 
 @dataclass(frozen=True)
 class Spec:
@@ -33,6 +35,9 @@ class Spec:
     lo_open: bool = False
     choices: tuple | None = None
     resume_free: bool = False  # a resumed run may change it: where it writes and how it runs, never what it computes
+    # the value every run had before the setting existed: a checkpoint without it is compared as if it
+    # held this value
+    before: object = ALWAYS
     metavar: tuple | None = None
 
 
@@ -92,6 +97,17 @@ class TrainConfig:
     rampup_epochs: float | None = setting(None, "length T of the w_cons ramp (default: --epochs)", lo=0)
     w_contr: float = setting(0.1, lo=0)
     w_cons: float = setting(1.0, "final consistency weight", lo=0)
+    cons_threshold: float = setting(0.0, "L_cons only on pixels whose teacher confidence (largest class "
+                                    "probability) reaches this; 0: every pixel (the paper)", lo=0, hi=1, before=0.0)
+    cons_target: str = setting("hard", "hard: cross-entropy against the teacher's argmax (the paper); soft: "
+                               "squared error between the two softmax outputs", choices=("hard", "soft"),
+                               before="hard")
+    teacher_bn: str = setting("eval", "the teacher's BatchNorm: eval (running statistics copied from the "
+                              "student at every EMA update), ema (running statistics averaged like the "
+                              "weights) or train (statistics of its own weak batch)",
+                              choices=("eval", "ema", "train"), before="eval")
+    strong_photometric: bool = setting(True, "the strong view adds blur, colour jitter and grayscale to the "
+                                       "weak view (--no-strong-photometric: the two views are equal)", before=True)
     w_ent: float = setting(0.01, lo=0)
     w_dice: float = setting(0.0, "weight of a soft-Dice term added to L_sup (0: the paper's cross-entropy alone)",
                             lo=0)
@@ -324,6 +340,11 @@ def resolve_training(s: TrainConfig, names) -> TrainRun:
                        data=os.path.realpath(s.data),  # a resumed run must read the same folder, from any cwd
                        rampup_epochs=float(s.epochs) if s.rampup_epochs is None else s.rampup_epochs)
     return TrainRun(settings, model, inference, dict(names))
+
+
+def before_settings() -> dict[str, object]:
+    """What a checkpoint written before a setting existed ran with, for each such setting."""
+    return {f.name: spec_of(f).before for f in fields(TrainConfig) if spec_of(f).before is not ALWAYS}
 
 
 def resume_checked() -> dict[str, str]:

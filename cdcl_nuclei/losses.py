@@ -56,10 +56,28 @@ def soft_dice_loss(logits, target):
     return 1.0 - (2.0 * (p * t).sum() + 1.0) / (p.sum() + t.sum() + 1.0)
 
 
-def consistency(student_logits, teacher_logits):
-    """L_cons: the student's prediction on the strong view against the teacher's argmax on the weak
-    view, every pixel."""
-    return F.cross_entropy(student_logits.float(), teacher_logits.argmax(dim=1))
+def consistency(student_logits, teacher_logits, threshold: float = 0.0, target: str = "hard"):
+    """(L_cons, the pixels it kept): the student's prediction on the strong view against the teacher's
+    on the weak view.
+
+    target "hard": cross-entropy against the teacher's argmax (the paper); "soft": squared error between
+    the two softmax outputs, summed over classes (the original mean teacher). threshold > 0 keeps the
+    pixels whose teacher confidence (largest class probability) reaches it, and the loss stays a mean
+    over all pixels, so a teacher that trusts nothing contributes nothing (FixMatch's normalisation).
+    """
+    t_prob = teacher_logits.float().softmax(dim=1)
+    conf, pseudo = t_prob.max(dim=1)
+    mask = conf >= threshold if threshold > 0 else torch.ones_like(conf, dtype=torch.bool)
+    if target == "hard" and threshold <= 0:
+        # the paper's recipe, computed exactly as before the threshold existed
+        return F.cross_entropy(student_logits.float(), pseudo), mask
+    if target == "hard":
+        per_pixel = F.cross_entropy(student_logits.float(), pseudo, reduction="none")
+    elif target == "soft":
+        per_pixel = (student_logits.float().softmax(dim=1) - t_prob).pow(2).sum(dim=1)
+    else:
+        raise ValueError(f"target: expected 'hard' or 'soft', got {target!r}")
+    return (per_pixel * mask).mean(), mask
 
 
 def contrast_shares(stats, feats, grid):

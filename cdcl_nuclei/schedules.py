@@ -16,10 +16,13 @@ def ema_alpha(step: int, alpha: float = 0.999) -> float:
 
 
 @torch.no_grad()
-def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float) -> None:
-    """teacher <- alpha * teacher + (1 - alpha) * student for parameters; buffers (BatchNorm running
-    statistics, batch counters) are copied from the student, since averaging them is meaningless for
-    the counter and lags for the statistics."""
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float, buffers: str = "copy") -> None:
+    """teacher <- alpha * teacher + (1 - alpha) * student for parameters. Buffers: "copy" takes the
+    student's (BatchNorm running statistics of the student's current weights); "ema" averages the
+    floating-point ones like the weights, so the statistics belong to the averaged weights they
+    normalise (integer batch counters are copied either way)."""
+    if buffers not in ("copy", "ema"):
+        raise ValueError(f"buffers: expected 'copy' or 'ema', got {buffers!r}")
     t_params = dict(teacher.named_parameters())
     s_params = dict(student.named_parameters())
     if t_params.keys() != s_params.keys():
@@ -28,7 +31,10 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float)
         t_params[name].mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
     t_bufs = dict(teacher.named_buffers())
     for name, s in student.named_buffers():
-        t_bufs[name].copy_(s)
+        if buffers == "ema" and s.is_floating_point():
+            t_bufs[name].mul_(alpha).add_(s, alpha=1.0 - alpha)
+        else:
+            t_bufs[name].copy_(s)
 
 
 def sigmoid_rampup(t: float, length: float) -> float:

@@ -28,7 +28,7 @@ from .checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
-from .config import TrainRun, resume_checked
+from .config import TrainRun, before_settings, resume_checked
 from .distributed import all_mean
 from .evaluate import (
     evaluate_samples,
@@ -39,11 +39,17 @@ from .evaluate import (
     validation_dice,
     write_report,
 )
+from .pseudo_labels import LOG_FIELDS as PSEUDO_FIELDS
+from .pseudo_labels import PseudoLabelStats, image_kind
 from .streams import IndexStream, epoch_seed
 
 LOSS_TERMS = ("loss", "sup", "dice", "cons", "contr", "ent")
 LOG_FIELDS = ("epoch", "step", "lr", "loss", "sup", "dice", "cons", "contr", "ent", "w_cons", "fdp_share",
-              "bdp_share", "query_share", "with_negative_share", "negatives_per_query", "val_dice", "seconds")
+              "bdp_share", "query_share", "with_negative_share", "negatives_per_query", "val_dice",
+              "teacher_val_dice", "cons_kept", *PSEUDO_FIELDS, "seconds")
+# the teacher confidence at which the pseudo-label log counts a pixel as confident, whatever the run's
+# --cons-threshold, so that runs compare
+REPORT_CONFIDENCE = 0.95
 
 
 class NonFiniteLoss(RuntimeError):
@@ -79,6 +85,8 @@ class Trainer:
         self.bl, self.bu = s.batch_size // world, s.unlabeled_batch_size // world
         torch.manual_seed(s.seed)
         self.d = load_data(s, run.model.input_size, rank)
+        self.kinds = [image_kind(x.image) for x in self.d["train"]]
+        self.pseudo = PseudoLabelStats()
         self.semi = losses.METHODS[s.method].semi
         if self.semi and not self.d["unlabeled"]:
             raise ValueError(f"{names['labeled_fraction']}: {s.labeled_fraction} leaves no unlabeled image "
@@ -118,7 +126,7 @@ class Trainer:
 
     def resume(self, path):
         st = load_checkpoint(path, map_location=self.device)
-        check_compatible(path, st["config"], self.run.stored(), resume_checked())
+        check_compatible(path, {**before_settings(), **st["config"]}, self.run.stored(), resume_checked())
         load_into(self.student, st["student"], path, "student")
         if self.teacher is not None:
             load_into(self.teacher, st["teacher"], path, "teacher")
@@ -149,9 +157,21 @@ class Trainer:
         if labeled:
             xs, y = augment.labeled_view(x, labels, self.aug, g)
             return augment.normalize(xs).to(self.device, memory_format=fmt), (y > 0).long().to(self.device)
-        weak, strong = augment.weak_strong_pair(x, self.aug, g)
+        # the hidden labels ride along for the pseudo-label log only; nothing trains on them
+        weak, strong, hidden = augment.weak_strong_pair(x, self.aug, g, labels)
+        if not self.cfg.strong_photometric:
+            strong = weak  # drawn all the same, so every other random draw stays where it was
         return (augment.normalize(weak).to(self.device, memory_format=fmt),
-                augment.normalize(strong).to(self.device, memory_format=fmt))
+                augment.normalize(strong).to(self.device, memory_format=fmt), hidden, [self.kinds[i] for i in idx])
+
+    def teacher_forward(self, weak, features):
+        if self.cfg.teacher_bn == "train":
+            for m in self.teacher.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.train()  # its running statistics are overwritten by the student's at the EMA update
+        out = self.teacher(weak, features=features)
+        self.teacher.eval()
+        return out
 
     def train_step(self, lab_stream, unl_stream, g, t_epoch, unsup):
         s = self.cfg
@@ -159,7 +179,7 @@ class Trainer:
         parts = {}
         cast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=s.autocast == "bf16")
         if unsup:
-            weak, strong = self.batch(unl_stream.take(self.bu), g, False)
+            weak, strong, hidden, kinds = self.batch(unl_stream.take(self.bu), g, False)
             with cast:
                 out = self.net(torch.cat([xl, strong]), features=s.contr)
         else:
@@ -174,9 +194,12 @@ class Trainer:
         if unsup:
             s_logits = logits[self.bl:]
             with torch.no_grad(), cast:
-                t_out = self.teacher(weak, features=s.contr)
+                t_out = self.teacher_forward(weak, s.contr)
+                confident = t_out["logits"].float().softmax(dim=1).amax(dim=1) >= REPORT_CONFIDENCE
+                self.pseudo.update(t_out["logits"], hidden, kinds, confident)
             if s.cons:
-                parts["cons"] = losses.consistency(s_logits, t_out["logits"])
+                parts["cons"], kept = losses.consistency(s_logits, t_out["logits"], s.cons_threshold, s.cons_target)
+                parts["cons_kept"] = kept.float().mean()
                 loss = loss + w_cons * parts["cons"]
             if s.ent:
                 parts["ent"] = losses.entropy(s_logits)
@@ -197,7 +220,8 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         if self.teacher is not None:
-            schedules.ema_update(self.teacher, self.student, schedules.ema_alpha(self.step, s.ema_alpha))
+            schedules.ema_update(self.teacher, self.student, schedules.ema_alpha(self.step, s.ema_alpha),
+                                 buffers="ema" if s.teacher_bn == "ema" else "copy")
         self.step += 1
         parts = {k: float(v.detach()) for k, v in parts.items()}
         parts["loss"] = float(loss.detach())
@@ -212,6 +236,7 @@ class Trainer:
         lab = IndexStream(self.d["labeled"], g)
         unl = IndexStream(self.d["unlabeled"], g) if self.semi else None
         unsup = self.semi and (e + 1) >= s.unsup_start_epoch
+        self.pseudo = PseudoLabelStats()
         self.student.train()
         sums, n = {}, 0
         bar = tqdm(range(self.iters), desc=f"epoch {e + 1}/{s.epochs}", leave=False,
@@ -223,14 +248,20 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix({k: f"{v / n:.3f}" for k, v in sums.items() if k in LOSS_TERMS})
         bar.close()
-        return {k: all_mean(v / n, self.world) for k, v in sums.items()}
+        out = {k: all_mean(v / n, self.world) for k, v in sums.items()}
+        out.update(self.pseudo.summary())  # rank 0's share of the pixels (the log is written there)
+        return out
 
-    def validate(self) -> float:
-        """The student's Dice over the validation set (NaN when this epoch does not validate)."""
-        s = self.cfg
+    def validate(self) -> tuple[float, float]:
+        """The student's and the teacher's Dice over the validation set (NaN when this epoch does not
+        validate; the teacher's NaN without a teacher)."""
+        s, nan = self.cfg, float("nan")
         if not self.d["val"] or not (self.epoch % s.val_every == 0 or self.epoch == s.epochs):
-            return float("nan")
-        return validation_dice(self.student, self.d["val"], self.run.inference, self.device)
+            return nan, nan
+        dice = validation_dice(self.student, self.d["val"], self.run.inference, self.device)
+        if self.teacher is None:
+            return dice, nan
+        return dice, validation_dice(self.teacher, self.d["val"], self.run.inference, self.device)
 
     def fit(self, log_path, tb, resumed=False):
         s = self.cfg
@@ -241,14 +272,17 @@ class Trainer:
             t0 = time.time()
             stats = self.train_epoch()
             self.epoch += 1
-            dice = self.validate()
+            dice, t_dice = self.validate()
             row = {"epoch": self.epoch, "step": self.step, "lr": self.opt.param_groups[0]["lr"],
-                   **stats, "val_dice": dice, "seconds": round(time.time() - t0, 2)}
+                   **stats, "val_dice": dice, "teacher_val_dice": t_dice, "seconds": round(time.time() - t0, 2)}
             if self.main:
                 with open(log_path, "a", newline="") as f:
                     csv.writer(f).writerow([row.get(k, "") for k in LOG_FIELDS])
                 msg = " ".join(f"{k}={row[k]:.4f}" for k in LOSS_TERMS if k in row)
-                print(f"epoch {self.epoch}/{s.epochs} {msg} val_dice={dice:.4f} ({row['seconds']}s)", flush=True)
+                pl = f" pl_acc={row['pl_acc']:.4f}" if "pl_acc" in row else ""
+                teacher = f" teacher={t_dice:.4f}" if self.teacher is not None else ""
+                print(f"epoch {self.epoch}/{s.epochs} {msg}{pl} val_dice={dice:.4f}{teacher} ({row['seconds']}s)",
+                      flush=True)
                 if tb is not None:
                     for k, v in row.items():
                         if k not in ("epoch", "step"):
