@@ -56,6 +56,19 @@ def test_low_precision_features(backend, dtype):
         assert_close_to_reference(inputs, backend, dtype, denominator=denominator)
 
 
+@pytest.mark.skipif("cpu" not in STREAMING, reason="cdcl_ops._C not built")
+@pytest.mark.parametrize("products", ["auto", "blas"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_both_product_paths(products, dtype, monkeypatch):
+    """Our AVX-512 products where the CPU has them ("auto"), and BLAS, across the kernels' tiles
+    (64 x 256, both passes) with ragged ends."""
+    monkeypatch.setenv("CDCL_OPS_CPU_PRODUCTS", products)
+    for bank, shape in ((True, (130, 517, 40)), (False, (300, 0, 17))):
+        inputs = make_inputs(*shape, seed=6, bank=bank, positive=True, n_labels=4)
+        for denominator in DENOMINATORS:
+            assert_close_to_reference(inputs, "cpu", dtype, denominator=denominator)
+
+
 @pytest.mark.parametrize("backend", STREAMING)
 def test_many_groups_and_a_detached_bank(backend):
     # G > 64: the C++ kernels' table lookup instead of bit sets (Triton: beyond 32)
@@ -325,8 +338,10 @@ def test_the_cuda_backend_refuses_the_loss_by_name():
 def test_registry_says_which_losses_each_backend_takes():
     takes = {name: registry.get(name).losses for name in registry.names()}
     assert takes["cuda"] == ("masked_infonce",)
-    assert {name for name, losses in takes.items() if LOSS in losses} == {"reference", "chunked"}
+    assert {name for name, losses in takes.items() if LOSS in losses} == {"reference", "chunked", "cpu"}
     assert all("masked_infonce" in losses for losses in takes.values())
+    # the default for the loss is the default for masked_infonce wherever that one takes it
+    assert registry.default("cpu", loss=LOSS) == registry.default("cpu")
     # the default for the loss is the default for masked_infonce wherever that one takes it
     assert registry.default("meta", loss=LOSS) == "chunked"
     with pytest.raises(ValueError, match="lacks its forward or bank-gradient entry point"):
