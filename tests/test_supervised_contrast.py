@@ -338,7 +338,7 @@ def test_the_cuda_backend_refuses_the_loss_by_name():
 def test_registry_says_which_losses_each_backend_takes():
     takes = {name: registry.get(name).losses for name in registry.names()}
     assert takes["cuda"] == ("masked_infonce",)
-    assert {name for name, losses in takes.items() if LOSS in losses} == {"reference", "chunked", "cpu"}
+    assert {name for name, losses in takes.items() if LOSS in losses} == {"reference", "chunked", "cpu", "triton"}
     assert all("masked_infonce" in losses for losses in takes.values())
     # the default for the loss is the default for masked_infonce wherever that one takes it
     assert registry.default("cpu", loss=LOSS) == registry.default("cpu")
