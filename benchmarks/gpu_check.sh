@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_check.sh            # build, tests, benchmark (paper, large)
 #   RUN_SWEEP=1 BUDGET=590 bash benchmarks/gpu_check.sh    # also the Triton launch-config sweep
 #   CONTENDERS=reference,triton-bf16,flex-bf16 BENCH_SIZES=large bash benchmarks/gpu_check.sh
+#   SUPCON_SIZES= bash benchmarks/gpu_check.sh    # without the supervised contrastive rows
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-benchmarks/out}
@@ -57,15 +58,33 @@ default_contenders() {
     [ "$1" = paper ] && fp32_flex=",flex"
     echo "reference,triton-bf16,flex-bf16,triton,triton-tf32,compile(reference)$fp32_flex,cuda,cuda-bf16,cuda-bf16-tc"
 }
-# one invocation per size, so that a size that finishes is kept even if a later one runs out of time
+# one invocation per size, so that a size that finishes is kept even if a later one runs out of time;
+# the supervised contrastive stage after them keeps 60 s unless SUPCON_SIZES is empty
+supcon_reserve=60
+[ -z "${SUPCON_SIZES-contrastiveseg}" ] && supcon_reserve=0
 read -r -a sizes <<< "${BENCH_SIZES:-paper large}"
 for i in "${!sizes[@]}"; do
     size=${sizes[$i]}
     later=$(( ${#sizes[@]} - i - 1 ))  # sizes still to come get a share of what is left
     # --allow-missing: a failed build leaves no cuda contenders; their rows say so, the rest run
-    timeout "$(cap "${BENCH_TIMEOUT:-150}" $(( 15 + later * 110 )))" "$PY" -m benchmarks.run --sizes "$size" --device cuda \
+    timeout "$(cap "${BENCH_TIMEOUT:-150}" $(( 15 + supcon_reserve + later * 110 )))" "$PY" -m benchmarks.run --sizes "$size" --device cuda \
         --out "$OUT" --time-limit 3 --allow-missing --contenders "${CONTENDERS:-$(default_contenders "$size")}" \
         2>&1 | tee "$OUT/bench-$size.log" | grep -v "^benchmark:" | tail -4
+done
+
+stamp "benchmark: supervised contrastive loss"
+# supervised_contrast (issue 23) at ContrastiveSeg's size, the queue detached as there: the
+# materialising reference first (the goal: triton bf16 at least 10x faster), then the Triton
+# precisions, SupConLoss and compile(reference)
+default_supcon_contenders() {
+    echo "reference,triton-bf16,triton,triton-tf32,supconloss,compile(reference)"
+}
+read -r -a supcon_sizes <<< "${SUPCON_SIZES-contrastiveseg}"
+for size in ${supcon_sizes[@]+"${supcon_sizes[@]}"}; do
+    timeout "$(cap "${SUPCON_TIMEOUT:-90}" 15)" "$PY" -m benchmarks.run --loss supcon-all --sizes "$size" \
+        --device cuda --out "$OUT" --time-limit 3 --bank-grad no --allow-missing \
+        --contenders "${SUPCON_CONTENDERS:-$(default_supcon_contenders)}" \
+        2>&1 | tee "$OUT/bench-supcon-$size.log" | grep -v "^benchmark:" | tail -4
 done
 
 if [ -n "${RUN_SWEEP:-}" ]; then
