@@ -154,27 +154,29 @@ def test_reductions_agree(backend, denominator):
     torch.testing.assert_close(cdcl_ops.supervised_contrast(**args, reduction="sum"), per_q.sum())
 
 
-def test_by_hand():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_by_hand(backend):
     # one query [1, 0], bank: a positive at 60 degrees, a negative at 90 and one at 180
-    q = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
-    k = torch.tensor([[0.5, 3**0.5 / 2], [0.0, 1.0], [-1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    dtype = _dtype(backend)
+    q = torch.tensor([[1.0, 0.0]], dtype=dtype)
+    k = torch.tensor([[0.5, 3**0.5 / 2], [0.0, 1.0], [-1.0, 0.0], [1.0, 0.0]], dtype=dtype)
     k_lab = torch.tensor([0, 1, 1, -1])  # the last row is inactive
-    p = torch.tensor([[1.0, 1.0]], dtype=torch.float64)  # the paired positive: 45 degrees
+    p = torch.tensor([[1.0, 1.0]], dtype=dtype)  # the paired positive: 45 degrees
     tau = 0.5
     s_p, s_n, s_pair = 0.5 / tau, torch.tensor([0.0, -1.0]) / tau, 2**-0.5 / tau
-    for backend in BACKENDS:
-        kw = dict(temperature=tau, backend=backend)
-        got = cdcl_ops.supervised_contrast(q, torch.tensor([0]), k, k_lab, **kw)
-        want = torch.logsumexp(torch.tensor([s_p, *s_n], dtype=torch.float64), 0) - s_p
-        torch.testing.assert_close(got, want)
-        got = cdcl_ops.supervised_contrast(q, torch.tensor([0]), k, k_lab, positive=p, **kw)
-        lse = torch.logsumexp(torch.tensor([s_pair, s_p, *s_n], dtype=torch.float64), 0)
-        torch.testing.assert_close(got, lse - (s_p + s_pair) / 2)
-        got = cdcl_ops.supervised_contrast(q, torch.tensor([0]), k, k_lab, positive=p,
-                                           denominator="negatives", **kw)
-        neg = torch.logsumexp(s_n.double(), 0)
-        terms = [torch.logaddexp(torch.tensor(s, dtype=torch.float64), neg) - s for s in (s_p, s_pair)]
-        torch.testing.assert_close(got, sum(terms) / 2)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else {}
+    kw = dict(temperature=tau, backend=backend)
+    got = cdcl_ops.supervised_contrast(q, torch.tensor([0]), k, k_lab, **kw)
+    want = torch.logsumexp(torch.tensor([s_p, *s_n], dtype=torch.float64), 0) - s_p
+    torch.testing.assert_close(got.double(), want, **tol)
+    got = cdcl_ops.supervised_contrast(q, torch.tensor([0]), k, k_lab, positive=p, **kw)
+    lse = torch.logsumexp(torch.tensor([s_pair, s_p, *s_n], dtype=torch.float64), 0)
+    torch.testing.assert_close(got.double(), lse - (s_p + s_pair) / 2, **tol)
+    got = cdcl_ops.supervised_contrast(q, torch.tensor([0]), k, k_lab, positive=p,
+                                       denominator="negatives", **kw)
+    neg = torch.logsumexp(s_n.double(), 0)
+    terms = [torch.logaddexp(torch.tensor(s, dtype=torch.float64), neg) - s for s in (s_p, s_pair)]
+    torch.testing.assert_close(got.double(), sum(terms) / 2, **tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
