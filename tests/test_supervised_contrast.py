@@ -416,9 +416,12 @@ def test_compile_fullgraph_matches_eager(backend):
     inputs = make_inputs(20, 33, 8, dtype=torch.float32, seed=2, positive=True)
 
     def loss_fn(q, p, k):
-        return sum(cdcl_ops.supervised_contrast(**dict(inputs, query=q, positive=p, bank=k),
-                                                denominator=den, backend=backend, temperature=0.2)
-                   for den in DENOMINATORS)
+        with_bank = sum(cdcl_ops.supervised_contrast(**dict(inputs, query=q, positive=p, bank=k),
+                                                     denominator=den, backend=backend, temperature=0.2)
+                        for den in DENOMINATORS)
+        # the in-batch form without paired positives: both optional tensors of the op are None
+        in_batch = cdcl_ops.supervised_contrast(k, inputs["bank_labels"], backend=backend)
+        return with_bank + in_batch
 
     results = []
     for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
