@@ -105,7 +105,7 @@ def contrast_forward(q: Tensor, p: Tensor | None, k: Tensor, inv: InverseNorms, 
     loss, lse, lse_weight, pos_coef = rows
     n_pos = torch.empty(n, dtype=torch.int32, device=q.device)
     u = torch.empty((n if need_u else 0, d), dtype=acc, device=q.device)
-    by_label = contrast.denominator == "all"
+    over_all = contrast.denominator == "all"
     for a, b in _tiles(n, QUERY_TILE):
         qt = _unit(q, inv.q, a, b, acc)
         active = masks.q_grp[a:b] >= 0
@@ -114,23 +114,23 @@ def contrast_forward(q: Tensor, p: Tensor | None, k: Tensor, inv: InverseNorms, 
             else torch.zeros(b - a, dtype=acc, device=q.device)
         count = paired.to(torch.int32)
         # pass 1: the log-sum-exp over P u N ("all", the paired positive seeding it) or N
-        m_run = torch.where(paired, s_pair, neg_inf) if by_label else torch.full_like(s_pair, neg_inf)
-        l_run = paired.to(acc) if by_label else torch.zeros_like(s_pair)
+        m_run = torch.where(paired, s_pair, neg_inf) if over_all else torch.full_like(s_pair, neg_inf)
+        l_run = paired.to(acc) if over_all else torch.zeros_like(s_pair)
         o_run = torch.zeros_like(qt) if need_u else None
         pos_score = torch.where(paired, s_pair, 0.0)   # "all": sum of the positives' scores
-        pos_rows = torch.zeros_like(qt) if need_u and by_label else None  # and of their rows
+        pos_rows = torch.zeros_like(qt) if need_u and over_all else None  # and of their rows
         for c0, c1 in _tiles(m, chunk):
             kc = _unit(k, inv.k, c0, c1, acc)
             s = (qt @ kc.T) * inv_tau
             pos, neg = contrast_masks(masks.tile(a, b, c0, c1), contrast.exclude_self, a, c0)
             count = count + pos.sum(1, dtype=torch.int32)
-            s_set = s.masked_fill(~((pos | neg) if by_label else neg), neg_inf)
+            s_set = s.masked_fill(~((pos | neg) if over_all else neg), neg_inf)
             m_run, alpha = _online_max(m_run, s_set)
             e = _exp_shifted(s_set, m_run)
             l_run = l_run * alpha + e.sum(dim=1)
             if o_run is not None:
                 o_run = o_run * alpha[:, None] + e @ kc
-            if by_label:
+            if over_all:
                 pos_score = pos_score + s.masked_fill(~pos, 0.0).sum(1)
                 if pos_rows is not None:
                     pos_rows = pos_rows + pos.to(acc) @ kc
@@ -140,7 +140,7 @@ def contrast_forward(q: Tensor, p: Tensor | None, k: Tensor, inv: InverseNorms, 
         log_l = torch.log(l_run)
         lse[a:b] = m_run + log_l
         o_mean = o_run / l_run.clamp(min=torch.finfo(acc).tiny)[:, None] if o_run is not None else None
-        if by_label:
+        if over_all:
             # (m - mean) + log l: the large terms cancel before the small one is added
             loss[a:b] = torch.where(has_pos, (m_run - pos_score * inv_count) + log_l, 0.0)
             lse_weight[a:b] = has_pos.to(acc)
@@ -179,7 +179,7 @@ def contrast_bank_grad(q: Tensor, k: Tensor, inv: InverseNorms, masks: Masks, ls
     acc = acc_dtype(q)
     chunk = options.chunk_size or DEFAULT_CHUNK
     inv_tau = options.inv_tau
-    by_label = contrast.denominator == "all"
+    over_all = contrast.denominator == "all"
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     for a, b in _tiles(q.shape[0], QUERY_TILE):
         qt = _unit(q, inv.q, a, b, acc)
@@ -188,10 +188,10 @@ def contrast_bank_grad(q: Tensor, k: Tensor, inv: InverseNorms, masks: Masks, ls
             kc = _unit(k, inv.k, c0, c1, acc)
             s = (qt @ kc.T) * inv_tau
             pos, neg = contrast_masks(masks.tile(a, b, c0, c1), contrast.exclude_self, a, c0)
-            in_lse = (pos | neg) if by_label else neg
+            in_lse = (pos | neg) if over_all else neg
             # masked before the exponential: outside the set, lse may be -inf
             w = torch.where(in_lse, torch.exp(torch.where(in_lse, s - lse_t, 0.0)) * gl, 0.0)
-            sigma = 1.0 if by_label else torch.sigmoid(lse_t - s)
+            sigma = 1.0 if over_all else torch.sigmoid(lse_t - s)
             w = w - torch.where(pos, gp * sigma, 0.0)
             dk[c0:c1] += w.T @ qt
     return dk
