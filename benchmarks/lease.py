@@ -48,6 +48,10 @@ NAME_OK = re.compile(r"^[A-Za-z0-9._-]+$")
 # the benchmark rows the GPU goals need (RESULTS.md), the most needed first in each invocation
 PAPER_CONTENDERS = "reference,triton-bf16,flex-bf16,triton,cuda-bf16-tc,cuda-bf16"
 LARGE_CONTENDERS = "reference,triton-bf16,flex-bf16,cuda-bf16-tc"
+# supervised_contrast at ContrastiveSeg's size, the queue detached as there: its goal is triton bf16
+# against the materialising reference; SupConLoss is what its users run today
+SUPCON_CONTENDERS = "reference,triton-bf16,triton,supconloss"
+IF_TIME = ("bench-supcon",)  # steps the expected schedule need not reach
 GPU_NATIVE = "tests/test_gpu_native.py"
 TENSOR_CORE_TESTS = "tensor_cores or opcheck or tf32"  # -k: the tensor-core kernels and opcheck
 TORCH_LOGS = "graph_breaks,recompiles,aot_graphs"
@@ -80,6 +84,10 @@ PLAN = [
     Step("bench-large", f"benchmark, bank detached, large: {LARGE_CONTENDERS}", 100, 40, 55),
     Step("bench-grad", f"benchmark, bank gradient, paper: {PAPER_CONTENDERS}", 90, 30, 40),
     Step("train", "paper preset on the bundled sample, bf16, channels_last: SupOnly then CDCL", 150, 60, 90),
+    # after the eight minutes' plan: runs when earlier steps finish early, or alone in a rerun
+    # (--only bench-supcon)
+    Step("bench-supcon", f"supervised_contrast ('all'), contrastiveseg, queue detached: {SUPCON_CONTENDERS}",
+         80, 30, 30),
 ]
 
 
@@ -673,8 +681,9 @@ class Lease:
         rc, secs = run(cmd, self.path("logs", "sanitizer.log"), limit, self.env(CUDA_LAUNCH_BLOCKING="1"))
         return (rc, secs), test
 
-    def bench(self, name, sizes, contenders, bank_grad, limit):
-        cmd = [self.py, "-m", "benchmarks.run", "--device", "cuda", "--sizes", sizes, "--bank-grad", bank_grad,
+    def bench(self, name, sizes, contenders, bank_grad, limit, loss="masked_infonce"):
+        cmd = [self.py, "-m", "benchmarks.run", "--loss", loss, "--device", "cuda", "--sizes", sizes,
+               "--bank-grad", bank_grad,
                "--contenders", contenders, "--time-limit", "3", "--allow-missing",
                "--out", self.folder("bench")]
         return run(cmd, self.path("logs", name + ".log"), limit, self.env())
@@ -729,6 +738,8 @@ class Lease:
             rc, _ = self.bench(step.name, "large", LARGE_CONTENDERS, "no", limit)
         elif step.name == "bench-grad":
             rc, _ = self.bench(step.name, "paper", PAPER_CONTENDERS, "yes", limit)
+        elif step.name == "bench-supcon":
+            rc, _ = self.bench(step.name, "contrastiveseg", SUPCON_CONTENDERS, "no", limit, loss="supcon-all")
         elif step.name == "train":
             rc, _ = self.train(limit)
         else:

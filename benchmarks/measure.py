@@ -9,9 +9,9 @@ import time
 import psutil
 import torch
 
-from .contenders import contenders, exponentials, flops, make_inputs
+from .suites import SUITES
 
-# The cpu kernel's tile (csrc/cpu/infonce_cpu.cpp): a thread's block of FWD_QUERY_BLOCK = 64 rows
+# The cpu kernels' tile (csrc/cpu/tiles.h): a thread's block of FWD_QUERY_BLOCK = 64 rows
 # against a streamed tile of FWD_BANK_TILE = 256 rows (the bank gradient: GRAD_BANK_BLOCK x
 # GRAD_QUERY_TILE, the same shape). tests/test_benchmark_floor.py keeps the two in step.
 CPU_BLOCK, CPU_TILE = 64, 256
@@ -20,6 +20,8 @@ CPU_BLOCK, CPU_TILE = 64, 256
 def _leaves(inp, bank_grad):
     leaves = []
     for name in ("query", "positive", "bank"):
+        if name not in inp:  # the supervised loss's inputs have no positives
+            continue
         t = inp[name].detach().requires_grad_(name != "bank" or bank_grad)
         inp[name] = t
         leaves.append(t)
@@ -83,17 +85,19 @@ def _peak_rss():
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def measure(name, size, bank_grad, device, repeats, time_limit, seed=0):
-    """Run one contender: warm-up, then `repeats` timed forward+backward passes (the forward
-    alone where the contender refuses the backward: `timed` and `note` say so).
+def measure(name, size, bank_grad, device, repeats, time_limit, seed=0, loss="masked_infonce"):
+    """Run one contender of the `loss` suite (benchmarks/suites.py): warm-up, then `repeats`
+    timed forward+backward passes (the forward alone where the contender refuses the backward:
+    `timed` and `note` say so).
 
     Returns a dict (time_ms, peak_extra_mb, status, timed, note) and the outputs (loss, grads) on
     the CPU; a contender that refuses even the forward gives status "refused" and the reason.
     """
-    n, m, d, patch = size
-    factory, dtype = contenders(device.type)[name]
+    suite = SUITES[loss]
+    n, m, d, extra = size
+    factory, dtype = suite.contenders(device.type)[name]
     fn = factory()
-    inp = make_inputs(n, m, d, patch, device, dtype=dtype, seed=seed)
+    inp = suite.make_inputs(n, m, d, extra, device, dtype=dtype, seed=seed)
     leaves = _leaves(inp, bank_grad)
     cuda = device.type == "cuda"
     try:
@@ -149,7 +153,7 @@ def measure(name, size, bank_grad, device, repeats, time_limit, seed=0):
     ms = statistics.median(times)
     backward = timed == "fwd+bwd"
     return dict(status="ok", time_ms=ms, peak_extra_mb=peak / 2**20, repeats=len(times),
-                tflops=flops(n, m, d, bank_grad, backward) / (ms * 1e-3) / 1e12, timed=timed,
+                tflops=suite.flops(n, m, d, bank_grad, backward) / (ms * 1e-3) / 1e12, timed=timed,
                 note=note, dtype=str(dtype).replace("torch.", "")), outputs
 
 
@@ -273,16 +277,18 @@ def cpu_rates(threads, d=128, rounds=5):
                 detail=detail)
 
 
-def floor_ms(n, m, d, bank_grad, backward, matrix_tflops, exp_g=None):
-    """The least time this machine needs for a row's work (design.md §3's counts): its matrix work
+def floor_ms(n, m, d, bank_grad, backward, matrix_tflops, exp_g=None, loss="masked_infonce"):
+    """The least time this machine needs for a row's work (the counts of design.md §3, or §7 for
+    the supervised loss, in the `loss` suite): its matrix work
     at the measured matrix rate plus, given exp_g (a CPU), its exponentials at the measured exp
     rate. A sum on a CPU: the same vector units of the same cores do both, one after the other.
     On a GPU the matrix term alone: there the exponentials run on the special-function units
     beside the tensor cores and overlap with the products in a fused kernel (the floor would be
     the larger of the two), and torch.exp on a GPU measures memory bandwidth, not those units."""
-    seconds = flops(n, m, d, bank_grad, backward) / (matrix_tflops * 1e12)
+    suite = SUITES[loss]
+    seconds = suite.flops(n, m, d, bank_grad, backward) / (matrix_tflops * 1e12)
     if exp_g:
-        seconds += exponentials(n, m, bank_grad, backward) / (exp_g * 1e9)
+        seconds += suite.exponentials(n, m, bank_grad, backward) / (exp_g * 1e9)
     return seconds * 1e3
 
 

@@ -1,7 +1,9 @@
-"""Benchmark entry point (docs/design.md §6): memory and time of the masked InfoNCE contenders.
+"""Benchmark entry point (docs/design.md §6): memory and time of the masked InfoNCE contenders,
+or (--loss supcon-all / supcon-negatives) of the supervised contrastive loss's.
 
     python -m benchmarks.run --sizes paper,large --device cuda
     python -m benchmarks.run --sizes paper --device cpu --contenders reference,chunked
+    python -m benchmarks.run --loss supcon-all --sizes contrastiveseg,paper --device cpu --bank-grad no
 
 GPU runs happen in this process (peak memory from torch.cuda.max_memory_allocated); each CPU run
 happens in a fresh subprocess so that its peak RSS is its own. Writes a CSV (with device, versions
@@ -24,10 +26,10 @@ import tempfile
 
 import torch
 
-from .contenders import SIZES, contenders
 from .measure import CPU_BLOCK, CPU_TILE, cpu_rates, first_line, floor_ms, matrix_rates, max_rel_error, measure
+from .suites import SUITES
 
-FIELDS = ["date", "device", "torch", "triton", "size", "N", "M", "D", "bank_grad", "contender",
+FIELDS = ["date", "device", "torch", "triton", "loss", "size", "N", "M", "D", "bank_grad", "contender",
           "dtype", "status", "time_ms", "peak_extra_mb", "tflops", "pct_matrix_rate",
           "max_rel_err", "repeats", "timed", "floor_ms", "x_floor", "matrix_rate_tflops",
           "exp_rate_g", "note"]
@@ -48,19 +50,16 @@ def _versions():
     return torch.__version__, tv
 
 
-def _size(name):
-    """A named size of SIZES, or a sweep point 'N<n>xM<m>' (D 128, patches of 25 pixels)."""
-    if name in SIZES:
-        return SIZES[name]
-    try:
-        n, m = name[1:].split("xM")
-        return int(n), int(m), 128, 25
-    except ValueError:
-        raise SystemExit(f"unknown size {name!r}: one of {list(SIZES)} or N<n>xM<m>") from None
+def _size(name, loss="masked_infonce"):
+    """A named size of the loss's suite, or a sweep point 'N<n>xM<m>' (D 128)."""
+    found = SUITES[loss].size(name)
+    if found is None:
+        raise SystemExit(f"unknown size {name!r}: one of {list(SUITES[loss].sizes)} or N<n>xM<m>")
+    return found
 
 
 def _run_worker(spec):
-    name, size_name, bank_grad, out_file, repeats, time_limit, mem_gb = spec.split("|")
+    name, size_name, bank_grad, out_file, repeats, time_limit, mem_gb, loss = spec.split("|")
     import resource
     # a CPU contender that would need more than this gets a MemoryError (recorded as oom)
     # instead of waking the kernel's OOM killer on a shared machine
@@ -68,8 +67,8 @@ def _run_worker(spec):
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     torch.set_num_threads(os.cpu_count())
     try:
-        result, outputs = measure(name, _size(size_name), bank_grad == "1", torch.device("cpu"),
-                                  int(repeats), float(time_limit))
+        result, outputs = measure(name, _size(size_name, loss), bank_grad == "1", torch.device("cpu"),
+                                  int(repeats), float(time_limit), loss=loss)
     except (MemoryError, RuntimeError) as e:
         if not isinstance(e, MemoryError) and "alloc" not in str(e).lower():
             raise
@@ -77,10 +76,10 @@ def _run_worker(spec):
     torch.save(dict(result=result, outputs=outputs), out_file)
 
 
-def _run_cpu(name, size_name, bank_grad, repeats, time_limit, tmp, mem_gb):
+def _run_cpu(name, size_name, bank_grad, repeats, time_limit, tmp, mem_gb, loss):
     out_file = os.path.join(tmp, f"{name}-{size_name}-{int(bank_grad)}.pt".replace("(", "_").replace(")", "_"))
     spec = "|".join([name, size_name, str(int(bank_grad)), out_file, str(repeats), str(time_limit),
-                     str(mem_gb)])
+                     str(mem_gb), loss])
     try:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--worker", spec],
                               capture_output=True, text=True, timeout=time_limit * 3 + 120)
@@ -95,8 +94,12 @@ def _run_cpu(name, size_name, bank_grad, repeats, time_limit, tmp, mem_gb):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--loss", default="masked_infonce", choices=list(SUITES),
+                    help="the loss whose contenders run (supcon-*: supervised_contrast's denominators)")
     ap.add_argument("--sizes", default="paper",
-                    help=f"comma list of {list(SIZES)} or sweep points N<n>xM<m>")
+                    help="comma list of the loss's sizes (masked_infonce: "
+                         f"{list(SUITES['masked_infonce'].sizes)}; supcon-*: "
+                         f"{list(SUITES['supcon-all'].sizes)}) or sweep points N<n>xM<m>")
     ap.add_argument("--sweep", choices=["M", "N"],
                     help="scaling sweep instead of --sizes: N 3200 and M 4k..1M, or the reverse")
     ap.add_argument("--mem-limit-gb", type=float, default=16.0,
@@ -118,8 +121,10 @@ def main(argv=None):
     from tqdm import tqdm
 
     device = torch.device(args.device)
-    names = list(contenders(device.type)) if args.contenders == "all" else args.contenders.split(",")
-    unknown = set(names) - set(contenders(device.type))
+    suite = SUITES[args.loss]
+    offered = suite.contenders(device.type)
+    names = list(offered) if args.contenders == "all" else args.contenders.split(",")
+    unknown = set(names) - set(offered)
     if unknown and not args.allow_missing:
         ap.error(f"unknown contenders on {device.type}: {sorted(unknown)}")
     if "reference" in names:  # the reference runs first: every other contender is compared with it
@@ -134,9 +139,12 @@ def main(argv=None):
     tv, trv = _versions()
     date = datetime.date.today().isoformat()
     dev_name = _device_name(device)
-    rates, rates_line = _rates(device)
+    for size_name in sizes:
+        _size(size_name, args.loss)  # an unknown size stops the run before anything is measured
+    rates, rates_line = _rates(device, max(_size(s, args.loss)[2] for s in sizes))
     print(rates_line)
-    tag = f"{device.type}-{'sweep' + args.sweep if args.sweep else '-'.join(sizes)}-{date}"
+    loss_tag = "" if args.loss == "masked_infonce" else f"{args.loss}-"
+    tag = f"{device.type}-{loss_tag}{'sweep' + args.sweep if args.sweep else '-'.join(sizes)}-{date}"
     if args.bank_grad != "both":  # the bank-detached and bank-gradient rows of one size, apart
         tag += {"no": "-detached", "yes": "-bankgrad"}[args.bank_grad]
     csv_path = os.path.join(args.out, f"bench-{tag}.csv")
@@ -147,24 +155,24 @@ def main(argv=None):
     ref_out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for size_name, bank_grad, name in tqdm(jobs, desc="benchmark", unit="run"):
-            n, m, d, _ = _size(size_name)
+            n, m, d, extra = _size(size_name, args.loss)
             if name in unknown:
                 result, outputs = dict(status="unavailable"), None
             elif device.type == "cuda":
                 try:
-                    result, outputs = measure(name, (n, m, d, _), bank_grad, device, repeats,
-                                              args.time_limit)
+                    result, outputs = measure(name, (n, m, d, extra), bank_grad, device, repeats,
+                                              args.time_limit, loss=args.loss)
                 except torch.OutOfMemoryError:
                     result, outputs = dict(status="oom"), None
                 except Exception as e:  # one contender that breaks must not lose the others' rows
                     result, outputs = dict(status="error", note=first_line(e)), None
             else:
                 result, outputs = _run_cpu(name, size_name, bank_grad, repeats, args.time_limit, tmp,
-                                           args.mem_limit_gb)
+                                           args.mem_limit_gb, args.loss)
             if name == "reference":
                 ref_out[(size_name, bank_grad)] = outputs
-            row = dict(date=date, device=dev_name, torch=tv, triton=trv, size=size_name, N=n, M=m,
-                       D=d, bank_grad=int(bank_grad), contender=name, **result)
+            row = dict(date=date, device=dev_name, torch=tv, triton=trv, loss=args.loss, size=size_name,
+                       N=n, M=m, D=d, bank_grad=int(bank_grad), contender=name, **result)
             _add_floor(row, rates)
             if name != "reference":
                 row["max_rel_err"] = max_rel_error(outputs, ref_out.get((size_name, bank_grad)))
@@ -173,28 +181,30 @@ def main(argv=None):
             with open(csv_path, "a", newline="") as f:
                 csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore").writerow(row)
     table = markdown_table(rows)
+    title = f"{dev_name}, torch {tv}, triton {trv}, {date}, loss {args.loss}"
     with open(os.path.join(args.out, f"bench-{tag}.md"), "w") as f:
-        f.write(f"{dev_name}, torch {tv}, triton {trv}, {date}\n{rates_line}\n\n{table}\n")
+        f.write(f"{title}\n{rates_line}\n\n{table}\n")
     print(f"\nCSV: {csv_path}")
-    print(f"{dev_name}, torch {tv}, triton {trv}, {date}")
+    print(title)
     print(rates_line)
     print(table)
 
 
-def _rates(device):
-    """The rates the floors use, measured now, and a line that says what they are."""
+def _rates(device, d=128):
+    """The rates the floors use, measured now (a CPU's at feature dim d), and a line that says
+    what they are."""
     if device.type == "cuda":
         rates = matrix_rates(device)
         return rates, ("measured matrix rates (TFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items())
                        + "; floor = matrix work at the row's rate (bf16, tf32, or fp32)")
     threads = os.cpu_count()  # what each CPU worker runs with (_run_worker)
-    rates = cpu_rates(threads)
+    rates = cpu_rates(threads, d=d)
     return rates, (f"measured on {threads} cores at once, the best of torch.mm and oneDNN at the cpu "
-                   f"kernel's tiles ({CPU_BLOCK} x 128 @ 128 x {CPU_TILE}, then @ {CPU_TILE} x 128) and "
+                   f"kernel's tiles ({CPU_BLOCK} x {d} @ {d} x {CPU_TILE}, then @ {CPU_TILE} x {d}) and "
                    f"at 1024-row tiles: fp32 matrix {rates['fp32'] * 1e3:.1f} GFLOP/s, bf16 matrix "
                    f"{rates['bf16_products'] * 1e3:.1f} GFLOP/s (bf16 rows: the larger of the two), exp "
                    f"{rates['exp']:.2f} G/s; floor = matrix work / matrix rate + exponentials / exp rate "
-                   "(a forward alone: 2NMD and N x M exponentials)")
+                   "(the loss's counts, design.md §3 or §7; a forward alone: the scores of each pass)")
 
 
 def _add_floor(row, rates):
@@ -209,7 +219,7 @@ def _add_floor(row, rates):
     row["matrix_rate_tflops"] = rate
     row["exp_rate_g"] = rates.get("exp")
     row["floor_ms"] = floor_ms(row["N"], row["M"], row["D"], row["bank_grad"], row.get("timed") != "fwd",
-                               rate, rates.get("exp"))
+                               rate, rates.get("exp"), loss=row.get("loss") or "masked_infonce")
     row["x_floor"] = row["time_ms"] / row["floor_ms"]
 
 
@@ -225,6 +235,8 @@ def markdown_table(rows):
     lines = [head, "|" + "---|" * 11]
     notes = []
     for r in rows:
+        if r.get("loss") not in (None, "", "masked_infonce"):  # say which loss the row measured
+            r = dict(r, size=f"{r['size']} ({r['loss']})")
         note = r.get("note") or ""
         mark = ""
         if note:

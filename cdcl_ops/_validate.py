@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .backends.interface import Masks
+from .backends.interface import DENOMINATORS, Masks
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # uint16 / uint32: label images (instance maps) are stored so; uint64 has values int64 cannot hold
@@ -80,6 +80,25 @@ def check_arguments(query: Tensor, positive: Tensor, bank: Tensor, query_labels:
     m = bank.shape[0]
     _check_ids("query_labels", query_labels, n, query.device)
     _check_ids("bank_labels", bank_labels, m, query.device)
+    _check_groups(query, query_groups, bank_groups, group_table, m)
+    if reduction not in REDUCTIONS:
+        _fail("reduction", f"one of {REDUCTIONS}", repr(reduction))
+
+
+def _check_table(group_table, device):
+    if not isinstance(group_table, torch.Tensor):
+        _fail("group_table", "a torch.Tensor", type(group_table).__name__)
+    if group_table.dim() != 2 or group_table.shape[0] != group_table.shape[1] \
+            or group_table.shape[0] == 0:
+        _fail("group_table", "a non-empty square (G, G) tensor", f"shape {tuple(group_table.shape)}")
+    if group_table.dtype != torch.bool and group_table.dtype not in INT_DTYPES:
+        _fail("group_table", "a bool or integer tensor", group_table.dtype)
+    if group_table.device != device:
+        _fail("group_table", f"a tensor on {device} (as query)", group_table.device)
+
+
+def _check_groups(query, query_groups, bank_groups, group_table, m):
+    """Groups of a loss with a bank of m rows: all three or none."""
     given = [x is not None for x in (query_groups, bank_groups, group_table)]
     if any(given) and not all(given):
         raise ValueError("query_groups, bank_groups, group_table: expected all three or none, got "
@@ -87,17 +106,44 @@ def check_arguments(query: Tensor, positive: Tensor, bank: Tensor, query_labels:
                          f"bank_groups={'set' if given[1] else None}, "
                          f"group_table={'set' if given[2] else None}")
     if all(given):
-        _check_ids("query_groups", query_groups, n, query.device)
+        _check_ids("query_groups", query_groups, query.shape[0], query.device)
         _check_ids("bank_groups", bank_groups, m, query.device)
-        if not isinstance(group_table, torch.Tensor):
-            _fail("group_table", "a torch.Tensor", type(group_table).__name__)
-        if group_table.dim() != 2 or group_table.shape[0] != group_table.shape[1] \
-                or group_table.shape[0] == 0:
-            _fail("group_table", "a non-empty square (G, G) tensor", f"shape {tuple(group_table.shape)}")
-        if group_table.dtype != torch.bool and group_table.dtype not in INT_DTYPES:
-            _fail("group_table", "a bool or integer tensor", group_table.dtype)
-        if group_table.device != query.device:
-            _fail("group_table", f"a tensor on {query.device} (as query)", group_table.device)
+        _check_table(group_table, query.device)
+
+
+def check_contrast_arguments(query: Tensor, query_labels: Tensor, bank: Tensor | None,
+                             bank_labels: Tensor | None, positive: Tensor | None,
+                             query_groups: Tensor | None, bank_groups: Tensor | None,
+                             group_table: Tensor | None, denominator: str, reduction: str) -> None:
+    """The checks of `supervised_contrast` that need no data from the device. bank=None: the
+    queries are their own bank, so bank_labels and bank_groups must be None too."""
+    _check_features("query", query)
+    n, d = query.shape
+    if d < 1:
+        _fail("query", "a feature dim D >= 1", f"shape {tuple(query.shape)}")
+    _check_ids("query_labels", query_labels, n, query.device)
+    if positive is not None:
+        _check_features("positive", positive, n=n, d=d, device=query.device, dtype=query.dtype)
+    if bank is None:
+        for name, t in (("bank_labels", bank_labels), ("bank_groups", bank_groups)):
+            if t is not None:
+                _fail(name, "None with bank=None (the queries are the bank: their labels and "
+                      "groups serve it)", "a value")
+        if (query_groups is None) != (group_table is None):
+            raise ValueError("query_groups, group_table: expected both or none with bank=None, got "
+                             f"query_groups={'set' if query_groups is not None else None}, "
+                             f"group_table={'set' if group_table is not None else None}")
+        if query_groups is not None:
+            _check_ids("query_groups", query_groups, n, query.device)
+            _check_table(group_table, query.device)
+    else:
+        _check_features("bank", bank, d=d, device=query.device, dtype=query.dtype)
+        if bank_labels is None:
+            _fail("bank_labels", "a tensor of the bank's labels (it is None only with bank=None)", None)
+        _check_ids("bank_labels", bank_labels, bank.shape[0], query.device)
+        _check_groups(query, query_groups, bank_groups, group_table, bank.shape[0])
+    if denominator not in DENOMINATORS:
+        _fail("denominator", f"one of {DENOMINATORS}", repr(denominator))
     if reduction not in REDUCTIONS:
         _fail("reduction", f"one of {REDUCTIONS}", repr(reduction))
 
@@ -143,19 +189,21 @@ def check_thresholds(fdp: float, bdp: float) -> None:
                          f"threshold), got bdp={bdp}, fdp={fdp}")
 
 
-def check_values(query: Tensor, positive: Tensor, bank: Tensor, query_groups: Tensor | None,
-                 bank_groups: Tensor | None, group_table: Tensor | None, check_finite: bool) -> None:
-    """Checks that read device data: one host synchronisation for all of them together."""
+def check_values(query: Tensor, positive: Tensor | None, bank: Tensor | None,
+                 query_groups: Tensor | None, bank_groups: Tensor | None, group_table: Tensor | None,
+                 check_finite: bool) -> None:
+    """Checks that read device data: one host synchronisation for all of them together. A None
+    feature or group tensor (the supervised loss's optional positive, its bank=None) is skipped."""
     flags = []
-    if group_table is not None and query_groups is not None and bank_groups is not None:
+    if group_table is not None:
         g = group_table.shape[0]
-        flags.append(("query_groups", f"ids < G={g} (the group_table size)",
-                      (query_groups.long() >= g).any()))
-        flags.append(("bank_groups", f"ids < G={g} (the group_table size)",
-                      (bank_groups.long() >= g).any()))
+        for name, groups in (("query_groups", query_groups), ("bank_groups", bank_groups)):
+            if groups is not None:
+                flags.append((name, f"ids < G={g} (the group_table size)", (groups.long() >= g).any()))
     if check_finite:
         for name, t in (("query", query), ("positive", positive), ("bank", bank)):
-            flags.append((name, "finite values", ~torch.isfinite(t).all()))
+            if t is not None:
+                flags.append((name, "finite values", ~torch.isfinite(t).all()))
     if not flags:
         return
     bad = torch.stack([f[2] for f in flags]).cpu()
@@ -212,9 +260,28 @@ def canonical_masks(query_labels: Tensor, bank_labels: Tensor, query_groups: Ten
     return Masks(ql.contiguous(), qg, kl.contiguous(), kg, table.contiguous())
 
 
+def candidate_mask(masks: Masks) -> Tensor:
+    """The dense mask (rows x cols) of pairs the groups allow between active rows, labels aside."""
+    q_lab, q_grp, k_lab, k_grp, table = masks
+    ok = (q_grp[:, None] >= 0) & (k_grp[None, :] >= 0)
+    return ok & table[q_grp.clamp(min=0)][:, k_grp.clamp(min=0)]
+
+
 def negative_mask(masks: Masks) -> Tensor:
     """The dense mask J (rows x cols) for the PyTorch backends."""
-    q_lab, q_grp, k_lab, k_grp, table = masks
-    ok = (q_grp[:, None] >= 0) & (k_grp[None, :] >= 0) & (q_lab[:, None] != k_lab[None, :])
-    allowed = table[q_grp.clamp(min=0)][:, k_grp.clamp(min=0)]
-    return ok & allowed
+    return candidate_mask(masks) & (masks.q_lab[:, None] != masks.k_lab[None, :])
+
+
+def contrast_masks(masks: Masks, exclude_self: bool = False, q0: int = 0, k0: int = 0
+                   ) -> tuple[Tensor, Tensor]:
+    """The dense (positives, negatives) masks of the supervised loss (docs/design.md §7) for the
+    PyTorch backends: candidates with the query's label, and with another. `masks` may be a tile
+    whose first query is row q0 and first bank row k0; with exclude_self (the queries are the
+    bank) bank row i is no candidate of query i."""
+    cand = candidate_mask(masks)
+    if exclude_self:
+        rows = torch.arange(q0, q0 + cand.shape[0], device=cand.device)
+        cols = torch.arange(k0, k0 + cand.shape[1], device=cand.device)
+        cand = cand & (rows[:, None] != cols[None, :])
+    same = masks.q_lab[:, None] == masks.k_lab[None, :]
+    return cand & same, cand & ~same

@@ -9,7 +9,7 @@ from torch import Tensor
 from . import ops
 from ._validate import canonical_masks, check_arguments, check_temperature, check_values
 from .backends import reference, registry
-from .backends.interface import Options
+from .backends.interface import LOSSES, Options
 from .options import CrossPatchOptions
 
 PRECISIONS = ("auto", "tf32x3", "tf32", "ieee")
@@ -22,9 +22,12 @@ def __getattr__(name: str) -> tuple[str, ...]:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on `device` in this process."""
-    return registry.available(device)
+def available_backends(device: torch.device | str = "cpu", loss: str | None = None) -> list[str]:
+    """Backends that can run on `device` in this process; with `loss` ("masked_infonce" or
+    "supervised_contrast"), only those that take it."""
+    if loss is not None and loss not in LOSSES:
+        raise ValueError(f"loss: expected None or one of {LOSSES}, got {loss!r}")
+    return registry.available(device, loss)
 
 
 def default_backend(device: torch.device | str) -> str:
@@ -33,18 +36,6 @@ def default_backend(device: torch.device | str) -> str:
     if name is None:  # only when a test or plug-in has taken the fallbacks out of the registry
         raise ValueError(f"device: no registered backend may be the default on {device}")
     return name
-
-
-def _resolve_backend(backend: str | None, query: Tensor) -> str:
-    if backend is None:
-        return default_backend(query.device)
-    spec = registry.get(backend)
-    ok, why = spec.runs_on(query.device)
-    if not ok:
-        raise ValueError(f"backend: {backend!r} cannot run on {query.device} here ({why}; "
-                         f"available: {available_backends(query.device)})")
-    spec.check_input(query)
-    return backend
 
 
 def masked_infonce(query: Tensor, positive: Tensor, bank: Tensor, query_labels: Tensor,
@@ -92,7 +83,7 @@ def masked_infonce(query: Tensor, positive: Tensor, bank: Tensor, query_labels: 
         raise ValueError(f"chunk_size: expected an int >= 0, got {chunk_size!r}")
     temperature = check_temperature(temperature)
     named = backend is not None
-    backend = _resolve_backend(backend, query)
+    backend = registry.resolve(backend, query)
     options = registry.get(backend).own_options(
         Options(1.0 / temperature, chunk_size, precision), named)
     if not torch.compiler.is_compiling() and (check_inputs or check_finite):

@@ -17,6 +17,16 @@ TORCH_LIBRARY(cdcl_ops_C, m) {
   m.def("infonce_bank_grad(Tensor q, Tensor k, Tensor inv_q, Tensor inv_k, Tensor q_lab, "
         "Tensor q_grp, Tensor k_lab, Tensor k_grp, Tensor table, Tensor lse, Tensor gs, "
         "float inv_tau, bool tensor_cores) -> Tensor");
+  // The supervised contrastive loss (CPU kernels only: csrc/cpu/supcon_cpu.cpp). p and inv_p are
+  // absent without paired positives; exclude_self: k is q itself. Returns loss, lse, n_pos (int32),
+  // lse_weight, pos_coef and u (cdcl_ops/backends/interface.py ContrastRows).
+  m.def("supcon_fwd(Tensor q, Tensor? p, Tensor k, Tensor inv_q, Tensor? inv_p, Tensor inv_k, "
+        "Tensor q_lab, Tensor q_grp, Tensor k_lab, Tensor k_grp, Tensor table, float inv_tau, "
+        "str denominator, bool exclude_self, bool need_u) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("supcon_bank_grad(Tensor q, Tensor k, Tensor inv_q, Tensor inv_k, Tensor q_lab, "
+        "Tensor q_grp, Tensor k_lab, Tensor k_grp, Tensor table, Tensor lse, Tensor gs_lse, "
+        "Tensor gs_pos, float inv_tau, str denominator, bool exclude_self) -> Tensor");
   m.def("patch_fg_counts(Tensor labels_or_logits, int grid, int fg_class) -> Tensor");
   // how the CPU kernels multiply rows of a dtype here (csrc/cpu/products.h)
   m.def("cpu_products(ScalarType dtype) -> str", &cdcl::cpu::products::path);

@@ -20,9 +20,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 
 
 def test_the_floor_uses_the_cpu_kernels_own_tile():
-    with open(os.path.join(ROOT, "csrc", "cpu", "infonce_cpu.cpp")) as f:
+    with open(os.path.join(ROOT, "csrc", "cpu", "tiles.h")) as f:
         src = f.read()
-    const = {k: int(v) for k, v in re.findall(r"constexpr int64_t (\w+) = (\d+);", src)}
+    const = {k: int(v) for k, v in re.findall(r"inline constexpr int64_t (\w+) = (\d+);", src)}
     assert (const["FWD_QUERY_BLOCK"], const["FWD_BANK_TILE"]) == (CPU_BLOCK, CPU_TILE)
     assert (const["GRAD_BANK_BLOCK"], const["GRAD_QUERY_TILE"]) == (CPU_BLOCK, CPU_TILE)
 

@@ -1,6 +1,7 @@
-"""The backend interface: the three bundles the kernels take and their three entry points, the
-Python copy of csrc/cuda/launch.h (struct `Masks`, struct `InverseNorms`, the scalar launch
-parameters, and `launch_infonce_fwd`, `launch_infonce_bank_grad`, `launch_patch_fg_counts`).
+"""The backend interface: the bundles the kernels take and their entry points, the Python copy of
+csrc/cuda/launch.h (struct `Masks`, struct `InverseNorms`, the scalar launch parameters, and
+`launch_infonce_fwd`, `launch_infonce_bank_grad`, `launch_patch_fg_counts`), plus the entry points
+of the supervised contrastive loss (docs/design.md §7), which the CUDA C++ kernels do not have.
 
 `reference` is plain autograd and has no entry points; the streaming backends (`chunked`,
 `triton`, and the native `cpu` / `cuda` ones) each supply a `Forward` and a `BankGrad`, which the
@@ -16,6 +17,15 @@ every similarity is computed between the unit rows x * inv, and O_i is a weighte
 rows. `masks` comes from `_validate.canonical_masks`; `options` holds 1/tau and the knobs the
 backend reads (the others at their defaults). The bundles are flattened (`*masks`) only at the
 torch.library schemas, which take tensors and scalars one by one.
+
+The supervised contrastive loss (`cdcl_ops.supervised_contrast`) has two entry points of its own,
+called by the custom ops of `cdcl_ops.supcon_ops`; `Contrast` says which denominator and whether
+the bank is the queries themselves (k is q, and row i is left out of query i's sets):
+
+    contrast_forward(q, p or None, k, inv, masks, options, contrast, need_u)
+        -> ContrastRows: loss, lse, n_pos, lse_weight, pos_coef (N,), u (N, D) or (0, D)
+    contrast_bank_grad(q, k, inv, masks, lse, gs_lse, gs_pos, options, contrast)
+        -> (M, D) gradient with respect to the unit bank rows
 """
 from __future__ import annotations
 
@@ -65,6 +75,43 @@ class Options(NamedTuple):
 
 TUNABLE: tuple[str, ...] = tuple(f for f in Options._fields if f != "inv_tau")
 
+# The losses a backend may take (registry.Backend.losses)
+MASKED_INFONCE = "masked_infonce"
+SUPERVISED_CONTRAST = "supervised_contrast"
+LOSSES: tuple[str, ...] = (MASKED_INFONCE, SUPERVISED_CONTRAST)
+DENOMINATORS: tuple[str, ...] = ("all", "negatives")
+
+
+class Contrast(NamedTuple):
+    """What the supervised contrastive kernels compute (docs/design.md §7). denominator: "all"
+    (the log-sum-exp over positives and negatives, SupCon's L_out) or "negatives" (each positive
+    against the negatives alone, ContrastiveSeg's Eq. 3). exclude_self: the bank is the queries
+    themselves (k is q, masks' bank side the queries'), and bank row i is not a candidate of
+    query i."""
+    denominator: str
+    exclude_self: bool
+
+
+class ContrastRows(NamedTuple):
+    """The supervised contrastive forward's per-query results (accumulation dtype but n_pos):
+    loss (N,): l_i, 0 for a query without a positive.
+    lse (N,): the log-sum-exp the bank gradient recomputes weights from: over the candidates (and
+        the paired positive) for "all", over the negatives for "negatives" (-inf where the set is
+        empty).
+    n_pos (N,) int32: |P_i|, the paired positive included; 0 for an inactive query.
+    lse_weight (N,): a_i with dl_i/ds_ij = a_i exp(s_ij - lse_i) for j in lse's set, before the
+        positives' own term: 1 ("all") or sum_p sigmoid(lse_i - s_ip) / |P_i| ("negatives"); 0
+        for a query without a positive.
+    pos_coef (N,): dl_i/ds+_i, the derivative by the paired positive's score (0 without one).
+    u (N, D) or (0, D): dl_i/dqh_i * tau less the paired positive's term: the sum over bank rows
+        of dl_i/ds_ij kh_j, which the query gradient needs and nothing else keeps."""
+    loss: Tensor
+    lse: Tensor
+    n_pos: Tensor
+    lse_weight: Tensor
+    pos_coef: Tensor
+    u: Tensor
+
 
 # The entry points. Their arguments are positional only: the backends name them as they like.
 
@@ -82,6 +129,23 @@ class BankGrad(Protocol):
                  options: Options, /) -> Tensor: ...
 
 
+class ContrastForward(Protocol):
+    """The supervised contrastive forward: `ContrastRows` (u is (0, D) when need_u is False).
+    p is None without a paired positive (inv.p is None then); k is q when contrast.exclude_self."""
+
+    def __call__(self, q: Tensor, p: Tensor | None, k: Tensor, inv: InverseNorms, masks: Masks,
+                 options: Options, contrast: Contrast, need_u: bool, /) -> ContrastRows: ...
+
+
+class ContrastBankGrad(Protocol):
+    """The supervised contrastive bank gradient, (M, D), with respect to the unit bank rows:
+    sum_i (gs_lse_i [j in lse_i's set] exp(s_ij - lse_i) - gs_pos_i [j in P_i] sigma_ij) qh_i,
+    sigma_ij = 1 ("all") or sigmoid(lse_i - s_ij) ("negatives")."""
+
+    def __call__(self, q: Tensor, k: Tensor, inv: InverseNorms, masks: Masks, lse: Tensor,
+                 gs_lse: Tensor, gs_pos: Tensor, options: Options, contrast: Contrast, /) -> Tensor: ...
+
+
 class PatchCounts(Protocol):
     """launch_patch_fg_counts: (B, grid, grid) int32 counts of `fg_class` pixels per patch, of
     integer labels (B, H, W) or of the argmax over C of logits (B, C, H, W)."""
@@ -89,4 +153,6 @@ class PatchCounts(Protocol):
     def __call__(self, labels_or_logits: Tensor, grid: int, fg_class: int, /) -> Tensor: ...
 
 
-__all__ = ["Masks", "InverseNorms", "Options", "TUNABLE", "Forward", "BankGrad", "PatchCounts"]
+__all__ = ["Masks", "InverseNorms", "Options", "TUNABLE", "Forward", "BankGrad", "PatchCounts",
+           "MASKED_INFONCE", "SUPERVISED_CONTRAST", "LOSSES", "DENOMINATORS", "Contrast",
+           "ContrastRows", "ContrastForward", "ContrastBankGrad"]

@@ -1,7 +1,9 @@
 """The `cpu` and `cuda` backends: the C++/CUDA kernels of csrc/, compiled into `cdcl_ops._C`.
 
 The extension registers the ops `torch.ops.cdcl_ops_C.{infonce_fwd, infonce_bank_grad,
-patch_fg_counts, cpu_products}` (schemas in csrc/ops.cpp, CPU kernels in csrc/cpu, CUDA kernels in csrc/cuda).
+supcon_fwd, supcon_bank_grad, patch_fg_counts, cpu_products}` (schemas in csrc/ops.cpp, CPU
+kernels in csrc/cpu, CUDA kernels in csrc/cuda; the supervised contrastive loss has CPU kernels
+only, so the `cuda` record does not take it).
 This module loads it when it was built, registers the ops' fake kernels (for torch.compile and
 opcheck), implements the entry points of `backends.interface` on top of them, and declares the
 `cpu` and `cuda` records.
@@ -13,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..normalize import acc_dtype
-from .interface import InverseNorms, Masks, Options
+from .interface import LOSSES, Contrast, ContrastRows, InverseNorms, Masks, Options
 from .platform import FUSED_DTYPES, MAX_D
 from .registry import Backend
 
@@ -46,6 +48,20 @@ def bank_grad_fake(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, g
     return k.new_empty(k.shape, dtype=acc_dtype(k))
 
 
+def supcon_fwd_fake(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, denominator,
+                    exclude_self, need_u):
+    n, d = q.shape
+    acc = acc_dtype(q)
+    vectors = [q.new_empty(n, dtype=acc) for _ in range(4)]
+    return (vectors[0], vectors[1], q.new_empty(n, dtype=torch.int32), vectors[2], vectors[3],
+            q.new_empty((n if need_u else 0, d), dtype=acc))
+
+
+def supcon_bank_grad_fake(q, k, inv_q, inv_k, q_lab, q_grp, k_lab, k_grp, table, lse, gs_lse, gs_pos, inv_tau,
+                          denominator, exclude_self):
+    return k.new_empty(k.shape, dtype=acc_dtype(k))
+
+
 def patch_counts_fake(labels_or_logits, grid, fg_class):
     return labels_or_logits.new_empty((labels_or_logits.shape[0], grid, grid), dtype=torch.int32)
 
@@ -53,6 +69,8 @@ def patch_counts_fake(labels_or_logits, grid, fg_class):
 if LOADED:
     torch.library.register_fake("cdcl_ops_C::infonce_fwd")(fwd_fake)
     torch.library.register_fake("cdcl_ops_C::infonce_bank_grad")(bank_grad_fake)
+    torch.library.register_fake("cdcl_ops_C::supcon_fwd")(supcon_fwd_fake)
+    torch.library.register_fake("cdcl_ops_C::supcon_bank_grad")(supcon_bank_grad_fake)
     torch.library.register_fake("cdcl_ops_C::patch_fg_counts")(patch_counts_fake)
 
 
@@ -102,6 +120,25 @@ def bank_grad(q: Tensor, k: Tensor, inv: InverseNorms, masks: Masks, lse: Tensor
                                                   tensor_cores(q, options.precision))
 
 
+def contrast_forward(q: Tensor, p: Tensor | None, k: Tensor, inv: InverseNorms, masks: Masks,
+                     options: Options, contrast: Contrast, need_u: bool) -> ContrastRows:
+    """The ContrastForward entry point of backends.interface (CPU kernels only)."""
+    _require()
+    return ContrastRows(*torch.ops.cdcl_ops_C.supcon_fwd(
+        q, p, k, inv.q, inv.p, inv.k, *masks, float(options.inv_tau), contrast.denominator,
+        bool(contrast.exclude_self), bool(need_u)))
+
+
+def contrast_bank_grad(q: Tensor, k: Tensor, inv: InverseNorms, masks: Masks, lse: Tensor,
+                       gs_lse: Tensor, gs_pos: Tensor, options: Options, contrast: Contrast) -> Tensor:
+    _require()
+    acc = acc_dtype(q)
+    return torch.ops.cdcl_ops_C.supcon_bank_grad(
+        q, k, inv.q, inv.k, *masks, lse.to(acc).contiguous(), gs_lse.to(acc).contiguous(),
+        gs_pos.to(acc).contiguous(), float(options.inv_tau), contrast.denominator,
+        bool(contrast.exclude_self))
+
+
 def patch_counts(x: Tensor, grid: int, fg_class: int) -> Tensor:
     return torch.ops.cdcl_ops_C.patch_fg_counts(x, grid, fg_class).to(torch.int32)
 
@@ -118,8 +155,10 @@ def _available(device: torch.device) -> tuple[bool, str]:
 RECORDS = (
     # the loss default on the CPU: the fastest measured there (benchmarks/RESULTS.md)
     Backend("cpu", _available, device_types=("cpu",), forward=forward, bank_grad=bank_grad,
-            patch_counts=patch_counts, default_on=("cpu",), patch_default_on=("cpu",), priority=1),
-    # not the loss default on CUDA: triton measured faster, and chunked is the fallback there
+            patch_counts=patch_counts, default_on=("cpu",), patch_default_on=("cpu",), priority=1,
+            losses=LOSSES, contrast_forward=contrast_forward, contrast_bank_grad=contrast_bank_grad),
+    # not the loss default on CUDA: triton measured faster, and chunked is the fallback there;
+    # no kernels of the supervised contrastive loss (the default for it on CUDA is triton)
     Backend("cuda", _available, device_types=("cuda",), dtypes=FUSED_DTYPES, max_d=MAX_D,
             forward=forward, bank_grad=bank_grad, patch_counts=patch_counts,
             patch_default_on=("cuda",), priority=1, options=("precision",)),

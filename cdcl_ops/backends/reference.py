@@ -1,9 +1,9 @@
 """The materialising oracle: docs/design.md §2 written as directly as possible, differentiable by autograd."""
 import torch
 
-from .._validate import negative_mask
+from .._validate import contrast_masks, negative_mask
 from ..normalize import EPS, power_of_two_scale
-from .interface import Masks
+from .interface import LOSSES, Masks
 from .registry import Backend
 
 
@@ -31,5 +31,40 @@ def per_query_loss(query: torch.Tensor, positive: torch.Tensor, bank: torch.Tens
     return torch.where(masks.q_grp >= 0, lse - s_pos, torch.zeros_like(lse))
 
 
-# no entry points: masked_infonce calls per_query_loss itself, and autograd differentiates it
-RECORDS = (Backend("reference"),)
+def contrast_per_query(query: torch.Tensor, positive: torch.Tensor | None, bank: torch.Tensor | None,
+                       masks: Masks, temperature: float, denominator: str
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The supervised contrastive loss per query (N,) with autograd, and |P_i| (N,), from the full
+    N x M matrix (docs/design.md §7). bank=None: the queries are the bank, row i left out of
+    query i's sets (masks' bank side is then the queries')."""
+    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    qh = unit_rows(query.to(dtype))
+    kh = qh if bank is None else unit_rows(bank.to(dtype))
+    pos, neg = contrast_masks(masks, exclude_self=bank is None)
+    s = (qh @ kh.T) / temperature
+    active = masks.q_grp >= 0
+    neg_inf = torch.full((), float("-inf"), dtype=dtype, device=s.device)
+    n_pos = pos.sum(1)
+    if positive is not None:
+        # the paired positive joins P_i: its score as one more column, in every sum below
+        s_pos = (qh * unit_rows(positive.to(dtype))).sum(-1) / temperature
+        s = torch.cat([s_pos[:, None], s], dim=1)
+        pos = torch.cat([active[:, None], pos], dim=1)
+        neg = torch.cat([torch.zeros_like(active)[:, None], neg], dim=1)
+        n_pos = n_pos + active
+    count = n_pos.clamp(min=1).to(dtype)
+    if denominator == "all":
+        lse = torch.logsumexp(torch.where(pos | neg, s, neg_inf), dim=1)
+        per_q = lse - torch.where(pos, s, 0.0).sum(1) / count
+    else:
+        lse = torch.logsumexp(torch.where(neg, s, neg_inf), dim=1)  # -inf without negatives
+        # -log(e^s / (e^s + e^lse)) per positive; logaddexp(-inf, s) = s: 0 without negatives
+        terms = torch.where(pos, torch.logaddexp(lse[:, None], s) - s, 0.0)
+        per_q = terms.sum(1) / count
+    # a query without a positive: exactly 0, and nothing (not even NaN) flows back through it
+    return torch.where(n_pos > 0, per_q, 0.0), n_pos
+
+
+# no entry points: the losses call per_query_loss and contrast_per_query themselves, and
+# autograd differentiates them
+RECORDS = (Backend("reference", losses=LOSSES),)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .interface import TUNABLE, BankGrad, Forward, Options, PatchCounts
+from . import interface
+from .interface import MASKED_INFONCE, SUPERVISED_CONTRAST, TUNABLE, Options
 from .platform import ALL_DTYPES
 
 
@@ -34,20 +35,48 @@ class Backend:
     dtypes, max_d: the features it takes. default_on / patch_default_on: device types where
     `backend=None` may pick it for the loss / for the patch counts (default_on=None: any device);
     among those available there, the highest `priority` wins. options: the fields of
-    `interface.Options` besides inv_tau that the backend reads.
+    `interface.Options` besides inv_tau that the backend reads. losses: the losses it takes
+    (`interface.LOSSES`); contrast_forward / contrast_bank_grad: its entry points for the
+    supervised contrastive loss (None for `reference`, as forward / bank_grad).
     """
     name: str
     available: Callable[[torch.device], tuple[bool, str]] = anywhere
     device_types: tuple[str, ...] | None = None
     dtypes: tuple[torch.dtype, ...] = ALL_DTYPES
     max_d: int | None = None
-    forward: Forward | None = None
-    bank_grad: BankGrad | None = None
-    patch_counts: PatchCounts | None = None
+    forward: interface.Forward | None = None
+    bank_grad: interface.BankGrad | None = None
+    patch_counts: interface.PatchCounts | None = None
     default_on: tuple[str, ...] | None = ()
     patch_default_on: tuple[str, ...] = ()
     priority: int = 0
     options: tuple[str, ...] = ()
+    losses: tuple[str, ...] = (MASKED_INFONCE,)
+    contrast_forward: interface.ContrastForward | None = None
+    contrast_bank_grad: interface.ContrastBankGrad | None = None
+
+    def __post_init__(self) -> None:
+        unknown = set(self.losses) - set(interface.LOSSES)
+        if unknown or not self.losses:
+            raise ValueError(f"losses: expected a non-empty tuple of {interface.LOSSES}, got {self.losses!r}")
+        # a streaming backend (one with kernels) brings the kernels of every loss it claims
+        kernels = {MASKED_INFONCE: (self.forward, self.bank_grad),
+                   SUPERVISED_CONTRAST: (self.contrast_forward, self.contrast_bank_grad)}
+        streaming = self.forward is not None or self.contrast_forward is not None
+        for loss in self.losses:
+            if streaming and None in kernels[loss]:
+                raise ValueError(f"losses: the {self.name} backend takes {loss} but lacks its "
+                                 "forward or bank-gradient entry point")
+
+    def takes(self, loss: str) -> bool:
+        return loss in self.losses
+
+    def check_loss(self, loss: str) -> None:
+        """A ValueError naming the backend and the loss when it does not take that loss."""
+        if not self.takes(loss):
+            takers = [b.name for b in _REGISTRY.values() if b.takes(loss)]
+            raise ValueError(f"backend: the {self.name} backend does not take the {loss} loss "
+                             f"(backends that do: {', '.join(takers)})")
 
     def runs_on(self, device: torch.device | str) -> tuple[bool, str]:
         """(available, reason when not) for tensors on `device` in this process."""
@@ -112,19 +141,42 @@ def get(name: str) -> Backend:
     return _REGISTRY[name]
 
 
-def available(device: torch.device | str = "cpu") -> list[str]:
-    """The registered backends that can run on `device` in this process."""
-    return [b.name for b in _REGISTRY.values() if b.runs_on(device)[0]]
+def available(device: torch.device | str = "cpu", loss: str | None = None) -> list[str]:
+    """The registered backends that can run on `device` in this process (and take `loss`, when
+    one is named)."""
+    return [b.name for b in _REGISTRY.values()
+            if b.runs_on(device)[0] and (loss is None or b.takes(loss))]
 
 
-def default(device: torch.device | str, patches: bool = False) -> str | None:
-    """What `backend=None` picks on `device` for the loss (or the patch counts): None if nothing
-    registered may be the default there."""
+def default(device: torch.device | str, patches: bool = False,
+            loss: str = MASKED_INFONCE) -> str | None:
+    """What `backend=None` picks on `device` for `loss` (or, patches=True, the patch counts):
+    None if nothing registered may be the default there."""
     device = torch.device(device)
     best = None
     for b in _REGISTRY.values():
         on = b.patch_default_on if patches else b.default_on
+        if not patches and not b.takes(loss):
+            continue
         if (on is None or device.type in on) and b.runs_on(device)[0]:
             if best is None or b.priority > best.priority:
                 best = b
     return None if best is None else best.name
+
+
+def resolve(backend: str | None, query: torch.Tensor, loss: str = MASKED_INFONCE) -> str:
+    """The backend that runs `loss` on `query`: the default for its device when None, else the
+    named one, checked (it takes the loss, runs on the device, takes the dtype and D)."""
+    if backend is None:
+        name = default(query.device, loss=loss)
+        if name is None:  # only when a test or plug-in has taken the fallbacks out of the registry
+            raise ValueError(f"device: no registered backend may be the default on {query.device}")
+        return name
+    spec = get(backend)
+    spec.check_loss(loss)
+    ok, why = spec.runs_on(query.device)
+    if not ok:
+        raise ValueError(f"backend: {backend!r} cannot run on {query.device} here ({why}; "
+                         f"available: {available(query.device, loss)})")
+    spec.check_input(query)
+    return backend

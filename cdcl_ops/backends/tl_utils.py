@@ -13,12 +13,13 @@ MAX_BITS_GROUPS = 32  # up to 32 groups a query's allowed bank groups fit one in
 
 
 @triton.jit
-def negative_mask(q_lab, q_code, k_lab, k_grp, TABLE, G, USE_BITS: tl.constexpr):
-    """J for a tile. Arguments arrive already broadcastable (q side on one axis, bank on the other).
+def candidate_mask(q_code, k_grp, TABLE, G, USE_BITS: tl.constexpr):
+    """The pairs of a tile the groups allow between active rows, labels aside. Arguments arrive
+    already broadcastable (q side on one axis, bank on the other).
 
     q_code is the query's bit set of allowed bank groups (USE_BITS) or its group id (-1 inactive).
     """
-    ok = (k_grp >= 0) & (q_lab != k_lab)
+    ok = k_grp >= 0
     if USE_BITS:
         ok = ok & (((q_code >> tl.maximum(k_grp, 0)) & 1) != 0)
     else:
@@ -26,6 +27,12 @@ def negative_mask(q_lab, q_code, k_lab, k_grp, TABLE, G, USE_BITS: tl.constexpr)
         allowed = tl.load(TABLE + tl.maximum(q_code, 0) * G + tl.maximum(k_grp, 0), mask=ok, other=0)
         ok = ok & (allowed != 0)
     return ok
+
+
+@triton.jit
+def negative_mask(q_lab, q_code, k_lab, k_grp, TABLE, G, USE_BITS: tl.constexpr):
+    """J for a tile: the allowed pairs (candidate_mask) whose labels differ."""
+    return candidate_mask(q_code, k_grp, TABLE, G, USE_BITS) & (q_lab != k_lab)
 
 
 def query_codes(q_grp: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, bool]:

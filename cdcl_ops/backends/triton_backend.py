@@ -1,14 +1,15 @@
 """The `triton` backend's record: where it runs and its entry points.
 
-The kernels' modules (triton_forward, triton_backward, triton_patches) import triton, so they are
-loaded on first use only: cdcl_ops imports, and lists this backend as unavailable, without Triton.
+The kernels' modules (triton_forward, triton_backward, triton_contrast, triton_patches) import
+triton, so they are loaded on first use only: cdcl_ops imports, and lists this backend as
+unavailable, without Triton.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .interface import InverseNorms, Masks, Options
+from .interface import LOSSES, Contrast, ContrastRows, InverseNorms, Masks, Options
 from .platform import FUSED_DTYPES, MAX_D, TRITON_INSTALLED, triton_interpreting
 from .registry import Backend
 
@@ -33,6 +34,18 @@ def bank_grad(q: Tensor, k: Tensor, inv: InverseNorms, masks: Masks, lse: Tensor
     return triton_backward.bank_grad(q, k, inv, masks, lse, gs, options)
 
 
+def contrast_forward(q: Tensor, p: Tensor | None, k: Tensor, inv: InverseNorms, masks: Masks,
+                     options: Options, contrast: Contrast, need_u: bool) -> ContrastRows:
+    from . import triton_contrast
+    return triton_contrast.forward(q, p, k, inv, masks, options, contrast, need_u)
+
+
+def contrast_bank_grad(q: Tensor, k: Tensor, inv: InverseNorms, masks: Masks, lse: Tensor,
+                       gs_lse: Tensor, gs_pos: Tensor, options: Options, contrast: Contrast) -> Tensor:
+    from . import triton_contrast
+    return triton_contrast.bank_grad(q, k, inv, masks, lse, gs_lse, gs_pos, options, contrast)
+
+
 def patch_counts(x: Tensor, grid: int, fg_class: int) -> Tensor:
     from . import triton_patches
     return triton_patches.patch_fg_counts(x, grid, fg_class)
@@ -42,4 +55,5 @@ def patch_counts(x: Tensor, grid: int, fg_class: int) -> Tensor:
 # (benchmarks/RESULTS.md)
 RECORDS = (Backend("triton", _available, dtypes=FUSED_DTYPES, max_d=MAX_D, forward=forward,
                    bank_grad=bank_grad, patch_counts=patch_counts, default_on=("cuda",),
-                   patch_default_on=("cuda",), priority=2, options=("precision",)),)
+                   patch_default_on=("cuda",), priority=2, options=("precision",), losses=LOSSES,
+                   contrast_forward=contrast_forward, contrast_bank_grad=contrast_bank_grad),)
