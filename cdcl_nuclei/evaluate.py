@@ -157,11 +157,12 @@ def validation_dice(model, samples, cfg: InferenceConfig, device="cpu") -> float
     return meter.summary()["over_set"]["DC"]
 
 
-def otsu_dice(samples) -> float:
-    """Otsu's foreground Dice over the set: the no-learning reference for the validation score."""
+def otsu_dice(samples, side: str = "minority") -> float:
+    """Otsu's foreground (`side`, baseline.py) Dice over the set: the no-learning reference for the
+    validation score."""
     meter = SegmentationMeter(instances=False)
     for s in samples:
-        meter.update(otsu_mask(s.image), s.labels, s.id)
+        meter.update(otsu_mask(s.image, side), s.labels, s.id)
     return meter.summary()["over_set"]["DC"]
 
 
