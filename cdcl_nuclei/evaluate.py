@@ -13,7 +13,7 @@ from PIL import Image
 
 from .baseline import otsu_mask
 from .data import resize_image, stretch_contrast
-from .imagefiles import write_labels as save_label_map  # noqa: F401  (predict.py's name for it)
+from .imagefiles import write_labels as save_label_map  # noqa: F401  (the name tests/test_nuclei_imagefiles.py imports)
 from .instances import CLASSICAL, COMPONENTS, DEFAULT, Decoding, decode
 from .metrics import NOTE, SegmentationMeter
 from .tiling import check_window, foreground_probability

@@ -19,9 +19,9 @@ from PIL import Image
 from cdcl_nuclei import cli_predict as predict
 from cdcl_nuclei import cli_train as train
 from cdcl_nuclei import instances, losses, models
+from cdcl_nuclei.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cdcl_nuclei.evaluate import inference_config, predict_probability
 from cdcl_nuclei.imagefiles import read_labels
-from cdcl_nuclei.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from experiments import table1
 
 ROOT = Path(__file__).resolve().parent.parent
