@@ -1,18 +1,21 @@
-"""Segment a folder of images with a trained checkpoint.
+"""Segment images with a trained checkpoint.
 
-    cdcl-predict --checkpoint runs/demo/best.pt --images some/folder --out runs/pred
+    cdcl-predict --checkpoint runs/demo/best.pt --out runs/pred some/folder more/*.tif one.png
     python predict.py --checkpoint runs/demo/best.pt --images data/dsb2018_sample --out runs/pred
 
---images is either a plain folder of images (.png/.tif/.jpg) or a dataset folder (images/ + labels/,
-DSB2018 <id>/images + masks, MoNuSeg .tif + .xml); with ground truth (found there or given by --labels,
-a folder of <id>.png instance maps) the overlays show prediction green, ground truth red and their
-overlap yellow (the paper's Figure 3), and metrics.json / metrics.md are written, with Otsu's
-threshold on the same images beside the model. Without ground truth
-the overlays show the prediction in green. Label masks (uint16 instance maps, one id per 4-connected
-component of the predicted foreground) go to OUT/masks/<id>.png (or .tif with --mask-format tif).
-Images of any size are predicted at native resolution over overlapping, blended windows (the window
-and overlap of the checkpoint's run unless given here); a checkpoint of a --resize run resizes as
-it was trained. Exit status 2: a bad setting, file or checkpoint (one line naming it).
+The images (positional arguments or --images): folders of images (.png/.tif/.jpg/.bmp), dataset
+folders (images/ + labels/, DSB2018 <id>/images + masks, MoNuSeg .tif + .xml), image files or glob
+patterns (quote them so the program expands them). Each image's nuclei, decoded from the foreground
+probability as --instances says (watershed: touching nuclei separated; components), go to
+OUT/masks/<id>.png as a uint16 label image (or .tif with --label-format tif, uint32 above 65,535
+nuclei); --save-probabilities adds OUT/probabilities/<id>.tif (float16, or uint8 with
+--probability-dtype uint8). OUT/overlays/<id>.png show the nuclei in green; with ground truth (found
+in a dataset folder or given by --labels, a folder of <id>.png / .tif instance maps) also the truth
+in red and their overlap in yellow (the paper's Figure 3), and metrics.json / metrics.md are
+written, the classical pipeline (Otsu's threshold, --otsu-side, split by an untuned watershed) beside
+the model. Images of any size are predicted at native resolution over overlapping, blended windows
+(the window and overlap of the checkpoint's run unless given here); a checkpoint of a --resize run
+resizes as it was trained. Exit status 2: a bad setting, file or checkpoint (one line naming it).
 """
 from __future__ import annotations
 

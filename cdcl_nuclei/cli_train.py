@@ -14,7 +14,9 @@ Training sees random --input-size crops of each image at its own pixel scale; va
 and predict.py run the model over overlapping, blended windows at native resolution. --resize gives
 the paper's protocol instead (every image resized to --input-size squared, for Table-1-style runs).
 Outputs in --out: config.json, splits.json, log.csv, last.pt, best.pt, metrics.json/.md (the test
-images at native resolution, with Otsu's threshold beside the model), overlays/.
+images at native resolution: the model's nuclei, decoded as --instances says, beside the classical
+pipeline, Otsu's threshold on its --otsu-side split by an untuned watershed), overlays/.
+--channel N reads plane N of multi-channel or multi-page TIFFs as a grey image.
 Exit status: 2 a bad setting, file or checkpoint (one line naming it); 3 a loss term became non-finite.
 """
 from __future__ import annotations

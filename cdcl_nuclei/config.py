@@ -20,7 +20,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 
 from cdcl_ops import available_backends
 
-from . import cli, data, losses, models
+from . import baseline, cli, data, imagefiles, instances, losses, models
 from .evaluate import InferenceConfig
 
 ALWAYS = object()  # Spec.before of a setting as old as the checkpoint format
@@ -34,7 +34,9 @@ class Spec:
     hi: float | None = None
     lo_open: bool = False
     choices: tuple | None = None
-    resume_free: bool = False  # a resumed run may change it: where it writes and how it runs, never what it computes
+    resume_free: bool = False  # a resumed run may change it: where it writes, how it runs and how the
+    # test is decoded and compared, never what it trains
+    positional: bool = False  # also given as the command's positional arguments
     # the value every run had before the setting existed: a checkpoint without it is compared as if it
     # held this value
     before: object = ALWAYS
@@ -56,6 +58,14 @@ def flag(name: str) -> str:
 
 _LIB = losses.CONTRAST_DEFAULTS
 _FORMATS = ("auto", *data.READERS)  # before the class: its field `data` hides the module there
+_INSTANCES_HELP = ("how the foreground becomes nuclei in the reports: watershed (the model's probability flooded "
+                   "from its sure cores, chosen on the demo's validation split) or components (4-connected "
+                   "components: touching nuclei stay one)")
+_OTSU_HELP = ("foreground side of Otsu's threshold in the classical baseline: minority (the side with fewer pixels, "
+              "right for DSB2018), dark (the fair side on H&E tissue such as MoNuSeg, where nuclei and stroma are "
+              "the darker majority) or bright")
+_CHANNEL_HELP = ("read this plane (0-based) of multi-plane images (a multi-channel or multi-page TIFF) as a grey "
+                 "image; such a file is refused without it")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +79,8 @@ class TrainConfig:
                         "with train/ and test/)")
     dataset: str = setting("dsb", choices=("dsb", "monuseg"))
     format: str = setting("auto", "on-disk format", choices=_FORMATS)
+    # changes the images trained on, so a resumed run keeps it (a checkpoint without it read none)
+    channel: int | None = setting(None, _CHANNEL_HELP, lo=0)
     max_images: int | None = setting(None, "use a seeded subset of this many images", lo=1)
     out: str = setting("runs/train", resume_free=True)
     method: str = setting("cdcl", choices=tuple(losses.METHODS))
@@ -137,6 +149,8 @@ class TrainConfig:
                                             "still span --epochs)", lo=1, resume_free=True)
     val_every: int = setting(1, "validate (and update best.pt) every N epochs and after the last", lo=1)
     overlays: int = setting(8, "test images to draw overlays for", lo=0, resume_free=True)
+    instances: str = setting("watershed", _INSTANCES_HELP, choices=tuple(instances.BY_NAME), resume_free=True)
+    otsu_side: str = setting("minority", _OTSU_HELP, choices=baseline.SIDES, resume_free=True)
     no_test: bool = setting(False, "skip the final test evaluation", resume_free=True)
     no_progress: bool = setting(False, resume_free=True)
 
@@ -146,10 +160,22 @@ class PredictConfig:
     DERIVED: typing.ClassVar[dict] = {}
 
     checkpoint: str = setting()
-    images: str = setting(help="folder of images or a dataset folder")
-    labels: str | None = setting(None, "folder of <id>.png ground-truth instance maps")
+    images: tuple[str, ...] = setting(help="images to segment, as positional arguments or after --images: folders "
+                                      "of images, dataset folders, image files or glob patterns (quoted, e.g. "
+                                      "'scans/*.tif')", positional=True, metavar="PATH")
+    labels: str | None = setting(None, "folder of <id>.png / .tif ground-truth instance maps")
     out: str = setting()
-    mask_format: str = setting("png", choices=("png", "tif"))
+    label_format: str = setting("png", "label images: uint16 PNG, or TIFF (uint16; uint32 above 65,535 nuclei, "
+                                "which a PNG cannot hold)", choices=("png", "tif"))
+    instances: str | None = setting(None, _INSTANCES_HELP + " (default: the checkpoint's run's, else watershed)",
+                                    choices=tuple(instances.BY_NAME))
+    otsu_side: str | None = setting(None, _OTSU_HELP + " (default: the checkpoint's run's, else minority)",
+                                    choices=baseline.SIDES)
+    channel: int | None = setting(None, _CHANNEL_HELP, lo=0)
+    save_probabilities: bool = setting(False, "also write the foreground probability to "
+                                       "OUT/probabilities/<id>.tif")
+    probability_dtype: str = setting("float16", "dtype of the probability TIFFs (uint8: 255 x p, rounded)",
+                                     choices=imagefiles.PROBABILITY_DTYPES)
     threshold: float | None = setting(None, "foreground probability threshold (default: the checkpoint's, 0.5)")
     window: int | None = setting(None, "inference window side (multiple of 32) (default: the checkpoint's)")
     overlap: int | None = setting(None, "overlap of neighbouring windows, pixels (default: the checkpoint's)")
@@ -162,7 +188,8 @@ class PredictConfig:
 # ---------------------------------------------------------------- types
 
 def _kind(tp) -> tuple[type, bool, int | None]:
-    """(the scalar type, whether None is allowed, the length of a fixed tuple or None)."""
+    """(the scalar type, whether None is allowed, the length of a fixed tuple, `...` for a tuple of
+    any length >= 1, or None)."""
     optional = False
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -170,7 +197,7 @@ def _kind(tp) -> tuple[type, bool, int | None]:
         (tp,) = [a for a in args if a is not type(None)]
     if typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
-        return args[0], optional, len(args)
+        return args[0], optional, ... if args[1:] == (...,) else len(args)
     return tp, optional, None
 
 
@@ -190,7 +217,12 @@ def _from_json(value, tp, choices, label):
     base, optional, length = _kind(tp)
     if value is None and optional:
         return None
-    if length is not None:
+    if length is ...:  # one item may stand alone (a config file of the time --images took one path)
+        items = value if isinstance(value, list) and value else [value]
+        items = [_convert(v, base) for v in items]
+        out = None if None in items else tuple(items)
+        what = f"{_WHAT[base]} or a non-empty list of them"
+    elif length is not None:
         items = [_convert(v, base) for v in value] if isinstance(value, list) and len(value) == length else [None]
         out = None if None in items else tuple(items)
         what = f"a list of {length} {_WHAT[base].removeprefix('a ').removeprefix('an ')}s"
@@ -205,11 +237,18 @@ def _from_json(value, tp, choices, label):
 
 # ---------------------------------------------------------------- command line and file
 
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line, as every other error of the commands (the usage is a --help away)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 def parser(cls, description=None) -> argparse.ArgumentParser:
     """The command line of `cls`: one flag per field. Flags not given stay absent from the parsed
     namespace (argparse.SUPPRESS), so a --config file can fill them."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)
+    p = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                argument_default=argparse.SUPPRESS)
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         s, (base, _, length) = spec_of(f), _kind(hints[f.name])
@@ -223,11 +262,17 @@ def parser(cls, description=None) -> argparse.ArgumentParser:
         if base is bool:
             kw["action"] = "store_true" if f.default is False else argparse.BooleanOptionalAction
         else:
-            kw.update(type=base, choices=s.choices, nargs=length, metavar=s.metavar)
+            kw.update(type=base, choices=s.choices, nargs="+" if length is ... else length, metavar=s.metavar)
         p.add_argument(flag(f.name), **kw)
+        if s.positional:
+            p.add_argument(_POSITIONAL + f.name, nargs="*", type=base, metavar=f.name.upper(),
+                           help=f"the same as {flag(f.name)}")
     p.add_argument("--config", metavar="FILE", help="a JSON object of these settings, keyed by name (--max-images: "
                    "max_images); flags given here override it")
     return p
+
+
+_POSITIONAL = "positional_"  # the namespace key of a setting's positional arguments
 
 
 def read_file(cls, path) -> dict:
@@ -258,6 +303,12 @@ def parse(cls, argv=None, description=None):
     p = parser(cls, description)
     given = vars(p.parse_args(argv))
     path = given.pop("config", None)
+    for key in [k for k in given if k.startswith(_POSITIONAL)]:
+        name, values = key.removeprefix(_POSITIONAL), given.pop(key)
+        if values and name in given:
+            p.error(f"{flag(name)}: give the {name} either as arguments or after {flag(name)}, not both")
+        if values:
+            given[name] = values
     values = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
     names = {f.name: flag(f.name) for f in fields(cls)}
     if path is not None:
@@ -297,14 +348,19 @@ def renamed(e: ValueError, names) -> ValueError:
     return ValueError(f"{names.get(key, flag(key))}:{rest}")
 
 
-def resolve_training(s: TrainConfig, names) -> TrainRun:
-    """Check every setting (ValueError naming it) and derive the run; nothing is read or written."""
-    hints = typing.get_type_hints(TrainConfig)
+def check_ranges(s, names) -> None:
+    """Every setting of `s` that declares a range is within it (ValueError naming it)."""
+    hints = typing.get_type_hints(type(s))
     for f in fields(s):
         sp = spec_of(f)
         if sp.lo is not None or sp.hi is not None:
             cli.number(names[f.name], getattr(s, f.name), lo=sp.lo, hi=sp.hi, lo_open=sp.lo_open,
                        optional=_kind(hints[f.name])[1])
+
+
+def resolve_training(s: TrainConfig, names) -> TrainRun:
+    """Check every setting (ValueError naming it) and derive the run; nothing is read or written."""
+    check_ranges(s, names)
     device = cli.device(names["device"], s.device)
     if s.loss_backend is not None and s.loss_backend not in available_backends(device):
         raise ValueError(f"{names['loss_backend']}: expected one of {available_backends(device)} on {device.type}, "

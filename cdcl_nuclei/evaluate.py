@@ -13,7 +13,7 @@ from PIL import Image
 
 from .baseline import otsu_mask
 from .data import resize_image, stretch_contrast
-from .imagefiles import write_labels as save_label_map  # noqa: F401  (predict.py's name for it)
+from .imagefiles import write_labels as save_label_map  # noqa: F401  (the name tests/test_nuclei_imagefiles.py imports)
 from .instances import CLASSICAL, COMPONENTS, DEFAULT, Decoding, decode
 from .metrics import NOTE, SegmentationMeter
 from .tiling import check_window, foreground_probability
@@ -157,11 +157,12 @@ def validation_dice(model, samples, cfg: InferenceConfig, device="cpu") -> float
     return meter.summary()["over_set"]["DC"]
 
 
-def otsu_dice(samples) -> float:
-    """Otsu's foreground Dice over the set: the no-learning reference for the validation score."""
+def otsu_dice(samples, side: str = "minority") -> float:
+    """Otsu's foreground (`side`, baseline.py) Dice over the set: the no-learning reference for the
+    validation score."""
     meter = SegmentationMeter(instances=False)
     for s in samples:
-        meter.update(otsu_mask(s.image), s.labels, s.id)
+        meter.update(otsu_mask(s.image, side), s.labels, s.id)
     return meter.summary()["over_set"]["DC"]
 
 

@@ -24,6 +24,7 @@ IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 TIFF_EXTS = (".tif", ".tiff")
 LABEL_EXTS = (".png", ".tif", ".tiff")
 PROBABILITY_DTYPES = ("float16", "uint8")
+PNG_MAX_LABEL = np.iinfo(np.uint16).max  # the most nuclei a 16-bit PNG label image holds
 
 
 class DataError(ValueError):
@@ -166,7 +167,7 @@ def write_labels(path, instances: np.ndarray):
     lo, top = (int(a.min()), int(a.max())) if a.size else (0, 0)
     if lo < 0 or top > np.iinfo(np.uint32).max:
         raise ValueError(f"instances: ids must lie in 0..{np.iinfo(np.uint32).max}, got {lo}..{top}")
-    dtype = np.uint16 if top <= np.iinfo(np.uint16).max else np.uint32
+    dtype = np.uint16 if top <= PNG_MAX_LABEL else np.uint32
     if ext == ".png":
         if dtype != np.uint16:
             raise ValueError(f"instances: ids up to {top} do not fit a 16-bit PNG ({path}); write a .tif, "

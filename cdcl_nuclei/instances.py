@@ -93,6 +93,8 @@ CLASSICAL = Decoding(method="watershed", surface="distance", markers="h_maxima",
 # 0.95, so touching nuclei split where the model is less sure, and blobs never that sure dropped
 DEFAULT = Decoding(method="watershed", surface="probability", markers="threshold", sigma=1.0,
                    marker_threshold=0.95, unmarked="drop")
+# the decodings the commands offer (--instances), by name
+BY_NAME = {"watershed": DEFAULT, "components": COMPONENTS}
 
 
 def components(mask) -> np.ndarray:

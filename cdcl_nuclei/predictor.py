@@ -1,68 +1,104 @@
-"""A folder of images through a trained checkpoint: label masks, overlays and, where ground truth
-is there, the metrics with Otsu's threshold beside the model (what `cdcl-predict` runs)."""
+"""Images through a trained checkpoint: label images of the decoded nuclei, overlays, optionally the
+foreground probability, and, where ground truth is there, the metrics with the classical pipeline
+(Otsu + watershed) beside the model (what `cdcl-predict` runs)."""
 from __future__ import annotations
 
+import glob
 import os
 
 from PIL import Image
 from tqdm import tqdm
 
-from . import cli, data, models
+from . import baseline, cli, data, imagefiles, instances, models
 from .checkpoint import CheckpointError, load_checkpoint, load_into
-from .config import PredictConfig, renamed
-from .evaluate import (
-    Comparison,
-    inference_config,
-    overlay,
-    predict_probability,
-    save_label_map,
-    summary_lines,
-    write_report,
-)
-from .metrics import connected_components
+from .config import PredictConfig, check_ranges, renamed
+from .evaluate import Comparison, inference_config, overlay, predict_probability, summary_lines, write_report
 
 
-def gather_inputs(images_dir, labels_dir):
-    """[(id, loader returning (image, labels or None))]."""
-    try:
-        fmt = data.detect_format(images_dir)
-    except data.DataError:
+def _image_files(folder) -> list[str]:
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                  if os.path.splitext(n)[1].lower() in data.IMAGE_EXTS)
+
+
+def _expand(path) -> list[str]:
+    """The image files a glob pattern matches (a folder it matches: its images)."""
+    found = []
+    for m in sorted(glob.glob(path)):
+        if os.path.isdir(m):
+            found += _image_files(m)
+        elif os.path.splitext(m)[1].lower() in data.IMAGE_EXTS:
+            found.append(m)
+    if not found:
+        raise data.DataError(f"{path}: the pattern matches no image file ({', '.join(data.IMAGE_EXTS)})")
+    return found
+
+
+def gather_inputs(paths, labels_dir=None, channel=None):
+    """[(id, loader returning (image, labels or None))] of `paths`: each a dataset folder (its images
+    with their ground truth, when `labels_dir` is not given), a folder of images, an image file or a
+    glob pattern. Ground truth of plain images: <labels_dir>/<id>.png, .tif or .tiff. Outputs are
+    named by id, so two images with one id are refused."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out, files = [], []
+    for path in map(str, paths):
         fmt = None
-    if fmt is not None and labels_dir is None:
-        return [(e.id, (lambda e=e: (lambda s: (s.image, s.labels))(e.load())))
-                for e in data.read_folder(images_dir, fmt)]
-    if not os.path.isdir(images_dir):
-        raise data.DataError(f"{images_dir}: folder not found")
-    names = sorted(n for n in os.listdir(images_dir) if os.path.splitext(n)[1].lower() in data.IMAGE_EXTS)
-    if not names:
-        raise data.DataError(f"{images_dir}: no images found")
-    stems = {}
-    for n in names:  # masks and overlays are named by id: two images with one id would overwrite
-        stem = os.path.splitext(n)[0]
-        if stem in stems:
-            raise data.DataError(f"{os.path.join(images_dir, stems[stem])} and {os.path.join(images_dir, n)}: "
-                                 f"two images with the id {stem!r}; rename one")
-        stems[stem] = n
-    out = []
-    for n in names:
-        stem = os.path.splitext(n)[0]
-        path = os.path.join(images_dir, n)
-        label_path = os.path.join(labels_dir, stem + ".png") if labels_dir else None
-        if label_path and not os.path.isfile(label_path):
-            raise data.DataError(f"{label_path}: label file not found for image {path}")
+        if os.path.isdir(path) and labels_dir is None:
+            try:
+                fmt = data.detect_format(path)
+            except data.DataError:
+                pass
+        if fmt is not None:
+            out += [(e.id, os.path.join(path, e.id), (lambda e=e: (lambda s: (s.image, s.labels))(e.load())))
+                    for e in data.read_folder(path, fmt, channel)]
+        elif os.path.isdir(path):
+            found = _image_files(path)
+            if not found:
+                raise data.DataError(f"{path}: no images found ({', '.join(data.IMAGE_EXTS)})")
+            files += found
+        elif glob.has_magic(path) and not os.path.exists(path):
+            files += _expand(path)
+        elif not os.path.exists(path):
+            raise data.DataError(f"{path}: file not found")
+        elif os.path.splitext(path)[1].lower() not in data.IMAGE_EXTS:
+            raise data.DataError(f"{path}: not an image file (expected {', '.join(data.IMAGE_EXTS)})")
+        else:
+            files.append(path)
+    for path in files:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        label_path = data.label_file(labels_dir, stem, path) if labels_dir else None
 
         def load(path=path, label_path=label_path):
-            image = data.read_image(path)
+            image = data.read_image(path, channel)
             labels = data.read_labels(label_path) if label_path else None
             if labels is not None and labels.shape != image.shape[:2]:
                 raise data.DataError(f"{label_path}: size does not match the image {path}")
             return image, labels
-        out.append((stem, load))
-    return out
+        out.append((stem, os.path.normpath(path), load))
+    unique = {}
+    for sid, where, load in out:  # label images and overlays are named by id: one would overwrite the other
+        if sid in unique and unique[sid][0] != where:
+            raise data.DataError(f"{unique[sid][0]} and {where}: two images with the id {sid!r}; rename one")
+        unique.setdefault(sid, (where, load))  # one file named twice (its folder and a glob): read once
+    return [(sid, load) for sid, (_, load) in unique.items()]
+
+
+def _reporting(s: PredictConfig, run: dict):
+    """(decoding, Otsu side): the flags', else the checkpoint's run's (a run before the flags existed
+    decoded with the watershed and took the minority side)."""
+    choice = {}
+    for key, options, default in (("instances", instances.BY_NAME, "watershed"),
+                                  ("otsu_side", baseline.SIDES, "minority")):
+        value = getattr(s, key) or run.get(key, default)
+        if value not in options:
+            raise CheckpointError(f"{s.checkpoint}: invalid {key} in the checkpoint's settings: {value!r}")
+        choice[key] = value
+    return instances.BY_NAME[choice["instances"]], choice["otsu_side"]
 
 
 def predict_folder(s: PredictConfig, names) -> None:
     """Predict every image of `s.images` into `s.out`; `names`: how errors name each setting."""
+    check_ranges(s, names)
     device = cli.device(names["device"], s.device)
     cli.output_folder(names["out"], s.out)
     st = load_checkpoint(s.checkpoint, map_location=device)
@@ -84,23 +120,35 @@ def predict_folder(s: PredictConfig, names) -> None:
         icfg = inference_config({**saved, **given})
     except ValueError as e:  # its messages start with the field name, which is the setting's
         raise renamed(e, names) from None
-    inputs = gather_inputs(s.images, s.labels)
-    os.makedirs(os.path.join(s.out, "masks"), exist_ok=True)
-    os.makedirs(os.path.join(s.out, "overlays"), exist_ok=True)
-    comp = Comparison()
+    decoding, otsu_side = _reporting(s, st["config"])
+    inputs = gather_inputs(s.images, s.labels, s.channel)
+    folders = ["masks", "overlays"] + (["probabilities"] if s.save_probabilities else [])
+    for name in folders:
+        os.makedirs(os.path.join(s.out, name), exist_ok=True)
+    comp = Comparison(decoding=decoding, otsu_side=otsu_side)
     has_gt = False
     for sid, load in tqdm(inputs, desc="predicting", disable=s.no_progress):
         image, labels = load()
-        pred = predict_probability(model, image, icfg, device, progress=not s.no_progress) > icfg.threshold
-        save_label_map(os.path.join(s.out, "masks", f"{sid}.{s.mask_format}"), connected_components(pred))
-        Image.fromarray(overlay(image, pred, labels, stretch=True)).save(os.path.join(s.out, "overlays", f"{sid}.png"))
+        prob = predict_probability(model, image, icfg, device, progress=not s.no_progress)
+        pred = prob > icfg.threshold
+        nuclei = instances.decode(pred, prob, decoding)
+        if s.label_format == "png" and int(nuclei.max(initial=0)) > imagefiles.PNG_MAX_LABEL:
+            raise ValueError(f"{names['label_format']}: {sid} has {int(nuclei.max())} nuclei, more than a 16-bit "
+                             "PNG holds; use --label-format tif (32-bit ids)")
+        imagefiles.write_labels(os.path.join(s.out, "masks", f"{sid}.{s.label_format}"), nuclei)
+        if s.save_probabilities:
+            imagefiles.write_probability(os.path.join(s.out, "probabilities", f"{sid}.tif"), prob,
+                                         s.probability_dtype)
+        # the nuclei's foreground: the decoding may drop unsure blobs
+        Image.fromarray(overlay(image, nuclei > 0, labels, stretch=True)).save(
+            os.path.join(s.out, "overlays", f"{sid}.png"))
         if labels is not None:
             has_gt = True
-            comp.update(pred, image, labels, sid)
-    print(f"{len(inputs)} images -> {s.out}/masks, {s.out}/overlays")
+            comp.update(pred, image, labels, sid, probability=prob, instances=nuclei)
+    print(f"{len(inputs)} images -> " + ", ".join(f"{s.out}/{name}" for name in folders))
     if has_gt:
         report = write_report(comp, s.out, "metrics", "Prediction metrics",
-                              extra={"checkpoint": s.checkpoint, "images_folder": s.images})
+                              extra={"checkpoint": s.checkpoint, "inputs": list(s.images)})
         print(f"metrics -> {s.out}/metrics.md")
         for line in summary_lines(report):
             print(line)

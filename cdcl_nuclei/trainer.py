@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import augment, crops, data, losses, models, schedules
+from . import augment, crops, data, instances, losses, models, schedules
 from .checkpoint import (
     CheckpointError,
     check_compatible,
@@ -59,7 +59,8 @@ class NonFiniteLoss(RuntimeError):
 def load_data(s, input_size, rank):
     """The split of the settings `s`: training samples (labeled and unlabeled indices), validation
     samples, the test entries (read at the end) and the ids of each part."""
-    splits = data.dataset_splits(s.dataset, s.data, seed=s.split_seed, fmt=s.format, max_images=s.max_images)
+    splits = data.dataset_splits(s.dataset, s.data, seed=s.split_seed, fmt=s.format, max_images=s.max_images,
+                                 channel=s.channel)
     tile = 250 if s.dataset == "monuseg" else None
     show = rank == 0 and not s.no_progress
     train = data.training_samples(splits["train"], tile, input_size if s.resize else None, "train images", show)
@@ -311,13 +312,15 @@ class Trainer:
         return f"best.pt (epoch {st['epoch']}, validation Dice {100 * st['best_dice']:.2f})"
 
     def test(self):
-        """The test images at native resolution, model and Otsu's threshold: metrics.json / .md, overlays."""
+        """The test images at native resolution, the model's nuclei (--instances) beside the classical
+        pipeline's (--otsu-side): metrics.json / .md, overlays."""
         s = self.cfg
         tested = self.test_checkpoint()
         print(f"testing the model of {tested}", flush=True)
         samples = data.load_full(self.d["test_entries"], self.d["tile"])
         comp = evaluate_samples(self.student, samples, self.run.inference, self.device, s.out, s.overlays,
-                                progress=not s.no_progress)
+                                progress=not s.no_progress, decoding=instances.BY_NAME[s.instances],
+                                otsu_side=s.otsu_side)
         report = write_report(comp, s.out, "metrics", f"Test metrics ({s.method}, {s.labeled_fraction} labeled)",
                               extra={"method": s.method, "labeled_fraction": s.labeled_fraction,
                                      "checkpoint": tested})
@@ -379,8 +382,8 @@ def run_training(run: TrainRun, world, rank, device) -> None:
               f"{len(d['test_entries'])} test images{' (tiled)' if d['tile'] else ''}; "
               f"{trainer.iters} iterations/epoch, {world} process(es) on {device}", flush=True)
         if d["val"]:
-            print(f"validation: Otsu's threshold (no learning) scores Dice {100 * otsu_dice(d['val']):.2f} "
-                  "over the set", flush=True)
+            print(f"validation: Otsu's threshold ({s.otsu_side} side, no learning) scores Dice "
+                  f"{100 * otsu_dice(d['val'], s.otsu_side):.2f} over the set", flush=True)
     if rank == 0 and not resume:
         # a fresh run must never report a model left behind by an earlier run in the same folder
         for name in ("best.pt", "last.pt"):

@@ -48,7 +48,8 @@ def test_resolved_run_leaves_the_settings_unchanged():
 def test_resume_compares_every_setting_not_marked_free():
     checked = config.resume_checked()
     free = {f.name for f in fields(config.TrainConfig) if config.spec_of(f).resume_free}
-    assert free == {"out", "threads", "no_progress", "stop_after_epochs", "device", "resume", "overlays", "no_test"}
+    assert free == {"out", "threads", "no_progress", "stop_after_epochs", "device", "resume", "overlays", "no_test",
+                    "instances", "otsu_side"}
     assert set(checked) == {f.name for f in fields(config.TrainConfig)} - free | {"model", "inference"}
     assert checked["model"] == "--preset/--input-size"
     assert checked["inference"] == "--window/--overlap/--flips/--resize"
@@ -116,6 +117,14 @@ def test_predict_settings_from_a_file_and_its_required_flags(tmp_path, capsys):
                              "out": str(tmp_path / "o"), "batch": 4}))
     assert cli_predict.main(["--config", str(f)]) == 2  # the settings are complete; the checkpoint is missing
     assert "none.pt: checkpoint file not found" in capsys.readouterr().err
+    # --images takes several paths; a file may give one or a list of them
+    f.write_text(json.dumps({"checkpoint": "c.pt", "images": ["a", "b/*.png"], "out": "o"}))
+    assert config.parse(config.PredictConfig, ["--config", str(f)])[0].images == ("a", "b/*.png")
+    assert config.parse(config.PredictConfig, ["--config", str(f), "x", "y"])[0].images == ("x", "y")
+    for bad in ([], [1], 3):
+        f.write_text(json.dumps({"images": bad}))
+        with pytest.raises(ValueError, match="images: expected a string or a non-empty list of them"):
+            config.parse(config.PredictConfig, ["--config", str(f)])
     f.write_text(json.dumps({"batch": "4"}))
     assert cli_predict.main(["--config", str(f)]) == 2
     assert f"{f}: batch: expected an integer" in capsys.readouterr().err

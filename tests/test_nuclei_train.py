@@ -12,13 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from PIL import Image
 
 from cdcl_nuclei import cli_predict as predict
 from cdcl_nuclei import cli_train as train
-from cdcl_nuclei import losses
+from cdcl_nuclei import instances, losses, models
 from cdcl_nuclei.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cdcl_nuclei.evaluate import inference_config, predict_probability
+from cdcl_nuclei.imagefiles import read_labels
 from experiments import table1
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,6 +95,18 @@ def test_checkpoint_errors(tmp_path, capsys):
         assert err.count("\n") == 1 and flag in err and value in err and old in err, err
     # where and how it runs may change
     assert train.main([*common, "--threads", "2", "--no-progress", "--resume", str(ckpt)]) == 0
+    # and how the test is decoded and compared; a checkpoint from before those settings (and --channel)
+    # existed resumes as one that left them at their defaults
+    st = load_checkpoint(ckpt)
+    for key in ("instances", "otsu_side", "channel"):
+        del st["config"][key]
+    old = tmp_path / "old.pt"
+    save_checkpoint(old, st)
+    assert train.main([*common, "--instances", "components", "--otsu-side", "dark", "--resume", str(old)]) == 0
+    # reading another plane of the images changes what is trained on
+    assert train.main([*common, "--channel", "1", "--resume", str(old)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--channel: checkpoint None, now 1" in err, err
     # truncated
     raw = ckpt.read_bytes()
     bad = tmp_path / "truncated.pt"
@@ -161,25 +176,48 @@ def test_end_to_end_loss_falls_and_outputs_written(tmp_path):
         for d in ("images", "labels"):
             (pin / d / f"{sid}.png").write_bytes((SAMPLE / d / f"{sid}.png").read_bytes())
     pout = tmp_path / "pred"
-    assert predict.main(["--checkpoint", str(out / "best.pt"), "--images", str(pin), "--out", str(pout)]) == 0
+    assert predict.main(["--checkpoint", str(out / "best.pt"), "--images", str(pin), "--out", str(pout),
+                         "--save-probabilities", "--no-progress"]) == 0
     pm = json.loads((pout / "metrics.json").read_text())
-    # same model, same images, same tiling: the same numbers as train.py's test evaluation, whose
-    # report also holds the components (predict.py decodes those until it takes the probability)
-    same = "model" if pm["decoding"]["model"] == metrics["decoding"]["model"] else "model_components"
-    assert same == "model" or pm["decoding"]["model"] == {"method": "components"}
-    for part in ("over_set", "per_image_mean"):
-        assert pm["model"][part] == pytest.approx(metrics[same][part], abs=1e-12)
-        assert pm["otsu"][part] == pytest.approx(metrics["otsu"][part], abs=1e-12)
+    # same model, same images, same tiling, same decoding: the same numbers as train.py's test evaluation
+    assert pm["decoding"] == metrics["decoding"] and pm["decoding"]["model"]["method"] == "watershed"
+    for name in ("model", "model_components", "otsu", "otsu_components"):
+        for part in ("over_set", "per_image_mean"):
+            assert pm[name][part] == pytest.approx(metrics[name][part], abs=1e-12), name
+    # the label image holds the nuclei that report counted: the watershed of the model's probability
+    st = load_checkpoint(out / "best.pt")
+    model = models.build_model(models.config_from_dict(st["config"]["model"])).eval()
+    model.load_state_dict(st["student"])
+    icfg = inference_config(st["config"]["inference"])
     sid = test_ids[0]
-    mask = np.asarray(Image.open(pout / "masks" / f"{sid}.png"))
+    image = np.asarray(Image.open(SAMPLE / "images" / f"{sid}.png").convert("RGB"))
+    prob = predict_probability(model, image, icfg)
+    written = Image.open(pout / "masks" / f"{sid}.png")
+    assert written.mode.startswith("I;16")  # a uint16 PNG
+    nuclei = read_labels(pout / "masks" / f"{sid}.png")
+    np.testing.assert_array_equal(nuclei, instances.decode(prob > icfg.threshold, prob, instances.DEFAULT))
+    # a model this short-trained is rarely sure enough for the watershed's markers; its components:
+    pcomp = tmp_path / "pred-components"
+    assert predict.main(["--checkpoint", str(out / "best.pt"), "--images", str(pin), "--out", str(pcomp),
+                         "--instances", "components", "--no-progress"]) == 0
+    pc = json.loads((pcomp / "metrics.json").read_text())
+    assert pc["decoding"]["model"] == {"method": "components"}
+    for part in ("over_set", "per_image_mean"):
+        assert pc["model"][part] == pytest.approx(metrics["model_components"][part], abs=1e-12)
+    blobs = read_labels(pcomp / "masks" / f"{sid}.png")
+    np.testing.assert_array_equal(blobs, instances.decode(prob > icfg.threshold, decoding=instances.COMPONENTS))
+    assert blobs.max() > 1
+    saved = tifffile.imread(pout / "probabilities" / f"{sid}.tif")
+    assert saved.dtype == np.float16 and saved.shape == image.shape[:2]
+    np.testing.assert_allclose(saved, prob, atol=1e-3)
     gt = np.asarray(Image.open(SAMPLE / "labels" / f"{sid}.png"))
-    assert mask.shape == gt.shape
+    assert nuclei.shape == gt.shape
     ov = np.asarray(Image.open(pout / "overlays" / f"{sid}.png"))
     assert ov.shape == gt.shape + (3,)
     # images without ground truth: masks and overlays only
     pout2 = tmp_path / "pred2"
     assert predict.main(["--checkpoint", str(out / "best.pt"), "--images", str(pin / "images"),
-                         "--out", str(pout2), "--mask-format", "tif"]) == 0
+                         "--out", str(pout2), "--label-format", "tif", "--no-progress"]) == 0
     assert (pout2 / "masks" / f"{sid}.tif").is_file() and not (pout2 / "metrics.json").exists()
 
 
