@@ -13,8 +13,8 @@ from benchmarks import run, summary
 from benchmarks.contenders import _flex_api, contenders, exponentials, flops, make_inputs, reference_eager
 from benchmarks.measure import CPU_BLOCK, CPU_TILE, cpu_rates, floor_ms, max_rel_error, measure
 from cdcl_ops.backends import native
+from paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_flex = pytest.mark.skipif(_flex_api() is None, reason="no FlexAttention in this torch")
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 

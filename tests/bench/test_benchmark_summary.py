@@ -2,9 +2,9 @@
 import os
 
 from benchmarks import summary
+from paths import ROOT
 
-CSV = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                   "results", "h200-2026-11-27-run2.csv")
+CSV = os.path.join(ROOT, "benchmarks", "results", "h200-2026-11-27-run2.csv")
 
 
 def test_summary_of_a_gpu_run(capsys, tmp_path):

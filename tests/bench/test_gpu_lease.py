@@ -16,8 +16,8 @@ import pytest
 import cdcl_ops
 from benchmarks import contenders as bench_contenders
 from benchmarks import lease
+from paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_lease.sh")
 STEPS = ["env", "build", "triton", "cuda-core", "tensor-cores", "sanitizer", "compile", "bench-paper",
          "bench-large", "bench-grad", "train"]
@@ -220,10 +220,10 @@ def test_first_failure_from_junit_else_from_the_log(tmp_path):
     xml = _junit(tmp_path)
     assert lease.first_failure(str(xml), "missing.log") == "tests/test_sample.py::test_bad"
     log = tmp_path / "cut.log"
-    log.write_text("tests/test_gpu_native.py::test_a[x] PASSED\n"
-                   "tests/test_gpu_native.py::test_cuda_tensor_cores_16bit[dtype0-3] FAILED\n")
+    log.write_text("tests/gpu/test_cuda_on_gpu.py::test_a[x] PASSED\n"
+                   "tests/gpu/test_cuda_on_gpu.py::test_cuda_tensor_cores_16bit[dtype0-3] FAILED\n")
     assert lease.first_failure(str(tmp_path / "none.xml"), str(log)) == \
-        "tests/test_gpu_native.py::test_cuda_tensor_cores_16bit[dtype0-3]"
+        "tests/gpu/test_cuda_on_gpu.py::test_cuda_tensor_cores_16bit[dtype0-3]"
 
 
 def test_a_carried_build_is_reused_only_for_the_same_torch_arch_and_sources(tmp_path):
@@ -278,9 +278,8 @@ def _collect(*args):
 
 
 def test_gpu_tests_are_collected_here_and_the_steps_split_test_gpu_native():
-    everything = _collect("-m", "gpu", "tests/test_gpu.py", "tests/test_gpu_flex.py", "tests/test_gpu_compile.py",
-                          lease.GPU_NATIVE)
-    compile_tests = {t for t in everything if t.startswith("tests/test_gpu_compile.py::")}
+    everything = _collect("-m", "gpu", *lease.GPU_TRITON, lease.GPU_COMPILE, lease.GPU_NATIVE)
+    compile_tests = {t for t in everything if t.startswith(lease.GPU_COMPILE + "::")}
     assert any("::test_compile_chunked_on_cuda[" in t for t in compile_tests)
     assert all("::test_compile_" in t for t in compile_tests)  # the compile step's -k selects them all
     native = {t for t in everything if t.startswith(lease.GPU_NATIVE + "::")}

@@ -10,7 +10,7 @@ have, each on the shape and seed of the 2026-11-27 H200 failure (N 300, M 900, D
 
 That failure is explained (torch 2.11 with the row normalisation of that time, docs/native.md);
 these run on every lease so that a new one is placed at once. Run by benchmarks/gpu_lease.sh,
-with tests/test_gpu_native.py's compile tests, under TORCH_LOGS for graphs and recompiles."""
+with tests/gpu/test_cuda_on_gpu.py's compile tests, under TORCH_LOGS for graphs and recompiles."""
 import pytest
 import torch
 

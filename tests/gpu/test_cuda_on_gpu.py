@@ -2,7 +2,7 @@
 float64 reference on the same device. Run by benchmarks/gpu_lease.sh on a lent GPU, in three
 processes: the CUDA-core tests, then those with `tensor_cores` or `opcheck` in their names (the
 tensor-core kernels have never run on a GPU: a fault there must not spoil the others' CUDA
-context), then those with `compile` in their names (with tests/test_gpu_compile.py)."""
+context), then those with `compile` in their names (with tests/gpu/test_compile_on_gpu.py)."""
 import pytest
 import torch
 

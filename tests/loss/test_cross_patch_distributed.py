@@ -1,6 +1,6 @@
 """Two CPU processes (gloo): each rank's loss and gradients equal the single-process loss of its
 own queries over the bank of every rank's pixels (current and previous batch), computed by the
-float64 transcriptions of test_cross_patch."""
+float64 transcriptions of tests/transcriptions.py."""
 import os
 import socket
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_cross_patch import TOL, make_batch, official_loop, paper_loop
 
 import cdcl_ops
 from cdcl_ops import CrossPatchOptions
+from transcriptions import TOL, make_batch, official_loop, paper_loop
 
 WORLD = 2
 STEPS = 3

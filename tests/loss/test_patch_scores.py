@@ -9,6 +9,7 @@ import torch
 
 import cdcl_ops
 from cdcl_ops.sampling import per_pixel
+from paths import ROOT
 
 BACKENDS = ["torch"]
 if "triton" in cdcl_ops.available_backends("cpu"):
@@ -166,8 +167,7 @@ def test_triton_patch_kernel_compiles_for_ampere_and_hopper():
                 print("compiled", arch, ptr)
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,4 +1,5 @@
-"""Build and call the CUDA kernels of csrc/cuda on the CPU, through the emulator of tests/cuda_emu.
+"""Build and call the CUDA kernels of csrc/cuda on the CPU, through the emulator of
+tests/native/cuda_emu.
 
 The .cu files are rewritten where C++ cannot parse them (kernel launches and `extern __shared__`
 arrays; nothing else changes), compiled with the host C++ compiler against the emulator's shim
@@ -6,7 +7,7 @@ headers into a small shared library (cached under build/cuda_emu/ by the hash of
 and called through ctypes with CPU tensors. `Emulator` has the signatures of the
 `torch.ops.cdcl_ops_C` CUDA ops, plus the backend interface of `cdcl_ops.backends` (`forward`,
 `bank_grad`), so the op's autograd can run on it. What the emulation does and does not check is
-written at the top of tests/cuda_emu/emu.h.
+written at the top of tests/native/cuda_emu/emu.h.
 """
 import ctypes
 import glob
@@ -19,9 +20,9 @@ import subprocess
 import torch
 
 from cdcl_ops.backends import native
+from paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMU_DIR = os.path.join(ROOT, "tests", "cuda_emu")
+EMU_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu")
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 KERNEL_SOURCES = sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu")))
 SELFTEST_SOURCE = os.path.join(EMU_DIR, "selftest.cu")

@@ -1,19 +1,25 @@
 """The `cpu` backend (C++ kernels of csrc/cpu, through cdcl_ops._C) against the float64 reference,
 plus the raw `cdcl_ops_C::` ops: opcheck, torch.compile, determinism, patch foreground counts."""
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from test_backends import SHAPES
 
 import cdcl_ops
 from cdcl_ops._validate import canonical_masks
 from cdcl_ops.backends import chunked, native
 from cdcl_ops.backends.interface import InverseNorms, Options
 from cdcl_ops.normalize import inverse_norms
-from helpers import assert_close_to_reference, assert_compiled_matches_eager, loss_and_grads, make_inputs, strided_copy
+from helpers import (
+    SHAPES,
+    assert_close_to_reference,
+    assert_compiled_matches_eager,
+    loss_and_grads,
+    make_inputs,
+    strided_copy,
+)
+from paths import ROOT
 
 needs_ext = pytest.mark.skipif(not native.HAS_CPU,
                                reason=f"cdcl_ops._C not built: {native.LOAD_ERROR}")
@@ -311,8 +317,7 @@ except ValueError as e:
     assert "cdcl_ops._C" in str(e), e
     print("refused")
 """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().endswith("refused")

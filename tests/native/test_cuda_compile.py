@@ -18,8 +18,8 @@ import torch
 import torch.utils.cpp_extension as cpp_ext
 
 from benchmarks.lease import setup_constants
+from paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CU_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 GLUE = os.path.join(ROOT, "csrc", "cuda", "cuda_glue.cpp")
 NVCC_FLAGS, DEFAULT_CUDA_ARCHS = (setup_constants()[k] for k in ("NVCC_FLAGS", "DEFAULT_CUDA_ARCHS"))

@@ -1,11 +1,12 @@
-"""The CUDA kernels of csrc/cuda, run on the CPU by the emulator of tests/cuda_emu (see
-tests/cuda_emulator.py): their results against the float64 reference through the public API, on
-shapes that cross every block and tile edge, both the CUDA-core and the tensor-core (WMMA) paths.
+"""The CUDA kernels of csrc/cuda, run on the CPU by the emulator of tests/native/cuda_emu (see
+tests/native/cuda_emulator.py): their results against the float64 reference through the public
+API, on shapes that cross every block and tile edge, both the CUDA-core and the tensor-core (WMMA)
+paths.
 
 This checks the kernels' logic (indexing, ragged tiles, masks, online log-sum-exp, barriers,
-launch configuration, shared-memory limits), not the hardware: the GPU tests (tests/test_gpu*.py)
-stay the word on real devices. The emulator's own checks are tested first, with kernels that
-break its rules (tests/cuda_emu/selftest.cu). Skipped where no C++ compiler is found.
+launch configuration, shared-memory limits), not the hardware: the GPU tests (tests/gpu/) stay
+the word on real devices. The emulator's own checks are tested first, with kernels that
+break its rules (tests/native/cuda_emu/selftest.cu). Skipped where no C++ compiler is found.
 """
 import ctypes
 import dataclasses
@@ -21,9 +22,11 @@ from cuda_emulator import Emulator, compiler
 from helpers import (
     assert_close_to_reference,
     assert_compiled_matches_eager,
+    assert_matches,
     assert_outputs_match_fake,
     loss_and_grads,
     make_inputs,
+    rows_of_magnitude,
     strided_weights,
     with_nan_rows,
 )
@@ -275,7 +278,7 @@ def test_public_api_reaches_the_emulated_kernels(emulated_cuda):
     assert emulated_cuda.fiber_switches > before
 
 
-# -- what the ops promise torch.compile (tests/test_op_contract.py), on the CUDA kernels ----------
+# -- what the ops promise torch.compile (tests/ops/test_op_contract.py), on the CUDA kernels ------
 
 @pytest.fixture(scope="module")
 def emulated_ops(emulator):
@@ -365,8 +368,7 @@ def test_nan_rows_give_nan_where_the_reference_does(emulated_cuda, where, precis
 
 @pytest.mark.parametrize("scales", [[1e19, 3e19], [3.4e38, 1e38], [1e-20, 1e-40]])
 def test_float32_rows_of_any_magnitude(emulated_cuda, scales):
-    from test_extremes import _rows_of_magnitude, assert_matches
-    inputs = _rows_of_magnitude(make_inputs(10, 40, 4, seed=8), torch.float32, scales)
+    inputs = rows_of_magnitude(make_inputs(10, 40, 4, seed=8), torch.float32, scales)
     want = loss_and_grads({k: (v.double() if k in ("query", "positive", "bank") else v)
                            for k, v in inputs.items()}, "reference")
     norms = {name: inputs[name].double().norm(dim=1, keepdim=True).clamp(min=1e-12)
@@ -377,7 +379,6 @@ def test_float32_rows_of_any_magnitude(emulated_cuda, scales):
 @pytest.mark.parametrize("tau", [1e-3, 1e-4])
 def test_bank_gradient_at_the_minimum_temperature(emulated_cuda, tau):
     # the CUDA-core kernels recompute each score with the forward's FMA chain and rounding
-    from test_extremes import assert_matches
     inputs = make_inputs(40, 70, 16, seed=1)
     want = loss_and_grads(inputs, "reference", temperature=tau)
     assert_matches(loss_and_grads(inputs, "cuda", dtype=torch.float32, temperature=tau), want)

@@ -1,10 +1,10 @@
 """The emulated CUDA kernels under AddressSanitizer: no read or write outside any buffer.
 
-The emulator's guard bands (tests/cuda_emulator.py) catch what changes a result; an access past
-an end whose value is then discarded (say a label read for a row past the last) does not, and on a
-GPU it can still fault. This runs a part of tests/test_cuda_emulated.py in a child process with
-the emulator built with -fsanitize=address and exact-size buffers. Skipped where the compiler has
-no AddressSanitizer runtime.
+The emulator's guard bands (tests/native/cuda_emulator.py) catch what changes a result; an access
+past an end whose value is then discarded (say a label read for a row past the last) does not, and
+on a GPU it can still fault. This runs a part of tests/native/test_cuda_emulated.py in a child
+process with the emulator built with -fsanitize=address and exact-size buffers. Skipped where the
+compiler has no AddressSanitizer runtime.
 """
 import os
 import subprocess
@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from cuda_emulator import ASAN, compiler
+from paths import ROOT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -56,7 +57,7 @@ def test_kernels_stay_inside_their_buffers(tmp_path):
     select = "cuda_core_fp32 or tensor_cores_16bit or many_groups or empty or no_negative or patch_fg"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            os.path.join(HERE, "test_cuda_emulated.py"), "-k", select],
-                          capture_output=True, text=True, env=env, cwd=os.path.dirname(HERE), timeout=1200)
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
     reports = "".join(p.read_text() for p in tmp_path.glob("asan*"))
     assert "AddressSanitizer" not in reports, reports[:4000]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

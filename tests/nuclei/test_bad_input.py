@@ -14,7 +14,7 @@ from PIL import Image
 
 from cdcl_nuclei import models
 from cdcl_nuclei.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from test_nuclei_train import SAMPLE, TINY, predict, train  # noqa: F401  (the scripts, loaded once)
+from nuclei_scripts import SAMPLE, TINY, predict, train  # noqa: F401  (the scripts, loaded once)
 
 
 @pytest.fixture(autouse=True)

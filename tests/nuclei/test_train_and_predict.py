@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,24 +16,8 @@ import torch
 from PIL import Image
 
 from cdcl_nuclei.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "data" / "dsb2018_sample"
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"_{name}_script", ROOT / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-train = _script("train")
-predict = _script("predict")
-
-TINY = ["--data", str(SAMPLE), "--preset", "tiny", "--max-images", "12", "--labeled-fraction", "1/4",
-        "--batch-size", "2", "--unlabeled-batch-size", "2", "--iters-per-epoch", "2",
-        "--unsup-start-epoch", "1", "--no-progress", "--overlays", "2", "--threads", "1"]
+from nuclei_scripts import SAMPLE, TINY, predict, train
+from paths import ROOT
 
 
 @pytest.fixture(autouse=True)

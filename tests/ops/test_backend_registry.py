@@ -12,8 +12,7 @@ from cdcl_ops import CrossPatchOptions
 from cdcl_ops.backends import chunked, interface, platform, registry
 from cdcl_ops.patches import patch_backends
 from helpers import make_inputs
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import ROOT
 
 
 def test_public_names_read_the_registry():

@@ -3,10 +3,9 @@ import pytest
 import torch
 
 import cdcl_ops
-from helpers import assert_close_to_reference, loss_and_grads, make_inputs, strided_copy
+from helpers import SHAPES, assert_close_to_reference, loss_and_grads, make_inputs, strided_copy
 
-# (N, M, D): N, M not multiples of any block size; D over 1, 3, 64, 96, 128, 200
-SHAPES = [(37, 53, 1), (29, 45, 3), (21, 70, 64), (19, 41, 96), (33, 17, 128), (23, 39, 200)]
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("groups", [True, False])
 @pytest.mark.parametrize("bank_grad", [True, False])

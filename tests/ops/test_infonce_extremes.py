@@ -11,31 +11,10 @@ import torch
 import cdcl_ops
 from cdcl_ops import CrossPatchOptions, FeatureBank
 from cdcl_ops.sampling import official_group_table
-from helpers import loss_and_grads, make_inputs, with_nan_rows
+from helpers import assert_matches, dense_labels, loss_and_grads, make_inputs, rows_of_magnitude, with_nan_rows
 
 BACKENDS = [b for b in ("reference", "chunked", "cpu", "triton") if b in cdcl_ops.available_backends("cpu")]
 PATCH_BACKENDS = ["torch"] + [b for b in ("cpu", "triton") if b in cdcl_ops.available_backends("cpu")]
-FP32_TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def dense_labels(values):
-    """Labels by hand: equal values get equal small ids, negative ones -1 (inactive)."""
-    values = [int(v) for v in values]
-    ids = {v: i for i, v in enumerate(sorted({v for v in values if v >= 0}))}
-    return torch.tensor([ids[v] if v >= 0 else -1 for v in values], dtype=torch.int64)
-
-
-def assert_matches(got, want, scale_rows=None):
-    """Per-query losses and gradients of `backend` against the oracle (float64 reference)."""
-    (loss, grads), (ref_loss, ref_grads) = got, want
-    torch.testing.assert_close(loss.double(), ref_loss, equal_nan=True, **FP32_TOL)
-    for name, g, r in zip(("query", "positive", "bank"), grads, ref_grads):
-        norm = 1.0 if scale_rows is None else scale_rows[name]
-        g, r = g.double() * norm, r * norm
-        finite = r[torch.isfinite(r)]
-        scale = finite.abs().max().clamp(min=1.0) if finite.numel() else 1.0
-        torch.testing.assert_close(g / scale, r / scale, equal_nan=True, **FP32_TOL,
-                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 # ------------------------------------------------------------------ integer labels and groups
@@ -304,24 +283,12 @@ def test_minimum_temperature_is_accepted():
 
 
 # ------------------------------------------------------------------ magnitudes
-def _rows_of_magnitude(inputs, dtype, scales):
-    """The inputs in `dtype` with some rows of each feature tensor scaled to the given magnitudes."""
-    out = dict(inputs)
-    for name in ("query", "positive", "bank"):
-        x = inputs[name].to(dtype).clone()
-        for row, scale in zip(range(1, 3 * len(scales), 3), scales):
-            r = x[row].double()
-            x[row] = (r / r.abs().max() * scale).to(dtype)
-        out[name] = x
-    return out
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scales", [[1e19, 3e19], [1e30, 1e36], [3.4e38, 1e38], [1e-20, 1e-30, 1e-40]])
 def test_float32_rows_of_any_magnitude(backend, scales):
     """fp32 rows up to the float32 maximum: the float64 reference on the same values is the oracle
     (rows below eps = 1e-12 are scaled by 1 / eps, as F.normalize does)."""
-    inputs = _rows_of_magnitude(make_inputs(10, 14, 4, seed=8), torch.float32, scales)
+    inputs = rows_of_magnitude(make_inputs(10, 14, 4, seed=8), torch.float32, scales)
     want = loss_and_grads({k: (v.double() if k in ("query", "positive", "bank") else v)
                            for k, v in inputs.items()}, "reference")
     got = loss_and_grads(inputs, backend)
@@ -335,7 +302,7 @@ def test_float32_rows_of_any_magnitude(backend, scales):
 def test_float64_rows_beyond_the_float32_range(backend):
     """fp64 rows of magnitude 1e200: the oracle is the same rows scaled by 2**-600 (exact), since
     the loss does not depend on a row's norm and its gradient scales with 1 / norm."""
-    inputs = _rows_of_magnitude(make_inputs(10, 14, 4, seed=9), torch.float64, [1e200, 1e250, 1e300])
+    inputs = rows_of_magnitude(make_inputs(10, 14, 4, seed=9), torch.float64, [1e200, 1e250, 1e300])
     one = torch.ones((), dtype=torch.float64)
     k = {n: torch.where(inputs[n].abs().amax(dim=1, keepdim=True) > 1e100, one * 2.0 ** -600, one)
          for n in ("query", "positive", "bank")}
@@ -367,7 +334,7 @@ def test_official_group_table_compares_integer_counts():
 
 @pytest.mark.parametrize("backend", PATCH_BACKENDS)
 def test_foreground_class_outside_the_label_dtype_matches_nothing(backend):
-    """Found by tests/test_properties.py: `uint8_labels == 65535` casts 65535 to 255 in torch."""
+    """Found by tests/ops/test_infonce_properties.py: `uint8_labels == 65535` casts 65535 to 255 in torch."""
     labels = torch.full((1, 4, 4), 255, dtype=torch.uint8)
     for fg in (65535, 511, -1, 2**64, -2**63 - 1):
         assert cdcl_ops.patch_foreground_scores(labels, 2, fg, backend=backend)[1].sum() == 0

@@ -8,11 +8,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_extremes import assert_matches, dense_labels
 
 import cdcl_ops
 from cdcl_ops import CrossPatchOptions, FeatureBank
-from helpers import loss_and_grads
+from helpers import assert_matches, dense_labels, loss_and_grads
 
 BACKENDS = [b for b in ("reference", "chunked", "cpu", "triton") if b in cdcl_ops.available_backends("cpu")]
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,

@@ -1,5 +1,5 @@
 """What the custom ops promise torch.compile, held to every backend this machine runs (the CUDA
-kernels through the emulator: tests/test_cuda_emulated.py):
+kernels through the emulator: tests/native/test_cuda_emulated.py):
 
 - every output has the shape, strides, dtype and device its fake kernel declares, on odd shapes
   (empty N or M, D = 1, no O) and non-contiguous features: Inductor lays out whatever follows a
@@ -24,8 +24,8 @@ import cdcl_ops
 from cdcl_ops._validate import canonical_masks
 from cdcl_ops.normalize import inverse_norms
 from helpers import assert_compiled_matches_eager, assert_outputs_match_fake, make_inputs, strided_weights
+from paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKENDS = [b for b in ("chunked", "cpu", "triton") if b in cdcl_ops.available_backends("cpu")]
 # (N, M, D): empty queries, empty bank, a single column, and sizes off every tile
 SHAPES = [(0, 9, 3), (7, 0, 3), (5, 9, 1), (13, 17, 33)]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from paths import ROOT
 
 USE = textwrap.dedent("""
     import os, sys, torch, cdcl_ops

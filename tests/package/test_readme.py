@@ -2,7 +2,9 @@
 import os
 import re
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+from paths import ROOT
+
+README = os.path.join(ROOT, "README.md")
 
 
 def test_readme_python_blocks_run():
@@ -12,7 +14,6 @@ def test_readme_python_blocks_run():
         exec(compile(code, README, "exec"), {"__name__": "readme"})
 
 
-ROOT = os.path.dirname(README)
 # what the layout need not list: package markers, generated and tool files
 UNLISTED = {"__init__.py", "__pycache__", "conftest.py", "setup.cfg"}
 
@@ -40,7 +41,7 @@ def test_readme_layout_matches_the_tree():
     for folder, suffixes, stems in (("", None, False), ("cdcl_ops", ".py", False),
                                     ("cdcl_ops/backends", ".py", False), ("benchmarks", None, False),
                                     ("experiments", None, False), ("docs", ".md", False),
-                                    ("cdcl_nuclei", ".py", True)):
+                                    ("cdcl_nuclei", ".py", True), ("tests", None, False)):
         for name in _entries(folder, suffixes):
             key = name.removesuffix(".py") if stems else name
             if key not in words and name + "/" not in layout:

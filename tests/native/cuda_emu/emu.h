@@ -1,7 +1,7 @@
 // A CPU emulation of the part of the CUDA execution model that csrc/cuda uses, so that the CUDA
 // kernels run (slowly, on small shapes) in the CPU tests. The .cu files are compiled by the host
 // C++ compiler against the shim headers of include/ (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h,
-// mma.h), after tests/cuda_emulator.py has rewritten the two constructs C++ cannot parse:
+// mma.h), after tests/native/cuda_emulator.py has rewritten the two constructs C++ cannot parse:
 // `kernel<<<grid, block, smem, stream>>>(args)` and `extern __shared__ T name[];`.
 //
 // Model: blocks run one after another; the threads of a block are fibers (ucontext) on one OS

@@ -1,4 +1,5 @@
-// C entry points over the launchers of csrc/cuda/launch.h, for ctypes (tests/cuda_emulator.py).
+// C entry points over the launchers of csrc/cuda/launch.h, for ctypes
+// (tests/native/cuda_emulator.py).
 // Pointers are host memory here: the emulated device shares the CPU's address space.
 #include "emu.h"
 #include "launch.h"

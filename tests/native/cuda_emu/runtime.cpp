@@ -215,7 +215,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem,
 
 }  // namespace cdcl_emu
 
-// The C interface tests/cuda_emulator.py loads with ctypes.
+// The C interface tests/native/cuda_emulator.py loads with ctypes.
 extern "C" {
 void cdcl_emu_set_schedule(unsigned seed) { cdcl_emu::S.schedule_seed = seed; }
 const char* cdcl_emu_message() { return cdcl_emu::S.message.c_str(); }

@@ -1,7 +1,7 @@
 // Kernels that show the emulator's checks can fail: each either computes something the test
 // checks, or breaks one rule of the execution model (a missing barrier, a barrier that only part
 // of the block reaches, a misaligned WMMA pointer, too much shared memory without the opt-in).
-// They are not part of the library; tests/test_cuda_emulated.py runs them.
+// They are not part of the library; tests/native/test_cuda_emulated.py runs them.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
