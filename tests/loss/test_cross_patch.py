@@ -9,6 +9,7 @@ import torch
 
 import cdcl_ops
 from cdcl_ops import CrossPatchOptions
+from paths import ROOT
 from transcriptions import (
     TOL,
     foreground_score,
@@ -370,9 +371,8 @@ def test_torch_compile_module_with_bank():
 
 
 def test_docs_example_runs(tmp_path, monkeypatch, capsys):
-    import pathlib
     import re
-    doc = pathlib.Path(__file__).resolve().parent.parent / "docs" / "loss.md"
+    doc = ROOT / "docs" / "loss.md"
     (code,) = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
     monkeypatch.chdir(tmp_path)
     exec(compile(code, str(doc), "exec"), {})
