@@ -13,8 +13,8 @@ from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # nvcc flags beyond those torch.utils.cpp_extension adds itself. benchmarks/lease.py reads these
-# constants (setup_constants) for its fallback build, and tests/test_cuda_compile.py so that the
-# compile-only check on CPU machines compiles as this build does
+# constants (setup_constants) for its fallback build, and tests/native/test_cuda_compile.py so that
+# the compile-only check on CPU machines compiles as this build does
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 # GPUs built for unless TORCH_CUDA_ARCH_LIST names others (benchmarks/lease.py: the one at hand)
 DEFAULT_CUDA_ARCHS = "8.0;9.0"

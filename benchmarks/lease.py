@@ -52,7 +52,11 @@ LARGE_CONTENDERS = "reference,triton-bf16,flex-bf16,cuda-bf16-tc"
 # against the materialising reference; SupConLoss is what its users run today
 SUPCON_CONTENDERS = "reference,triton-bf16,triton,supconloss"
 IF_TIME = ("bench-supcon",)  # steps the expected schedule need not reach
-GPU_NATIVE = "tests/test_gpu_native.py"
+# the GPU test files (tests/gpu/): Triton's and FlexAttention's need no build; the cuda backend's
+# are split over three steps by -k; the compile step adds its own file
+GPU_TRITON = ["tests/gpu/test_triton_on_gpu.py", "tests/gpu/test_flex_on_gpu.py"]
+GPU_NATIVE = "tests/gpu/test_cuda_on_gpu.py"
+GPU_COMPILE = "tests/gpu/test_compile_on_gpu.py"
 TENSOR_CORE_TESTS = "tensor_cores or opcheck or tf32"  # -k: the tensor-core kernels and opcheck
 TORCH_LOGS = "graph_breaks,recompiles,aot_graphs"
 
@@ -718,7 +722,7 @@ class Lease:
             status, note = self.step_build(limit)
             return status, time.monotonic() - t0, note
         elif step.name == "triton":
-            rc, _ = self.pytest("triton", ["tests/test_gpu.py", "tests/test_gpu_flex.py"], limit=limit)
+            rc, _ = self.pytest("triton", GPU_TRITON, limit=limit)
         elif step.name == "cuda-core":
             rc, _ = self.pytest("cuda-core", [GPU_NATIVE], f"not ({TENSOR_CORE_TESTS} or compile)", limit)
         elif step.name == "tensor-cores":
@@ -729,7 +733,7 @@ class Lease:
                 return "skipped", 0.0, note
             rc, _ = result
         elif step.name == "compile":
-            rc, _ = self.pytest("compile", ["tests/test_gpu_compile.py", GPU_NATIVE], "compile", limit,
+            rc, _ = self.pytest("compile", [GPU_COMPILE, GPU_NATIVE], "compile", limit,
                                 dict(TORCH_LOGS=TORCH_LOGS))
             note = "graphs and recompiles in logs/compile.log"
         elif step.name == "bench-paper":

@@ -13,7 +13,7 @@ from .suites import SUITES
 
 # The cpu kernels' tile (csrc/cpu/tiles.h): a thread's block of FWD_QUERY_BLOCK = 64 rows
 # against a streamed tile of FWD_BANK_TILE = 256 rows (the bank gradient: GRAD_BANK_BLOCK x
-# GRAD_QUERY_TILE, the same shape). tests/test_benchmark_floor.py keeps the two in step.
+# GRAD_QUERY_TILE, the same shape). tests/bench/test_benchmark_floor.py keeps the two in step.
 CPU_BLOCK, CPU_TILE = 64, 256
 
 

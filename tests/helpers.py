@@ -5,6 +5,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import cdcl_ops
 
 PAPER_TABLE = torch.tensor([[False, True], [True, False]])  # BDP queries vs FDB, FDP vs BDB
+# (N, M, D): N, M not multiples of any block size; D over 1, 3, 64, 96, 128, 200
+SHAPES = [(37, 53, 1), (29, 45, 3), (21, 70, 64), (19, 41, 96), (33, 17, 128), (23, 39, 200)]
 
 
 def make_inputs(n, m, d, *, dtype=torch.float64, device="cpu", groups=True, seed=None,
@@ -152,6 +154,41 @@ def with_nan_rows(inputs, where, bank_rows):
         inputs["query"][3] = float("nan")
         inputs["query_labels"][3], inputs["query_groups"][3] = 0, 0  # active
     return inputs
+
+
+FP32_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def dense_labels(values):
+    """Labels by hand: equal values get equal small ids, negative ones -1 (inactive)."""
+    values = [int(v) for v in values]
+    ids = {v: i for i, v in enumerate(sorted({v for v in values if v >= 0}))}
+    return torch.tensor([ids[v] if v >= 0 else -1 for v in values], dtype=torch.int64)
+
+
+def assert_matches(got, want, scale_rows=None):
+    """Per-query losses and gradients of `backend` against the oracle (float64 reference)."""
+    (loss, grads), (ref_loss, ref_grads) = got, want
+    torch.testing.assert_close(loss.double(), ref_loss, equal_nan=True, **FP32_TOL)
+    for name, g, r in zip(("query", "positive", "bank"), grads, ref_grads):
+        norm = 1.0 if scale_rows is None else scale_rows[name]
+        g, r = g.double() * norm, r * norm
+        finite = r[torch.isfinite(r)]
+        scale = finite.abs().max().clamp(min=1.0) if finite.numel() else 1.0
+        torch.testing.assert_close(g / scale, r / scale, equal_nan=True, **FP32_TOL,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def rows_of_magnitude(inputs, dtype, scales):
+    """The inputs in `dtype` with some rows of each feature tensor scaled to the given magnitudes."""
+    out = dict(inputs)
+    for name in ("query", "positive", "bank"):
+        x = inputs[name].to(dtype).clone()
+        for row, scale in zip(range(1, 3 * len(scales), 3), scales):
+            r = x[row].double()
+            x[row] = (r / r.abs().max() * scale).to(dtype)
+        out[name] = x
+    return out
 
 
 def _fake_run(op, args):

@@ -34,7 +34,7 @@ HAS_CUDA = LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("cdcl_ops_C
 
 
 # The fake kernels (for torch.compile and opcheck), named so that the tests can hold the CUDA
-# emulator's outputs to them too (tests/test_cuda_emulated.py)
+# emulator's outputs to them too (tests/native/test_cuda_emulated.py)
 def fwd_fake(q, p, k, inv_q, inv_p, inv_k, q_lab, q_grp, k_lab, k_grp, table, inv_tau, need_o,
              tensor_cores):
     n, d = q.shape
@@ -92,8 +92,8 @@ def tensor_cores(q: Tensor, precision: str) -> bool:
     """Whether the CUDA kernels take their tensor-core path (16-bit features, D <= 256).
 
     Only on request (precision="tf32") for now: that path passes the compile-only check and the
-    CPU emulator's tests (tests/cuda_emu) but has not yet run on a GPU, so "auto" stays on the
-    CUDA-core kernels until a GPU run has compared both. fp32 features always use the CUDA-core
+    CPU emulator's tests (tests/native/cuda_emu) but has not yet run on a GPU, so "auto" stays on
+    the CUDA-core kernels until a GPU run has compared both. fp32 features always use the CUDA-core
     kernels. `q.is_cuda` aside, the rule is `wants_tensor_cores`, which the emulator shares.
     """
     return q.is_cuda and wants_tensor_cores(q.dtype, precision)

@@ -13,7 +13,7 @@ import torch
 
 # The largest feature dim of the fused kernels: Triton keeps a BLOCK_D-wide tile of a query's
 # output in registers, and the CUDA kernels 16 values per lane (csrc/cuda/launch.h MAX_D is the
-# kernels' own copy; tests/test_registry.py checks the two agree).
+# kernels' own copy; tests/ops/test_backend_registry.py checks the two agree).
 MAX_D = 512
 FUSED_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
 ALL_DTYPES: tuple[torch.dtype, ...] = FUSED_DTYPES + (torch.float64,)
