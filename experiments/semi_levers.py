@@ -78,7 +78,8 @@ def main(argv=None):
              "Best validation Dice (%) over the set of the 66 validation images (split seed 0), the epoch it was "
              "reached and the last epoch's; differences pair runs of the same seed (same labeled subset). "
              "Pseudo-label columns: the teacher's argmax on the unlabeled training crops against their hidden "
-             "labels, means over the epochs of the unlabeled branch (confident: teacher probability >= 0.95).", "",
+             "labels, means over the epochs of the unlabeled branch (confident: teacher probability >= 0.95). "
+             "Runs of `experiments/semi_levers.sh`; s/run is wall time on a machine that ran other jobs too.", "",
              "| variant | " + " | ".join(f"seed {s}: best (epoch) / last" for s in seeds)
              + f" | mean best | - {a.baseline} | teacher best (mean) | PL acc | PL Dice | PL Dice fluo / bright "
              "/ stained | confident share / acc | s/run |",
