@@ -128,6 +128,37 @@ def weak_strong_pair(images, cfg: AugmentConfig, g: torch.Generator, labels=None
     return (weak, strong) if labels is None else (weak, strong, y)
 
 
+def cutmix_masks(n, height, width, cell, g: torch.Generator):
+    """(n, 1, height, width) float masks, 1 inside one box per image: the region that image takes from
+    its partner in a CutMix of the unlabeled batch (French et al., 2020). Box sides and corners are
+    whole multiples of `cell`, so that the mask taken at any stride dividing `cell` is the box itself
+    and teacher outputs at lower resolution mix exactly like the pixels."""
+    rows, cols = height // cell, width // cell
+    if rows < 2 or cols < 2:
+        raise ValueError(f"cutmix: a crop of {height}x{width} has fewer than 2x2 cells of {cell} pixels")
+    # box sides between a quarter and three quarters of the crop: 6-56% of its area, about a third on average
+    def side(k):
+        lo, hi = max(1, k // 4), max(1, (3 * k) // 4)
+        return torch.randint(lo, hi + 1, (n,), generator=g)
+    h, w = side(rows), side(cols)
+    top = (torch.rand(n, generator=g) * (rows - h + 1)).long()
+    left = (torch.rand(n, generator=g) * (cols - w + 1)).long()
+    masks = torch.zeros(n, 1, height, width)
+    for i in range(n):
+        masks[i, :, top[i] * cell:(top[i] + h[i]) * cell, left[i] * cell:(left[i] + w[i]) * cell] = 1.0
+    return masks
+
+
+def cutmix(x, masks):
+    """Each image of x (B, C, H, W), with its mask's box taken from the previous image of the batch
+    (cyclically); `masks` (B, 1, h, w) at any resolution whose stride divides x's box cells (nearest
+    sampling keeps it exact)."""
+    if masks.shape[-2:] != x.shape[-2:]:
+        masks = F.interpolate(masks, size=x.shape[-2:], mode="nearest")
+    masks = masks.to(device=x.device, dtype=x.dtype)
+    return x * (1 - masks) + torch.roll(x, 1, dims=0) * masks
+
+
 def normalize(x):
     """Inputs in [0, 1] -> roughly zero-mean unit-range inputs for the network."""
     return (x - 0.5) / 0.25

@@ -120,6 +120,9 @@ class TrainConfig:
                               choices=("eval", "ema", "train"), before="eval")
     strong_photometric: bool = setting(True, "the strong view adds blur, colour jitter and grayscale to the "
                                        "weak view (--no-strong-photometric: the two views are equal)", before=True)
+    strong_cutmix: bool = setting(False, "the strong view of each unlabeled crop takes a box from another "
+                                  "crop of the batch, and its L_cons / L_contr targets (the teacher's outputs on "
+                                  "the weak views) are mixed the same way (CutMix)", before=False)
     w_ent: float = setting(0.01, lo=0)
     w_dice: float = setting(0.0, "weight of a soft-Dice term added to L_sup (0: the paper's cross-entropy alone)",
                             lo=0)

@@ -47,6 +47,9 @@ LOSS_TERMS = ("loss", "sup", "dice", "cons", "contr", "ent")
 LOG_FIELDS = ("epoch", "step", "lr", "loss", "sup", "dice", "cons", "contr", "ent", "w_cons", "fdp_share",
               "bdp_share", "query_share", "with_negative_share", "negatives_per_query", "val_dice",
               "teacher_val_dice", "cons_kept", *PSEUDO_FIELDS, "seconds")
+# CutMix boxes are whole cells of this many pixels: a multiple of every stride the model outputs at
+# (logits 1, logits_low 2 or 4, projector features 8) and a divisor of the 32 inputs must divide
+CUTMIX_CELL = 16
 # the teacher confidence at which the pseudo-label log counts a pixel as confident, whatever the run's
 # --cons-threshold, so that runs compare
 REPORT_CONFIDENCE = 0.95
@@ -181,6 +184,9 @@ class Trainer:
         cast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=s.autocast == "bf16")
         if unsup:
             weak, strong, hidden, kinds = self.batch(unl_stream.take(self.bu), g, False)
+            if s.strong_cutmix:
+                boxes = augment.cutmix_masks(self.bu, *strong.shape[-2:], CUTMIX_CELL, g)
+                strong = augment.cutmix(strong, boxes)
             with cast:
                 out = self.net(torch.cat([xl, strong]), features=s.contr)
         else:
@@ -198,6 +204,8 @@ class Trainer:
                 t_out = self.teacher_forward(weak, s.contr)
                 confident = t_out["logits"].float().softmax(dim=1).amax(dim=1) >= REPORT_CONFIDENCE
                 self.pseudo.update(t_out["logits"], hidden, kinds, confident)
+                if s.strong_cutmix:  # the targets of the mixed strong view; the log above judged the unmixed ones
+                    t_out = {k: augment.cutmix(v, boxes) for k, v in t_out.items()}
             if s.cons:
                 parts["cons"], kept = losses.consistency(s_logits, t_out["logits"], s.cons_threshold, s.cons_target)
                 parts["cons_kept"] = kept.float().mean()

@@ -23,6 +23,13 @@ flags() {
         mt-bnema) echo "--method meanteacher --teacher-bn ema" ;;
         mt-nophoto) echo "--method meanteacher --no-strong-photometric" ;;
         mt-start5) echo "--method meanteacher --unsup-start-epoch 5" ;;
+        mt-bnema-thr95) echo "--method meanteacher --teacher-bn ema --cons-threshold 0.95" ;;
+        mt-cutmix) echo "--method meanteacher --strong-cutmix" ;;
+        mt-bnema-cutmix) echo "--method meanteacher --teacher-bn ema --strong-cutmix" ;;
+        mt-bnema-cutmix-thr95) echo "--method meanteacher --teacher-bn ema --strong-cutmix --cons-threshold 0.95" ;;
+        cdcl) echo "--method cdcl" ;;
+        cdcl-bnema) echo "--method cdcl --teacher-bn ema" ;;
+        cdcl-bnema-cutmix) echo "--method cdcl --teacher-bn ema --strong-cutmix" ;;
         mt-ema0.999) echo "--method meanteacher --ema-alpha 0.999" ;;
         *) echo "unknown variant $1" >&2; exit 2 ;;
     esac

@@ -1,6 +1,7 @@
 """The unlabeled branch's levers and its log: the confidence-masked and soft consistency, the EMA of
-the teacher's BatchNorm statistics, the pseudo-label statistics against hidden labels, the image
-kinds, and the resume check of a checkpoint written before these settings existed."""
+the teacher's BatchNorm statistics, CutMix of the strong view and its targets, the pseudo-label
+statistics against hidden labels, the image kinds, and the resume check of a checkpoint written
+before these settings existed."""
 import copy
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cdcl_nuclei import losses, schedules
+from cdcl_nuclei import augment, losses, schedules
 from cdcl_nuclei.checkpoint import CheckpointError, check_compatible
 from cdcl_nuclei.config import before_settings, resume_checked
 from cdcl_nuclei.pseudo_labels import LOG_FIELDS, PseudoLabelStats, image_kind
@@ -108,7 +109,7 @@ def test_image_kinds():
 def test_settings_added_after_the_format_compare_as_their_before_values():
     before = before_settings()
     assert before == {"cons_threshold": 0.0, "cons_target": "hard", "teacher_bn": "eval",
-                      "strong_photometric": True}
+                      "strong_photometric": True, "strong_cutmix": False}
     checked = resume_checked()
     assert set(before) <= set(checked)  # they change what a run computes: never free on resume
     old = {"epochs": 10}  # a checkpoint written before the four settings existed
@@ -120,7 +121,8 @@ def test_settings_added_after_the_format_compare_as_their_before_values():
 
 
 @pytest.mark.parametrize("levers", [["--cons-threshold", "0.6", "--teacher-bn", "ema"],
-                                    ["--cons-target", "soft", "--teacher-bn", "train", "--no-strong-photometric"]])
+                                    ["--cons-target", "soft", "--teacher-bn", "train", "--no-strong-photometric"],
+                                    ["--strong-cutmix", "--cons-threshold", "0.6"]])
 def test_a_short_run_logs_the_pseudo_labels_and_the_teachers_validation(tmp_path, levers):
 
     from cdcl_nuclei import cli_train
@@ -145,3 +147,30 @@ def test_a_short_run_logs_the_pseudo_labels_and_the_teachers_validation(tmp_path
     assert 0.0 <= float(second["pl_acc"]) <= 1.0 and 0.0 <= float(second["pl_dice"]) <= 1.0
     assert 0.0 <= float(second["cons_kept"]) <= 1.0
     assert 0.0 <= float(second["teacher_val_dice"]) <= 1.0 and 0.0 <= float(second["val_dice"]) <= 1.0
+
+
+@pytest.mark.parametrize("size,seed", [((128, 128), 0), ((96, 160), 1), ((64, 64), 2)])
+def test_cutmix_boxes_are_whole_cells_and_mix_low_resolution_outputs_exactly(size, seed):
+    h, w = size
+    g = torch.Generator().manual_seed(seed)
+    masks = augment.cutmix_masks(5, h, w, 16, g)
+    assert masks.shape == (5, 1, h, w) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    for m in masks[:, 0]:
+        rows, cols = m.any(dim=1).nonzero()[:, 0], m.any(dim=0).nonzero()[:, 0]
+        assert len(rows) > 0 and len(rows) < h and len(cols) < w  # a box, never the whole crop
+        assert rows[0] % 16 == 0 and (rows[-1] + 1) % 16 == 0 and cols[0] % 16 == 0 and (cols[-1] + 1) % 16 == 0
+        assert bool(m[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all())  # one filled rectangle
+        assert float(m.sum()) == len(rows) * len(cols)
+    # a per-pixel map computed at stride 8 and then mixed equals the map of the mixed full-resolution input
+    x = torch.randn(5, 3, h, w, generator=g)
+    pooled = F.avg_pool2d(augment.cutmix(x, masks), 8)
+    torch.testing.assert_close(pooled, augment.cutmix(F.avg_pool2d(x, 8), masks))
+    mixed = augment.cutmix(x, masks)
+    inside = masks.expand_as(x) > 0
+    assert torch.equal(mixed[inside], torch.roll(x, 1, dims=0)[inside])
+    assert torch.equal(mixed[~inside], x[~inside])
+
+
+def test_cutmix_refuses_a_crop_without_room_for_a_box():
+    with pytest.raises(ValueError, match="cutmix: a crop of 16x64"):
+        augment.cutmix_masks(2, 16, 64, 16, torch.Generator().manual_seed(0))
