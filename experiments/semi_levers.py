@@ -45,6 +45,29 @@ def run_summary(rows):
     return out
 
 
+def _nan(x):
+    if isinstance(x, list):
+        return [_nan(v) for v in x]
+    return math.nan if x is None else x
+
+
+def keep_earlier(runs, path):
+    """Add to `runs` the (variant, seed) summaries of an earlier table at `path` whose run folders are
+    gone (runs are not kept between sessions; their summaries are); a run present now wins. Returns
+    how many were kept."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        earlier = json.load(f)
+    n = 0
+    for v, by_seed in earlier.items():
+        for seed, summary in by_seed.items():
+            if int(seed) not in runs.get(v, {}):
+                runs.setdefault(v, {})[int(seed)] = {k: _nan(x) for k, x in summary.items()}
+                n += 1
+    return n
+
+
 def mean_over_seeds(by_seed, seeds, key):
     vals = [by_seed[s][key] for s in seeds if not math.isnan(by_seed[s][key])]
     return sum(vals) / len(vals) if vals else math.nan
@@ -69,6 +92,7 @@ def main(argv=None):
         log = os.path.join(a.runs, name, "log.csv")
         if m and os.path.exists(os.path.join(a.runs, name, "done")) and os.path.exists(log):
             runs.setdefault(m.group(1), {})[int(m.group(2))] = run_summary(read_log(log))
+    kept = keep_earlier(runs, os.path.join(a.out, "results.json"))
     if not runs:
         print(f"error: --runs: no finished run in {a.runs}", file=sys.stderr)
         return 2
@@ -79,7 +103,9 @@ def main(argv=None):
              "reached and the last epoch's; differences pair runs of the same seed (same labeled subset). "
              "Pseudo-label columns: the teacher's argmax on the unlabeled training crops against their hidden "
              "labels, means over the epochs of the unlabeled branch (confident: teacher probability >= 0.95). "
-             "Runs of `experiments/semi_levers.sh`; s/run is wall time on a machine that ran other jobs too.", "",
+             "Runs of `experiments/semi_levers.sh`; s/run is wall time on a machine that ran other jobs too"
+             + (f" ({kept} runs of an earlier session kept from this folder's results.json)" if kept else "")
+             + ".", "",
              "| variant | " + " | ".join(f"seed {s}: best (epoch) / last" for s in seeds)
              + f" | mean best | - {a.baseline} | teacher best (mean) | PL acc | PL Dice | PL Dice fluo / bright "
              "/ stained | confident share / acc | s/run |",

@@ -27,7 +27,18 @@ PAPER_DICE = {  # Table 1 of the paper, Dice %: (SupOnly, CDCL)
     "dsb": {"1/32": (83.93, 87.49), "1/16": (86.10, 89.88), "1/8": (87.38, 90.09)},
     "monuseg": {"1/32": (71.83, 75.97), "1/16": (74.72, 77.77), "1/8": (75.81, 78.93)},
 }
-METRICS = ("dice_set", "dice_image", "aji_image")
+# (column, metrics.json key, part): Dice and the instance metrics of the model's nuclei as the run decodes them
+COLUMNS = (("dice_set", "DC", "over_set"), ("dice_image", "DC", "per_image_mean"), ("aji_set", "AJI", "over_set"),
+           ("aji_image", "AJI", "per_image_mean"), ("pq_set", "PQ", "over_set"), ("f1_set", "F1", "over_set"),
+           ("dsb_set", "DSB", "over_set"))
+METRICS = tuple(c for c, _, _ in COLUMNS)
+HEADERS = ("Dice over the set", "Dice mean per image", "AJI over the set", "AJI mean per image", "PQ over the set",
+           "F1@0.5 over the set", "DSB score over the set")
+# the no-learning rows, from the same runs' reports (identical in every run of one split)
+CLASSICAL = (("otsu", "Otsu + watershed (classical, no learning)"),
+             ("otsu_components", "Otsu threshold as components (no learning)"))
+# paired differences: (method, against)
+PAIRS = (("meanteacher", "suponly"), ("cdcl", "suponly"), ("cdcl", "meanteacher"))
 SEEN = ("fdp_share", "bdp_share", "with_negative_share", "negatives_per_query")
 
 
@@ -88,17 +99,18 @@ def read_run(args, method, seed):
         log = list(csv.DictReader(f))
     with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)
-    model, otsu = m["model"], m["otsu"]
+    def scores(pipeline, prefix=""):
+        return {prefix + c: 100 * m[pipeline][part][key] for c, key, part in COLUMNS if key in m[pipeline][part]}
+
     seen = {}
     for k in SEEN:  # means over the epochs in which the contrastive loss ran
         vals = [float(r[k]) for r in log if r.get(k)]
         seen[k] = round(statistics.mean(vals), 4) if vals else ""
     grid = cfg.get("grid", 8)
-    return {"method": method, "seed": seed,
-            "dice_set": 100 * model["over_set"]["DC"], "dice_image": 100 * model["per_image_mean"]["DC"],
-            "aji_image": 100 * model["per_image_mean"]["AJI"],
-            "otsu_dice_set": 100 * otsu["over_set"]["DC"], "otsu_dice_image": 100 * otsu["per_image_mean"]["DC"],
-            "test_images": m["images"], "steps": int(log[-1]["step"]), "crop": cfg["model"]["input_size"],
+    return {"method": method, "seed": seed, **scores("model"),
+            **{k: v for name, _ in CLASSICAL for k, v in scores(name, name + "_").items()},
+            "checkpoint": m.get("checkpoint", ""), "test_images": m["images"], "steps": int(log[-1]["step"]),
+            "crop": cfg["model"]["input_size"],
             "resize": cfg.get("resize", False), "train_seconds": round(sum(float(r["seconds"]) for r in log), 1),
             "patch_px": cfg["model"]["input_size"] // grid, "patch_feat": cfg["model"]["input_size"] // 8 // grid,
             **seen}
@@ -132,37 +144,43 @@ def write_results(args, rows):
              f"Split seed {args.split_seed}, {r0['test_images']} test images; "
              f"{'images resized to' if r0['resize'] else 'native-resolution crops of'} {r0['crop']} px; "
              f"{r0['steps']} steps per run; train.py arguments `{' '.join(args.extra) or '(none)'}`.", "",
-             "Test Dice (%), over the whole test set and as the mean per image; mean ± sample sd over "
-             "the seeds.", "",
-             "| method | seeds | Dice over the set | Dice mean per image | AJI per image | train s/run |",
-             "|---|---|---|---|---|---|"]
+             "Test scores (%), mean ± sample sd over the seeds: Dice of the foreground, and the instance metrics "
+             "of the nuclei as the run decodes them (`--instances`, the watershed by default); over the set = "
+             "one ratio of sums over all test images, per image = the mean of per-image ratios. The no-learning "
+             "rows come from the same test images.", "",
+             "| method | seeds | " + " | ".join(HEADERS) + " | train s/run |", "|---" * (len(HEADERS) + 3) + "|"]
     summary = {}
     for m in methods:
         rs = [r for r in rows if r["method"] == m]
         summary[m] = {k: [r[k] for r in rs] for k in METRICS}
-        lines.append(f"| {m} | {len(rs)} | {_ms(summary[m]['dice_set'])} | {_ms(summary[m]['dice_image'])} | "
-                     f"{_ms(summary[m]['aji_image'])} | {statistics.mean(r['train_seconds'] for r in rs):.0f} |")
-    lines.append(f"| Otsu (no learning) | - | {r0['otsu_dice_set']:.2f} | {r0['otsu_dice_image']:.2f} | - | - |")
-    lines += ["", "Every seed (Dice over the set / mean per image):", "",
+        lines.append(f"| {m} | {len(rs)} | " + " | ".join(_ms(summary[m][k]) for k in METRICS)
+                     + f" | {statistics.mean(r['train_seconds'] for r in rs):.0f} |")
+    for name, label in CLASSICAL:
+        lines.append(f"| {label} | - | " + " | ".join(f"{r0[name + '_' + k]:.2f}" for k in METRICS) + " | - |")
+    lines += ["", "Every seed (Dice over the set / mean per image; AJI over the set / mean per image):", "",
               "| seed | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for s in sorted({r["seed"] for r in rows}):
-        cells = [f"{by[(m, s)]['dice_set']:.2f} / {by[(m, s)]['dice_image']:.2f}" if (m, s) in by else "-"
+        cells = [f"{by[(m, s)]['dice_set']:.2f} / {by[(m, s)]['dice_image']:.2f}; "
+                 f"{by[(m, s)]['aji_set']:.2f} / {by[(m, s)]['aji_image']:.2f}" if (m, s) in by else "-"
                  for m in methods]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     paired = {}
-    if "cdcl" in methods:
+    pairs = [(a, b) for a, b in PAIRS if a in methods and b in methods]
+    if pairs:
+        keys = ("dice_set", "dice_image", "aji_set", "aji_image")
         lines += ["", "Paired differences (same seed, same labeled subset), mean and 95% t-interval:", "",
-                  "| difference | seeds | Dice over the set | Dice mean per image |", "|---|---|---|---|"]
-        for other in [m for m in methods if m != "cdcl"]:
-            seeds = sorted(s for (m, s) in by if m == "cdcl" and ("cdcl", s) in by and (other, s) in by)
+                  "| difference | seeds | Dice over the set | Dice mean per image | AJI over the set "
+                  "| AJI mean per image |", "|---|---|---|---|---|---|"]
+        for a, b in pairs:
+            seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
             if not seeds:
                 continue
             cells = []
-            for k in ("dice_set", "dice_image"):
-                mean, ci = t_interval([by[("cdcl", s)][k] - by[(other, s)][k] for s in seeds])
-                paired.setdefault(other, {})[k] = {"mean": mean, "ci95": ci}
+            for k in keys:
+                mean, ci = t_interval([by[(a, s)][k] - by[(b, s)][k] for s in seeds])
+                paired.setdefault(f"{a} - {b}", {})[k] = {"mean": mean, "ci95": ci}
                 cells.append(f"{mean:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""))
-            lines.append(f"| cdcl - {other} | {len(seeds)} | {cells[0]} | {cells[1]} |")
+            lines.append(f"| {a} - {b} | {len(seeds)} | " + " | ".join(cells) + " |")
     seen_rows = [r for r in rows if r["method"] == "cdcl" and r["fdp_share"] != ""]
     if seen_rows:
         lines += ["", f"What L_contr saw (CDCL runs, means over the epochs it ran): patches of "

@@ -243,11 +243,18 @@ def test_table1_protocol_runs_and_writes_the_table(tmp_path):
         assert res["summary"][m]["dice_set"][1] == pytest.approx(100 * run["model"]["over_set"]["DC"])
     d = [r["dice_set"] for r in res["runs"] if r["method"] == "cdcl"]
     s = [r["dice_set"] for r in res["runs"] if r["method"] == "suponly"]
-    assert res["paired"]["suponly"]["dice_set"]["mean"] == pytest.approx((d[0] - s[0] + d[1] - s[1]) / 2)
-    lo, hi = res["paired"]["suponly"]["dice_set"]["ci95"]
-    assert lo <= res["paired"]["suponly"]["dice_set"]["mean"] <= hi
+    pair = res["paired"]["cdcl - suponly"]
+    assert pair["dice_set"]["mean"] == pytest.approx((d[0] - s[0] + d[1] - s[1]) / 2)
+    lo, hi = pair["dice_set"]["ci95"]
+    assert lo <= pair["dice_set"]["mean"] <= hi
+    assert set(res["paired"]) == {"meanteacher - suponly", "cdcl - suponly", "cdcl - meanteacher"}
+    run = json.loads((out / "cdcl-seed0" / "metrics.json").read_text())
+    row = next(r for r in res["runs"] if r["method"] == "cdcl" and r["seed"] == 0)
+    assert row["aji_set"] == pytest.approx(100 * run["model"]["over_set"]["AJI"])
+    assert row["otsu_pq_set"] == pytest.approx(100 * run["otsu"]["over_set"]["PQ"])
     md = (out / "results.md").read_text()
-    assert "cdcl - suponly" in md and "cdcl - meanteacher" in md and "Otsu" in md
+    assert "cdcl - suponly" in md and "meanteacher - suponly" in md and "cdcl - meanteacher" in md
+    assert "Otsu + watershed (classical" in md and "AJI over the set" in md
     assert "What L_contr saw" in md and "8 x 8 pixels (1 x 1 features" in md
     # every method of a seed saw the same labeled images
     ids = [json.loads((out / f"{m}-seed0" / "splits.json").read_text())["train_labeled"] for m in res["summary"]]
