@@ -120,6 +120,9 @@ class TrainConfig:
                               choices=("eval", "ema", "train"), before="eval")
     strong_photometric: bool = setting(True, "the strong view adds blur, colour jitter and grayscale to the "
                                        "weak view (--no-strong-photometric: the two views are equal)", before=True)
+    bn_momentum: float = setting(0.1, "the student's BatchNorm running statistics move this far towards each "
+                                 "batch's (0.1: PyTorch's default; smaller: averaged over more batches, so "
+                                 "evaluation sees steadier statistics)", lo=1e-4, hi=1, before=0.1)
     strong_cutmix: bool = setting(False, "the strong view of each unlabeled crop takes a box from another "
                                   "crop of the batch, and its L_cons / L_contr targets (the teacher's outputs on "
                                   "the weak views) are mixed the same way (CutMix)", before=False)

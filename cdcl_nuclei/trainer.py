@@ -101,6 +101,9 @@ class Trainer:
         self.student = models.build_model(run.model, s.pretrained).to(device)
         if s.channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
+        for m in self.student.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = s.bn_momentum
         self.teacher = copy.deepcopy(self.student).eval() if self.semi else None
         if self.teacher is not None:
             for p in self.teacher.parameters():

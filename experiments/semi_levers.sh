@@ -27,6 +27,9 @@ flags() {
         mt-cutmix) echo "--method meanteacher --strong-cutmix" ;;
         mt-bnema-cutmix) echo "--method meanteacher --teacher-bn ema --strong-cutmix" ;;
         mt-bnema-cutmix-thr95) echo "--method meanteacher --teacher-bn ema --strong-cutmix --cons-threshold 0.95" ;;
+        suponly-bnm0.01) echo "--method suponly --bn-momentum 0.01" ;;
+        mt-bnema-bnm0.01) echo "--method meanteacher --teacher-bn ema --bn-momentum 0.01" ;;
+        mt-bnema-thr95-bnm0.01) echo "--method meanteacher --teacher-bn ema --cons-threshold 0.95 --bn-momentum 0.01" ;;
         cdcl) echo "--method cdcl" ;;
         cdcl-bnema) echo "--method cdcl --teacher-bn ema" ;;
         cdcl-bnema-cutmix) echo "--method cdcl --teacher-bn ema --strong-cutmix" ;;
