@@ -109,14 +109,14 @@ class TrainConfig:
     rampup_epochs: float | None = setting(None, "length T of the w_cons ramp (default: --epochs)", lo=0)
     w_contr: float = setting(0.1, lo=0)
     w_cons: float = setting(1.0, "final consistency weight", lo=0)
-    cons_threshold: float = setting(0.0, "L_cons only on pixels whose teacher confidence (largest class "
+    cons_threshold: float = setting(0.95, "L_cons only on pixels whose teacher confidence (largest class "
                                     "probability) reaches this; 0: every pixel (the paper)", lo=0, hi=1, before=0.0)
     cons_target: str = setting("hard", "hard: cross-entropy against the teacher's argmax (the paper); soft: "
                                "squared error between the two softmax outputs", choices=("hard", "soft"),
                                before="hard")
-    teacher_bn: str = setting("eval", "the teacher's BatchNorm: eval (running statistics copied from the "
-                              "student at every EMA update), ema (running statistics averaged like the "
-                              "weights) or train (statistics of its own weak batch)",
+    teacher_bn: str = setting("ema", "the teacher's BatchNorm: eval (running statistics copied from the "
+                              "student at every EMA update: the paper), ema (running statistics averaged like "
+                              "the weights) or train (statistics of its own weak batch)",
                               choices=("eval", "ema", "train"), before="eval")
     strong_photometric: bool = setting(True, "the strong view adds blur, colour jitter and grayscale to the "
                                        "weak view (--no-strong-photometric: the two views are equal)", before=True)
