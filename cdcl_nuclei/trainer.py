@@ -178,8 +178,10 @@ class Trainer:
             return augment.normalize(xs).to(self.device, memory_format=fmt), (y > 0).long().to(self.device)
         # the hidden labels (None for the user's own unlabeled images) ride along for the pseudo-label log
         # only; nothing trains on them
-        weak, strong, *hidden = augment.weak_strong_pair(x, self.aug, g, labels)
-        hidden = hidden[0] if hidden else None
+        if labels is None:
+            (weak, strong), hidden = augment.weak_strong_pair(x, self.aug, g), None
+        else:
+            weak, strong, hidden = augment.weak_strong_pair(x, self.aug, g, labels)
         if not self.cfg.strong_photometric:
             strong = weak  # drawn all the same, so every other random draw stays where it was
         return (augment.normalize(weak).to(self.device, memory_format=fmt),
