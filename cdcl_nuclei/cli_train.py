@@ -4,6 +4,12 @@
     python train.py ...                                 # the same, from a checkout
     torchrun --nproc_per_node 2 train.py ...            # DDP (gloo on CPU, nccl on CUDA)
     cdcl-train --config runs/demo/config.json --out runs/again   # repeat a run (flags override the file)
+    cdcl-train --labeled mine --unlabeled scans/ 'more/*.tif' --out runs/mine   # your own images
+
+Data: the benchmark protocol (--data, --dataset, --labeled-fraction: a labeled set, part of whose labels
+are hidden), or your own images instead: --labeled (images with label maps in the labels folder beside
+theirs, e.g. mine/images + mine/labels), --unlabeled (any images, no labels), --val (else a seeded 1/8
+of the labeled ones) and --test (else the run ends after training).
 
 Methods: suponly (labeled part only), fullsup (every training image labeled), meanteacher
 (L_sup + w_cons L_cons + 0.01 L_ent: the paper's Scheme 6, CDCL without L_contr), cdcl

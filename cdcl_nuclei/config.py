@@ -64,6 +64,14 @@ _INSTANCES_HELP = ("how the foreground becomes nuclei in the reports: watershed 
 _OTSU_HELP = ("foreground side of Otsu's threshold in the classical baseline: minority (the side with fewer pixels, "
               "right for DSB2018), dark (the fair side on H&E tissue such as MoNuSeg, where nuclei and stroma are "
               "the darker majority) or bright")
+# the two ways to give the data: the benchmark protocol's settings with their defaults (a labeled set,
+# part of whose labels the run hides), or the user's own labeled and unlabeled images
+BENCHMARK = {"data": "data/dsb2018_sample", "dataset": "dsb", "format": "auto", "labeled_fraction": "1/8",
+             "max_images": None}
+OWN = ("labeled", "unlabeled", "val", "test")
+_LABELED_HELP = ("your labeled images, instead of the benchmark's --data: folders in the layout form "
+                 "(<root>/images + <root>/labels), or folders, files or glob patterns of images whose label maps "
+                 "<id>.png, .tif or .tiff lie in the labels folder beside the images' folder")
 _CHANNEL_HELP = ("read this plane (0-based) of multi-plane images (a multi-channel or multi-page TIFF) as a grey "
                  "image; such a file is refused without it")
 
@@ -75,16 +83,29 @@ class TrainConfig:
     DERIVED: typing.ClassVar[dict] = {"model": ("preset", "input_size"),
                                       "inference": ("window", "overlap", "flips", "resize")}
 
-    data: str = setting("data/dsb2018_sample", "dataset folder (dsb: one folder, split 7:1:2; monuseg: a folder "
-                        "with train/ and test/)")
-    dataset: str = setting("dsb", choices=("dsb", "monuseg"))
-    format: str = setting("auto", "on-disk format", choices=_FORMATS)
+    # the benchmark protocol (None: not given; resolve_training fills in BENCHMARK's defaults unless the
+    # user's own images are given instead)
+    data: str | None = setting(None, "dataset folder of the benchmark protocol (dsb: one folder, split 7:1:2; "
+                               f"monuseg: a folder with train/ and test/) (default: {BENCHMARK['data']})")
+    dataset: str | None = setting(None, f"(default: {BENCHMARK['dataset']})", choices=("dsb", "monuseg"))
+    format: str | None = setting(None, f"on-disk format (default: {BENCHMARK['format']})", choices=_FORMATS)
     # changes the images trained on, so a resumed run keeps it (a checkpoint without it read none)
     channel: int | None = setting(None, _CHANNEL_HELP, lo=0)
     max_images: int | None = setting(None, "use a seeded subset of this many images", lo=1)
+    # the user's own images, instead of the benchmark protocol
+    labeled: tuple[str, ...] | None = setting(None, _LABELED_HELP, metavar="PATH", before=None)
+    unlabeled: tuple[str, ...] | None = setting(None, "your images without labels (with --labeled): folders, image "
+                                                "files or glob patterns", metavar="PATH", before=None)
+    val: tuple[str, ...] | None = setting(None, "your validation images, with labels as --labeled's (default: a "
+                                          "seeded 1/8 of the --labeled images, at least one, by --split-seed)",
+                                          metavar="PATH", before=None)
+    test: tuple[str, ...] | None = setting(None, "your test images, with labels as --labeled's, evaluated after "
+                                           "training (without them the run ends after training)", metavar="PATH",
+                                           resume_free=True)
     out: str = setting("runs/train", resume_free=True)
     method: str = setting("cdcl", choices=tuple(losses.METHODS))
-    labeled_fraction: str = setting("1/8", "1/32, 1/16, 1/8, 1 or any fraction")
+    labeled_fraction: str | None = setting(None, "the benchmark's labeled part of the training images: 1/32, 1/16, "
+                                           f"1/8, 1 or any fraction (default: {BENCHMARK['labeled_fraction']})")
     preset: str = setting("small", choices=tuple(sorted(models.PRESETS)))
     input_size: int | None = setting(None, "side of the training crops, a multiple of 8 x --grid (default: the "
                                      "preset's)", lo=1)
@@ -143,7 +164,8 @@ class TrainConfig:
     loss_compact: bool = setting(False, "CrossPatchInfoNCE(compact=True): drop inactive rows before the op "
                                  "(less work, one host synchronisation)")
     seed: int = setting(0, "initialisation, labeled subset, sampling and augmentation")
-    split_seed: int = setting(0, "the train/val/test split (fixed across --seed)")
+    split_seed: int = setting(0, "the train/val/test split (fixed across --seed); with --labeled and no --val, "
+                              "the validation images held out")
     device: str = setting("auto", resume_free=True)
     autocast: str = setting("none", "bf16 autocast for the training forward passes (GPU runs of the paper preset)",
                             choices=("none", "bf16"))
@@ -375,10 +397,7 @@ def resolve_training(s: TrainConfig, names) -> TrainRun:
     if s.pretrained is not None:
         cli.regular_file(names["pretrained"], s.pretrained)
     method = losses.METHODS[s.method]
-    try:
-        fraction = data.parse_fraction("1" if method.all_labeled else s.labeled_fraction)
-    except ValueError as e:  # its message starts with the parameter's name
-        raise renamed(e, names) from None
+    sources = _data_sources(s, names, method)
     switches = {}
     for name in ("cons", "contr", "ent"):
         v = getattr(s, name)
@@ -398,10 +417,37 @@ def resolve_training(s: TrainConfig, names) -> TrainRun:
     lo, hi = (float(v) for v in s.scale_range)
     if not (0 < lo <= hi and math.isfinite(hi)):
         raise ValueError(f"{names['scale_range']}: expected 0 < LO <= HI, got {lo} {hi}")
-    settings = replace(s, labeled_fraction=str(fraction), scale_range=(lo, hi), **switches,
-                       data=os.path.realpath(s.data),  # a resumed run must read the same folder, from any cwd
+    settings = replace(s, scale_range=(lo, hi), **switches, **sources,
                        rampup_epochs=float(s.epochs) if s.rampup_epochs is None else s.rampup_epochs)
     return TrainRun(settings, model, inference, dict(names))
+
+
+def _data_sources(s: TrainConfig, names, method: losses.Method) -> dict:
+    """The data settings of the run: the benchmark protocol's with their defaults filled in, or the
+    user's own images; either way with real paths, so that a resumed run reads the same files from
+    any working directory."""
+    bench = [k for k in BENCHMARK if getattr(s, k) is not None]
+    own = [k for k in OWN if getattr(s, k) is not None]
+    if bench and own:
+        raise ValueError(f"{names[bench[0]]} and {names[own[0]]}: choose the benchmark protocol "
+                         f"({', '.join(map(flag, BENCHMARK))}) or your own images ({', '.join(map(flag, OWN))}), "
+                         "not both")
+    if not own:
+        v = {k: default if getattr(s, k) is None else getattr(s, k) for k, default in BENCHMARK.items()}
+        try:
+            fraction = data.parse_fraction("1" if method.all_labeled else v["labeled_fraction"])
+        except ValueError as e:  # its message starts with the parameter's name
+            raise renamed(e, names) from None
+        return {**v, "labeled_fraction": str(fraction), "data": os.path.realpath(v["data"])}
+    if s.labeled is None:
+        raise ValueError(f"{names[own[0]]}: expected your labeled images beside it ({names['labeled']})")
+    if method.all_labeled:
+        raise ValueError(f"{names['method']}: {s.method} trains on every benchmark image with its labels; with your "
+                         "own images train suponly (the labeled ones alone) or a semi-supervised method")
+    if method.semi and s.unlabeled is None:
+        raise ValueError(f"{names['unlabeled']}: method {s.method} learns from unlabeled images too; name them "
+                         "(folders, image files or glob patterns), or train --method suponly")
+    return {k: None if getattr(s, k) is None else tuple(map(os.path.realpath, getattr(s, k))) for k in OWN}
 
 
 def before_settings() -> dict[str, object]:

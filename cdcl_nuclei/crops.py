@@ -20,14 +20,16 @@ def _pad_to(a: np.ndarray, size: int) -> np.ndarray:
 
 
 def random_crops(samples: list[Sample], idx, size: int, g: torch.Generator):
-    """(images uint8 (B, 3, size, size), labels int32 (B, size, size)) for samples[idx]."""
+    """(images uint8 (B, 3, size, size), labels int32 (B, size, size)) for samples[idx]; labels None
+    unless every one of them has labels (the user's unlabeled images have none)."""
     images, labels = [], []
     for i in idx:
         s = samples[i]
-        img, lab = _pad_to(s.image, size), _pad_to(s.labels, size)
-        h, w = lab.shape
+        img = _pad_to(s.image, size)
+        h, w = img.shape[:2]
         y = int(torch.randint(0, h - size + 1, (1,), generator=g))
         x = int(torch.randint(0, w - size + 1, (1,), generator=g))
         images.append(torch.from_numpy(np.ascontiguousarray(img[y:y + size, x:x + size])).permute(2, 0, 1))
-        labels.append(torch.from_numpy(np.ascontiguousarray(lab[y:y + size, x:x + size])))
-    return torch.stack(images), torch.stack(labels).to(torch.int32)
+        if s.labels is not None:
+            labels.append(torch.from_numpy(np.ascontiguousarray(_pad_to(s.labels, size)[y:y + size, x:x + size])))
+    return torch.stack(images), (torch.stack(labels).to(torch.int32) if len(labels) == len(images) else None)

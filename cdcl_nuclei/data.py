@@ -1,5 +1,5 @@
-"""Nuclei data: readers for three on-disk formats, seeded splits, MoNuSeg tiles, resizing and the
-labeled subset.
+"""Nuclei data: readers for three on-disk formats and for the user's own labeled and unlabeled images,
+seeded splits, MoNuSeg tiles, resizing and the labeled subset.
 
 Formats (``detect_format`` tells them apart):
   * ``layout``  -- ``<root>/images/<id>.<ext>`` + ``<root>/labels/<id>.png`` (or ``.tif`` / ``.tiff``: an
@@ -9,12 +9,17 @@ Formats (``detect_format`` tells them apart):
   * ``monuseg`` -- the original MoNuSeg ``<id>.tif`` images with ``<id>.xml`` polygon annotations
     (anywhere below ``root``), rasterised here.
 
+The user's own images (``own_splits``) are folders, files or glob patterns of images; a labeled one
+finds its label map in the ``labels`` folder beside its own (the layout form again), an unlabeled one
+has none.
+
 Every reader returns ``Entry`` objects that load lazily, so a split of a large set can be resized one
 image at a time. Any missing, unreadable or mismatched file raises ``DataError`` naming the file.
 Single files are read (TIFF, 16-bit, multi-plane) and written by ``imagefiles``.
 """
 from __future__ import annotations
 
+import glob
 import math
 import os
 import xml.etree.ElementTree as ET
@@ -44,13 +49,14 @@ from .imagefiles import (  # noqa: F401
 class Sample:
     id: str
     image: np.ndarray   # uint8 (H, W, 3)
-    labels: np.ndarray  # int32 (H, W), 0 = background, 1..N = nuclei
+    labels: np.ndarray | None  # int32 (H, W), 0 = background, 1..N = nuclei; None: an unlabeled image
 
 
 @dataclass
 class Entry:
     id: str
     load: Callable[[], Sample]
+    path: str | None = None  # the image file, where one file holds it
 
 
 # ---------------------------------------------------------------- files
@@ -208,6 +214,87 @@ def read_folder(root, fmt: str = "auto", channel: int | None = None) -> list[Ent
     return READERS[fmt](root, channel)
 
 
+# ---------------------------------------------------------------- the user's own images
+
+def folder_images(folder) -> list[str]:
+    """The image files directly in `folder`, sorted."""
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                  if os.path.splitext(n)[1].lower() in IMAGE_EXTS)
+
+
+def image_paths(path) -> list[str]:
+    """The image files `path` names: a folder's images, an image file, or what a glob pattern matches
+    (of a folder it matches: its images). Naming none is a DataError."""
+    exts = ", ".join(IMAGE_EXTS)
+    if os.path.isdir(path):
+        found = folder_images(path)
+        if not found:
+            raise DataError(f"{path}: no images found ({exts})")
+        return found
+    if glob.has_magic(path) and not os.path.exists(path):
+        found = []
+        for m in sorted(glob.glob(path)):
+            if os.path.isdir(m):
+                found += folder_images(m)
+            elif os.path.splitext(m)[1].lower() in IMAGE_EXTS:
+                found.append(m)
+        if not found:
+            raise DataError(f"{path}: the pattern matches no image file ({exts})")
+        return found
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    if os.path.splitext(path)[1].lower() not in IMAGE_EXTS:
+        raise DataError(f"{path}: not an image file (expected {exts})")
+    return [path]
+
+
+def _load_unlabeled(image_path, sid, channel=None):
+    return Sample(sid, read_image(image_path, channel), None)
+
+
+def own_images(paths, labeled: bool, channel=None) -> list[Entry]:
+    """The images `paths` name (`image_paths`; of a folder holding images/, as in the layout form,
+    those), each file once. A labeled image's label map is <stem>.png, .tif or .tiff in the labels
+    folder beside the image's folder (<root>/images/a.png: <root>/labels/a.png), looked up now, so
+    that a missing one is a DataError naming it before anything trains."""
+    files = {}
+    for path in paths:
+        if os.path.isdir(os.path.join(path, "images")):
+            path = os.path.join(path, "images")
+        for f in image_paths(path):
+            files.setdefault(os.path.realpath(f), f)
+    entries = []
+    for f in files.values():
+        sid = os.path.splitext(os.path.basename(f))[0]
+        if labeled:
+            labels = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(f))), "labels")
+            load = partial(_load_layout, f, label_file(labels, sid, f), sid, channel)
+        else:
+            load = partial(_load_unlabeled, f, sid, channel)
+        entries.append(Entry(sid, load, f))
+    return entries
+
+
+def own_splits(labeled, unlabeled=(), val=(), test=(), channel=None) -> dict[str, list[Entry]]:
+    """{'train', 'val', 'test', 'unlabeled'} lists of Entry of the user's images (`own_images`).
+
+    An unlabeled file that is also named as a labeled, validation or test image is left out of the
+    unlabeled set (so one folder of all the images may serve as the unlabeled set); apart from that an
+    id (the file name less its extension, which names the outputs) belongs to one image of one part."""
+    parts = {"train": own_images(labeled, True, channel), "val": own_images(val, True, channel),
+             "test": own_images(test, True, channel)}
+    named = {os.path.realpath(e.path) for entries in parts.values() for e in entries}
+    parts["unlabeled"] = [e for e in own_images(unlabeled, False, channel) if os.path.realpath(e.path) not in named]
+    seen = {}
+    for entries in parts.values():
+        for e in entries:
+            if e.id in seen:
+                raise DataError(f"{seen[e.id]} and {e.path}: two images with the id {e.id!r} (the id names "
+                                "their outputs); rename one, or name the image once")
+            seen[e.id] = e.path
+    return parts
+
+
 # ---------------------------------------------------------------- splits and subsets
 
 def split_counts(n, ratios):
@@ -247,6 +334,22 @@ def labeled_indices(n, fraction, seed):
     k = max(1, math.floor(n * f + Fraction(1, 2)))  # exact, halves round up
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
     return sorted(perm[:k])
+
+
+VAL_SHARE = Fraction(1, 8)  # of the user's labeled images, held out for validation when none are named
+
+
+def hold_out_validation(entries, seed):
+    """(train, val): a seeded VAL_SHARE of `entries` (rounded half up, at least one) held out for
+    validation; both keep the given order."""
+    n = len(entries)
+    if n < 2:
+        raise ValueError(f"labeled: {n} labeled image(s): validation holds out at least one and training needs "
+                         "one more; give more labeled images, or validation images of their own")
+    k = max(1, math.floor(n * VAL_SHARE + Fraction(1, 2)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    val = set(perm[:k])
+    return [e for i, e in enumerate(entries) if i not in val], [e for i, e in enumerate(entries) if i in val]
 
 
 def dataset_splits(dataset, root, seed=0, fmt="auto", max_images=None, channel=None):
@@ -320,7 +423,8 @@ def training_samples(entries, tile=None, resize=None, desc="loading", progress=T
             image = stretch_contrast(part.image)
             labels = part.labels
             if resize:
-                image, labels = resize_image(image, resize), resize_labels(labels, resize)
+                image = resize_image(image, resize)
+                labels = None if labels is None else resize_labels(labels, resize)
             out.append(Sample(part.id, image, labels))
     return out
 

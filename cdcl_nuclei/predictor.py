@@ -3,7 +3,6 @@ foreground probability, and, where ground truth is there, the metrics with the c
 (Otsu + watershed) beside the model (what `cdcl-predict` runs)."""
 from __future__ import annotations
 
-import glob
 import os
 
 from PIL import Image
@@ -13,24 +12,6 @@ from . import baseline, cli, data, imagefiles, instances, models
 from .checkpoint import CheckpointError, load_checkpoint, load_into
 from .config import PredictConfig, check_ranges, renamed
 from .evaluate import Comparison, inference_config, overlay, predict_probability, summary_lines, write_report
-
-
-def _image_files(folder) -> list[str]:
-    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                  if os.path.splitext(n)[1].lower() in data.IMAGE_EXTS)
-
-
-def _expand(path) -> list[str]:
-    """The image files a glob pattern matches (a folder it matches: its images)."""
-    found = []
-    for m in sorted(glob.glob(path)):
-        if os.path.isdir(m):
-            found += _image_files(m)
-        elif os.path.splitext(m)[1].lower() in data.IMAGE_EXTS:
-            found.append(m)
-    if not found:
-        raise data.DataError(f"{path}: the pattern matches no image file ({', '.join(data.IMAGE_EXTS)})")
-    return found
 
 
 def gather_inputs(paths, labels_dir=None, channel=None):
@@ -51,19 +32,8 @@ def gather_inputs(paths, labels_dir=None, channel=None):
         if fmt is not None:
             out += [(e.id, os.path.join(path, e.id), (lambda e=e: (lambda s: (s.image, s.labels))(e.load())))
                     for e in data.read_folder(path, fmt, channel)]
-        elif os.path.isdir(path):
-            found = _image_files(path)
-            if not found:
-                raise data.DataError(f"{path}: no images found ({', '.join(data.IMAGE_EXTS)})")
-            files += found
-        elif glob.has_magic(path) and not os.path.exists(path):
-            files += _expand(path)
-        elif not os.path.exists(path):
-            raise data.DataError(f"{path}: file not found")
-        elif os.path.splitext(path)[1].lower() not in data.IMAGE_EXTS:
-            raise data.DataError(f"{path}: not an image file (expected {', '.join(data.IMAGE_EXTS)})")
         else:
-            files.append(path)
+            files += data.image_paths(path)
     for path in files:
         stem = os.path.splitext(os.path.basename(path))[0]
         label_path = data.label_file(labels_dir, stem, path) if labels_dir else None

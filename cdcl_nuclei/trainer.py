@@ -28,7 +28,7 @@ from .checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
-from .config import TrainRun, before_settings, resume_checked
+from .config import TrainRun, before_settings, renamed, resume_checked
 from .distributed import all_mean
 from .evaluate import (
     evaluate_samples,
@@ -59,22 +59,34 @@ class NonFiniteLoss(RuntimeError):
     """A loss term became NaN or infinite: the run stops before the step changes any weight."""
 
 
-def load_data(s, input_size, rank):
+def load_data(s, input_size, rank, names):
     """The split of the settings `s`: training samples (labeled and unlabeled indices), validation
-    samples, the test entries (read at the end) and the ids of each part."""
-    splits = data.dataset_splits(s.dataset, s.data, seed=s.split_seed, fmt=s.format, max_images=s.max_images,
-                                 channel=s.channel)
-    tile = 250 if s.dataset == "monuseg" else None
-    show = rank == 0 and not s.no_progress
-    train = data.training_samples(splits["train"], tile, input_size if s.resize else None, "train images", show)
-    labeled = data.labeled_indices(len(train), s.labeled_fraction, s.seed)
+    samples, the test entries (read at the end), the ids of each part and how many labeled images were
+    held out for validation (the user's own images without --val)."""
+    show, resize, held_out = rank == 0 and not s.no_progress, input_size if s.resize else None, 0
+    if s.labeled is None:  # the benchmark protocol: a labeled set, part of whose labels the run hides
+        splits = data.dataset_splits(s.dataset, s.data, seed=s.split_seed, fmt=s.format, max_images=s.max_images,
+                                     channel=s.channel)
+        tile = 250 if s.dataset == "monuseg" else None
+        train = data.training_samples(splits["train"], tile, resize, "train images", show)
+        labeled = data.labeled_indices(len(train), s.labeled_fraction, s.seed)
+    else:  # the user's own images: the unlabeled ones come without labels
+        splits, tile = data.own_splits(s.labeled, s.unlabeled or (), s.val or (), s.test or (), s.channel), None
+        if s.val is None:
+            try:
+                splits["train"], splits["val"] = data.hold_out_validation(splits["train"], s.split_seed)
+            except ValueError as e:  # its message starts with the parameter's name
+                raise renamed(e, names) from None
+            held_out = len(splits["val"])
+        train = data.training_samples(splits["train"] + splits["unlabeled"], None, resize, "train images", show)
+        labeled = list(range(len(splits["train"])))
     lab_set = set(labeled)
     unlabeled = [i for i in range(len(train)) if i not in lab_set]
     split_ids = {"train_labeled": [train[i].id for i in labeled],
                  "train_unlabeled": [train[i].id for i in unlabeled],
                  "val": [e.id for e in splits["val"]], "test": [e.id for e in splits["test"]]}
     return dict(train=train, labeled=labeled, unlabeled=unlabeled, val=data.load_full(splits["val"], tile),
-                test_entries=splits["test"], tile=tile, split_ids=split_ids)
+                test_entries=splits["test"], tile=tile, split_ids=split_ids, held_out=held_out)
 
 
 class Trainer:
@@ -88,13 +100,16 @@ class Trainer:
                                  f"got {getattr(s, name)}")
         self.bl, self.bu = s.batch_size // world, s.unlabeled_batch_size // world
         torch.manual_seed(s.seed)
-        self.d = load_data(s, run.model.input_size, rank)
+        self.d = load_data(s, run.model.input_size, rank, names)
         self.kinds = [image_kind(x.image) for x in self.d["train"]]
         self.pseudo = PseudoLabelStats()
         self.semi = losses.METHODS[s.method].semi
         if self.semi and not self.d["unlabeled"]:
-            raise ValueError(f"{names['labeled_fraction']}: {s.labeled_fraction} leaves no unlabeled image "
-                             f"for {s.method}")
+            if s.labeled is None:
+                raise ValueError(f"{names['labeled_fraction']}: {s.labeled_fraction} leaves no unlabeled image "
+                                 f"for {s.method}")
+            raise ValueError(f"{names['unlabeled']}: every image named is also a labeled, validation or test image, "
+                             f"so {s.method} has no unlabeled image")
         self.iters = s.iters_per_epoch or max(1, math.ceil(len(self.d["train"]) / s.batch_size))
         self.run = replace(run, settings=replace(s, iters_per_epoch=self.iters))
         self.cfg = self.run.settings
@@ -164,8 +179,12 @@ class Trainer:
         if labeled:
             xs, y = augment.labeled_view(x, labels, self.aug, g)
             return augment.normalize(xs).to(self.device, memory_format=fmt), (y > 0).long().to(self.device)
-        # the hidden labels ride along for the pseudo-label log only; nothing trains on them
-        weak, strong, hidden = augment.weak_strong_pair(x, self.aug, g, labels)
+        # the hidden labels (None for the user's own unlabeled images) ride along for the pseudo-label log
+        # only; nothing trains on them
+        if labels is None:
+            (weak, strong), hidden = augment.weak_strong_pair(x, self.aug, g), None
+        else:
+            weak, strong, hidden = augment.weak_strong_pair(x, self.aug, g, labels)
         if not self.cfg.strong_photometric:
             strong = weak  # drawn all the same, so every other random draw stays where it was
         return (augment.normalize(weak).to(self.device, memory_format=fmt),
@@ -332,7 +351,9 @@ class Trainer:
         comp = evaluate_samples(self.student, samples, self.run.inference, self.device, s.out, s.overlays,
                                 progress=not s.no_progress, decoding=instances.BY_NAME[s.instances],
                                 otsu_side=s.otsu_side)
-        report = write_report(comp, s.out, "metrics", f"Test metrics ({s.method}, {s.labeled_fraction} labeled)",
+        labeled = (f"{s.labeled_fraction} labeled" if s.labeled is None else
+                   f"{len(self.d['labeled'])} labeled + {len(self.d['unlabeled'])} unlabeled images")
+        report = write_report(comp, s.out, "metrics", f"Test metrics ({s.method}, {labeled})",
                               extra={"method": s.method, "labeled_fraction": s.labeled_fraction,
                                      "checkpoint": tested})
         print(f"test images -> {os.path.join(s.out, 'metrics.md')}", flush=True)
@@ -392,6 +413,10 @@ def run_training(run: TrainRun, world, rank, device) -> None:
               f"training {'tiles' if d['tile'] else 'images'}, {len(d['val'])} val, "
               f"{len(d['test_entries'])} test images{' (tiled)' if d['tile'] else ''}; "
               f"{trainer.iters} iterations/epoch, {world} process(es) on {device}", flush=True)
+        if d["held_out"]:
+            print(f"validation: {d['held_out']} of the {d['held_out'] + len(d['labeled'])} labeled images held out "
+                  f"({data.VAL_SHARE}, at least one, seeded by {run.names['split_seed']} {s.split_seed}; "
+                  f"{run.names['val']} names validation images of their own)", flush=True)
         if d["val"]:
             print(f"validation: Otsu's threshold ({s.otsu_side} side, no learning) scores Dice "
                   f"{100 * otsu_dice(d['val'], s.otsu_side):.2f} over the set", flush=True)
@@ -404,5 +429,11 @@ def run_training(run: TrainRun, world, rank, device) -> None:
     trainer.fit(os.path.join(s.out, "log.csv"), tb, resumed=bool(resume))
     if tb is not None:
         tb.close()
-    if rank == 0 and trainer.epoch >= s.epochs and not s.no_test and trainer.d["test_entries"]:
-        trainer.test()
+    if rank == 0 and trainer.epoch >= s.epochs and not s.no_test:
+        if trainer.d["test_entries"]:
+            trainer.test()
+        else:
+            model = "best.pt" if os.path.exists(os.path.join(s.out, "best.pt")) else "last.pt"
+            hint = f" ({run.names['test']} names them)" if s.labeled is not None else ""
+            print(f"no test images{hint}: the run ends after training; its model is "
+                  f"{os.path.join(s.out, model)}", flush=True)

@@ -50,7 +50,7 @@ def test_resume_compares_every_setting_not_marked_free():
     checked = config.resume_checked()
     free = {f.name for f in fields(config.TrainConfig) if config.spec_of(f).resume_free}
     assert free == {"out", "threads", "no_progress", "stop_after_epochs", "device", "resume", "overlays", "no_test",
-                    "instances", "otsu_side"}
+                    "test", "instances", "otsu_side"}
     assert set(checked) == {f.name for f in fields(config.TrainConfig)} - free | {"model", "inference"}
     assert checked["model"] == "--preset/--input-size"
     assert checked["inference"] == "--window/--overlap/--flips/--resize"

@@ -109,10 +109,11 @@ def test_image_kinds():
 def test_settings_added_after_the_format_compare_as_their_before_values():
     before = before_settings()
     assert before == {"cons_threshold": 0.0, "cons_target": "hard", "teacher_bn": "eval",
-                      "strong_photometric": True, "strong_cutmix": False, "bn_momentum": 0.1}
+                      "strong_photometric": True, "strong_cutmix": False, "bn_momentum": 0.1,
+                      "labeled": None, "unlabeled": None, "val": None}
     checked = resume_checked()
     assert set(before) <= set(checked)  # they change what a run computes: never free on resume
-    old = {"epochs": 10}  # a checkpoint written before the four settings existed
+    old = {"epochs": 10}  # a checkpoint written before these settings existed
     same = {"epochs": 10, **before}
     check_compatible("old.pt", {**before, **old}, same, {k: checked[k] for k in ("epochs", *before)})
     with pytest.raises(CheckpointError, match="--cons-threshold: checkpoint 0.0, now 0.9"):
