@@ -351,3 +351,30 @@ def test_resize_protocol_and_val_every(tmp_path):
 def test_bad_training_flags_exit_2(tmp_path, capsys, flag):
     assert train.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "x")] + flag) == 2
     assert flag[0] in capsys.readouterr().err
+
+
+def test_semi_levers_table_keeps_an_earlier_sessions_runs(tmp_path):
+    from experiments import semi_levers
+
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    run = runs / "mt-new-seed0"
+    run.mkdir(parents=True)
+    fields = ["epoch", "val_dice", "teacher_val_dice", "w_cons", "seconds"]
+    rows = [[1, 0.5, 0.4, 0, 10], [2, 0.7, 0.6, 0.5, 10]]
+    (run / "log.csv").write_text(",".join(fields) + "\n" + "\n".join(",".join(map(str, r)) for r in rows) + "\n")
+    (run / "done").write_text("")
+    out.mkdir()
+    nan_curve = {"best": 0.8, "last": 0.8, "best_epoch": 1, "first": 0.8, "curve": [0.8, None],
+                 "teacher_curve": [None, None], "teacher_best": None, "epochs": 2, "seconds": 5.0,
+                 **{k: None for k in ("pl_acc", "pl_conf_share", "pl_conf_acc", "pl_dice", "cons_kept",
+                                      "pl_dice_fluorescence", "pl_dice_brightfield", "pl_dice_stained")}}
+    # an earlier table: a variant whose run folder is gone, and a seed of the new variant that is redone now
+    (out / "results.json").write_text(json.dumps({"suponly": {"0": nan_curve},
+                                                  "mt-new": {"0": {**nan_curve, "best": 0.1}}}))
+    assert semi_levers.main(["--runs", str(runs), "--out", str(out), "--baseline", "suponly"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) == {"suponly", "mt-new"}
+    assert res["mt-new"]["0"]["best"] == pytest.approx(0.7)  # the run present now wins
+    assert res["suponly"]["0"]["best"] == 0.8 and np.isnan(res["suponly"]["0"]["curve"][1])  # None read as NaN
+    md = (out / "results.md").read_text()
+    assert "1 runs of an earlier session kept" in md and "| mt-new | 70.00 (2) / 70.00 | 70.00 | -10.00 |" in md
