@@ -35,6 +35,12 @@ class PseudoLabelStats:
 
     @torch.no_grad()
     def update(self, teacher_logits: torch.Tensor, truth: torch.Tensor, kinds: list[str], mask: torch.Tensor):
+        """teacher_logits: (B, 2, H, W) background-vs-nucleus logits (targets.foreground_logits of the
+        teacher's, so a boundary-target run is judged on nuclei, not on its classes); truth: the hidden
+        instance maps (B, H, W); mask: the pixels counted as confident (B, H, W)."""
+        if teacher_logits.dim() != 4 or teacher_logits.shape[1] != 2:
+            raise ValueError(f"teacher_logits: expected background-vs-nucleus logits (B, 2, H, W), got shape "
+                             f"{tuple(teacher_logits.shape)}")
         pseudo = teacher_logits.argmax(dim=1).cpu() > 0
         fg = truth.cpu() > 0
         mask = mask.cpu()
