@@ -14,10 +14,11 @@ Two decodings of a binary foreground (``Decoding.method``):
 A model trained on the boundary target (targets.py: background / interior / boundary) is decoded
 from its interiors (``markers="interior"``): the markers are the 8-connected regions where the
 interior probability exceeds ``marker_threshold``, those under ``min_marker`` pixels dropped (a
-speck of interior inside a boundary band would split a nucleus), grown over the relief into the
-foreground. The target's interiors of two nuclei never touch, even diagonally, so that decoding
-floods and takes components over 8 neighbours: a boundary pixel goes to the interior it touches,
-diagonally too, and a perfect prediction decodes back into its instance map (tested).
+speck of interior inside a boundary band would split a nucleus), then grown: first by the ring of
+pixels that touch one marker only (the target's boundary is that one-pixel ring), then over the
+relief into the foreground. The target's interiors of two nuclei never touch, even diagonally, so
+that decoding grows, floods and takes components over 8 neighbours, and a perfect prediction decodes
+back into its instance map (tested).
 
 Components, and the watershed that keeps unmarked components, only split: the union of the instances
 is exactly the foreground, so the pixel metrics do not depend on the decoding. The surface is defined
@@ -247,4 +248,13 @@ def _markers(relief, probability, interior, inside, d: Decoding, structure):
         small = np.bincount(labels.ravel()) < d.min_marker
         small[0] = False
         labels[small[labels]] = 0
+    if d.markers == "interior":
+        # the target's boundary is the one-pixel ring around each interior: a pixel beside one
+        # interior only is that nucleus's, whatever the relief says (the flooding would take it from
+        # whichever front arrives first, and a neighbour's front runs ahead where the relief is higher)
+        none = np.iinfo(np.int32).max
+        high = ndimage.maximum_filter(labels, footprint=SQUARE, mode="constant", cval=0)
+        low = ndimage.minimum_filter(np.where(labels > 0, labels, none), footprint=SQUARE, mode="constant", cval=none)
+        ring = inside & (labels == 0) & (high > 0) & (high == low)
+        labels[ring] = high[ring]
     return labels

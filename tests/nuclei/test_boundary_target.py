@@ -18,6 +18,7 @@ from cdcl_nuclei.checkpoint import load_checkpoint, save_checkpoint
 from cdcl_nuclei.evaluate import InferenceConfig, inference_config, predict_maps
 from cdcl_nuclei.imagefiles import read_labels
 from cdcl_nuclei.trainer import Trainer
+from cdcl_ops import CrossPatchInfoNCE
 from cdcl_ops.cross_patch import pseudo_labels
 from nuclei_scripts import SAMPLE, TINY
 
@@ -86,7 +87,8 @@ def test_target_is_a_3x3_min_max_filter_on_random_maps():
 def test_targets_and_their_errors():
     labels = torch.tensor([[[0, 3, 3], [0, 3, 3]]], dtype=torch.int32)
     assert targets.make_target(labels, "binary").tolist() == [[[0, 1, 1], [0, 1, 1]]]
-    assert targets.make_target(labels, "boundary").tolist() == [[[0, 2, 2], [0, 2, 2]]]
+    # the last column touches only its nucleus and the crop's edge
+    assert targets.make_target(labels, "boundary").tolist() == [[[0, 2, 1], [0, 2, 1]]]
     assert targets.NUM_CLASSES == {"binary": 2, "boundary": 3} and set(targets.NUM_CLASSES) == set(targets.TARGETS)
     with pytest.raises(ValueError, match="^target:"):
         targets.make_target(labels, "edges")
@@ -154,7 +156,7 @@ def test_labeled_batches_take_the_target_of_the_warped_crop(tmp_path):
     boundary = _trainer(tmp_path / "a", "--target", "boundary", "--method", "suponly")
     binary = _trainer(tmp_path / "b", "--method", "suponly")
     assert boundary.student.cfg.num_classes == 3 and binary.student.cfg.num_classes == 2
-    g, h = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    g, h, k = (torch.Generator().manual_seed(3) for _ in range(3))
     idx = boundary.d["labeled"][:2]
     before = []
     for _ in range(4):
@@ -162,8 +164,8 @@ def test_labeled_batches_take_the_target_of_the_warped_crop(tmp_path):
         _, yb = binary.batch(idx, h, True)
         assert torch.equal(yb, (y > 0).long())  # the same crops, the same nuclei
         assert _interior_surrounded(y) and bool((y == IN).any()) and bool((y == BD).any())
-        x, labels = crops.random_crops(boundary.d["train"], idx, 64, g)
-        theta = augment.sample_geometry(len(idx), boundary.aug, g)
+        x, labels = crops.random_crops(boundary.d["train"], idx, 64, k)
+        theta = augment.sample_geometry(len(idx), boundary.aug, k)
         before.append(_interior_surrounded(augment.warp(augment.to_float(x), theta,
                                                         targets.boundary_target(labels))[1]))
     assert not all(before)
@@ -174,16 +176,23 @@ def _rows(out):
         return list(csv.DictReader(f))
 
 
-def test_a_short_boundary_run_tests_and_predicts_without_repeating_the_target(tmp_path, capsys):
+def test_a_short_boundary_run_tests_and_predicts_without_repeating_the_target(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
+    seen = []  # the classes of the predictions L_contr gets
+    contrast = CrossPatchInfoNCE.forward
+
+    def spy(self, student_feats, teacher_feats, student_pred, teacher_pred, **kw):
+        seen.append((student_pred.shape[1], teacher_pred.shape[1]))
+        return contrast(self, student_feats, teacher_feats, student_pred, teacher_pred, **kw)
+    monkeypatch.setattr(CrossPatchInfoNCE, "forward", spy)
     assert cli_train.main(TINY + ["--method", "cdcl", "--target", "boundary", "--epochs", "2",
                                   "--out", str(out)]) == 0
     rows = _rows(out)
     assert len(rows) == 2
-    for r in rows:  # every unlabeled term ran on three classes, L_contr on nucleus-vs-background
-        for k in ("sup", "cons", "contr", "ent", "pl_acc", "pl_dice"):
+    for r in rows:  # every unlabeled term ran, on three classes; L_contr on nucleus against background
+        for k in ("sup", "cons", "contr", "ent", "query_share", "pl_acc", "pl_dice"):
             assert np.isfinite(float(r[k])), (k, r[k])
-        assert float(r["contr"]) > 0 and float(r["query_share"]) > 0
+    assert seen == [(2, 2)] * 4  # 2 epochs x 2 steps
     st = load_checkpoint(out / "best.pt")
     assert st["config"]["target"] == "boundary" and st["config"]["model"]["num_classes"] == 3
     assert st["student"]["classifier.4.weight"].shape[0] == 3
@@ -234,10 +243,14 @@ def test_a_short_boundary_run_tests_and_predicts_without_repeating_the_target(tm
     assert err.count("\n") == 1 and "--target: checkpoint 'boundary', now 'binary'" in err, err
 
 
-def _untrained_checkpoint(path, num_classes, target=None):
+def _untrained_checkpoint(path, num_classes, target=None, sharpen=1.0):
+    """An untrained tiny model as a checkpoint; `sharpen` scales its last layer, so that its classes
+    vary across an image instead of all sitting near 1 / num_classes."""
     torch.manual_seed(0)
     cfg = models.model_config("tiny", num_classes=num_classes)
     model = models.build_model(cfg).eval()
+    with torch.no_grad():
+        model.classifier[-1].weight *= sharpen
     run = {"model": models.asdict(cfg), "inference": {"window": 64, "overlap": 16, "flips": False}}
     if target is not None:
         run["target"] = target
@@ -248,7 +261,7 @@ def _untrained_checkpoint(path, num_classes, target=None):
 def _crop(folder):
     folder.mkdir(parents=True)
     p = sorted((SAMPLE / "images").iterdir())[0]
-    Image.fromarray(np.asarray(Image.open(p).convert("RGB"))[:48, :64]).save(folder / f"{p.stem}.png")
+    Image.fromarray(np.asarray(Image.open(p).convert("RGB"))[:96, :128]).save(folder / f"{p.stem}.png")
     return p.stem
 
 
@@ -266,3 +279,16 @@ def test_a_checkpoint_whose_target_does_not_fit_its_model_is_refused(tmp_path, c
     with pytest.raises(ValueError, match="^interior:"):
         predict_maps(model, np.zeros((40, 40, 3), np.uint8), InferenceConfig(window=64, overlap=16), interior=True)
 
+
+def test_a_boundary_checkpoint_predicts_its_interiors_grown(tmp_path):
+    """What the short run above cannot show (its model calls everything nucleus): label images of a
+    model whose interiors split its foreground, predicted without --target."""
+    sid = _crop(tmp_path / "in")
+    model = _untrained_checkpoint(tmp_path / "c.pt", 3, "boundary", sharpen=10.0)
+    assert cli_predict.main(["--checkpoint", str(tmp_path / "c.pt"), "--out", str(tmp_path / "o"), "--no-progress",
+                             str(tmp_path / "in")]) == 0
+    image = np.asarray(Image.open(tmp_path / "in" / f"{sid}.png"))
+    fg, interior = predict_maps(model, image, InferenceConfig(window=64, overlap=16, flips=False), interior=True)
+    want = instances.decode(fg > 0.5, fg, instances.BOUNDARY, interior=interior)
+    np.testing.assert_array_equal(read_labels(tmp_path / "o" / "masks" / f"{sid}.png"), want)
+    assert want.max() > instances.decode(fg > 0.5, decoding=instances.COMPONENTS).max() > 1  # blobs, split
