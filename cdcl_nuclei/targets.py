@@ -7,9 +7,10 @@
 
 The boundary is 1 pixel wide on each nucleus. That already separates the interiors of two touching
 nuclei by a band of 2 pixels, so no interior pixel of one nucleus touches one of another, even
-diagonally, and instances.decode can grow each interior back into its nucleus; a second pixel would
-leave nuclei under 5 pixels across (common in DSB2018 crops) with no interior at all, and make the
-boundary class twice as large against an interior that shrinks.
+diagonally, and instances.decode can grow each interior back into its nucleus. A second pixel costs
+small nuclei their interior: on the 3467 nuclei of the bundled sample's label maps, 1 pixel leaves 3
+(0.1%) without interior and makes the boundary 17.9% of the nucleus pixels, 2 pixels leave 154
+(4.4%) without interior and make it 33.6% (docs/training.md).
 
 The target is made from the augmented crop's labels (nearest sampling keeps every id an id), so its
 boundaries are those of the crop as the model sees it. A nucleus cut by the crop's edge is not given a
