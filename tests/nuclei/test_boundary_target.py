@@ -17,6 +17,7 @@ from cdcl_nuclei import augment, cli_predict, cli_train, config, crops, instance
 from cdcl_nuclei.checkpoint import load_checkpoint, save_checkpoint
 from cdcl_nuclei.evaluate import InferenceConfig, inference_config, predict_maps
 from cdcl_nuclei.imagefiles import read_labels
+from cdcl_nuclei.pseudo_labels import PseudoLabelStats
 from cdcl_nuclei.trainer import Trainer
 from cdcl_ops import CrossPatchInfoNCE
 from cdcl_ops.cross_patch import pseudo_labels
@@ -115,6 +116,15 @@ def test_three_classes_reduce_to_nucleus_against_background():
     assert torch.equal(pooled, (F.avg_pool2d(p[:, :1], 2)[:, 0] < 0.5).long())
     binary = torch.randn(2, 2, 4, 4)
     assert targets.foreground_logits(binary) is binary  # a binary run computes exactly what it did
+    # the pseudo-label log takes the reduction, never the three classes (where argmax > 0 would miss
+    # the pixels whose nucleus probability is split between interior and boundary)
+    with pytest.raises(ValueError, match="^teacher_logits:"):
+        PseudoLabelStats().update(logits, torch.zeros(2, 8, 8), ["fluorescence"] * 2, torch.ones(2, 8, 8, dtype=bool))
+    split = torch.tensor([0.4, 0.3, 0.3]).log().view(1, 3, 1, 1)  # nucleus 0.6, argmax background
+    stats = PseudoLabelStats()
+    stats.update(targets.foreground_logits(split), torch.ones(1, 1, 1, dtype=torch.int32), ["fluorescence"],
+                 torch.ones(1, 1, 1, dtype=bool))
+    assert stats.summary()["pl_acc"] == 1.0
     with pytest.raises(ValueError, match="^logits:"):
         targets.foreground_logits(torch.randn(2, 1, 4, 4))
 
