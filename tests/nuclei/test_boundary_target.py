@@ -1,7 +1,8 @@
 """The boundary target (--target boundary): the three-class target of an instance map, the reduction
 of three classes to nucleus-vs-background for L_contr and the pseudo-label log, the semi-supervised
 terms on three classes, the labeled batches of a run, a short run that tests and predicts without
-repeating the target, and the checkpoints whose target does not fit their model."""
+repeating the target, the checkpoints whose target does not fit their model, and the comparison
+script of the two targets (experiments/boundary_target.py)."""
 import csv
 import json
 
@@ -302,3 +303,32 @@ def test_a_boundary_checkpoint_predicts_its_interiors_grown(tmp_path):
     want = instances.decode(fg > 0.5, fg, instances.BOUNDARY, interior=interior)
     np.testing.assert_array_equal(read_labels(tmp_path / "o" / "masks" / f"{sid}.png"), want)
     assert want.max() > instances.decode(fg > 0.5, decoding=instances.COMPONENTS).max() > 1  # blobs, split
+
+
+def test_the_comparison_script_scores_the_validation_split_of_finished_runs(tmp_path):
+    from experiments import boundary_target
+
+    runs = tmp_path / "runs"
+    for target in ("binary", "boundary"):
+        out = runs / f"{target}-seed0"
+        assert cli_train.main(TINY + ["--method", "suponly", "--target", target, "--epochs", "1", "--no-test",
+                                      "--overlays", "0", "--out", str(out)]) == 0
+        (out / "done").touch()
+    (runs / "boundary-seed1").mkdir()  # unfinished: left out
+    assert boundary_target.main(["--runs", str(runs), "--out", str(tmp_path / "res"), "--threads", "1"]) == 0
+    res = json.loads((tmp_path / "res" / "validation.json").read_text())
+    val = json.loads((runs / "binary-seed0" / "splits.json").read_text())["val"]
+    assert [(r["target"], r["seed"], r["images"]) for r in res["runs"]] == [("binary", 0, val), ("boundary", 0, val)]
+    binary, boundary = res["runs"]
+    assert binary["decoding"] == instances.DEFAULT.describe() and "grid" not in binary
+    assert boundary["decoding"] == instances.BOUNDARY.describe()
+    assert len(boundary["grid"]) == len(boundary_target.interior_grid())
+    mine = next(g for g in boundary["grid"] if g["decoding"] == instances.BOUNDARY.describe())
+    assert mine["summary"] == boundary["model"]  # the grid holds the comparison's decoding, scored alike
+    for part in ("over_set", "per_image_mean"):
+        for k in ("DC", "AJI", "PQ", "F1", "DSB"):
+            assert res["boundary_minus_binary"]["0"][part][k] == pytest.approx(
+                boundary["model"][part][k] - binary["model"][part][k])
+    md = (tmp_path / "res" / "validation.md").read_text()
+    assert "boundary - binary, seed 0" in md and "Otsu + watershed" in md and "test split is not read" in md
+    assert boundary_target.main(["--runs", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
