@@ -14,8 +14,10 @@ of the labeled ones) and --test (else the run ends after training).
 Methods: suponly (labeled part only), fullsup (every training image labeled), meanteacher
 (L_sup + w_cons L_cons + 0.01 L_ent: the paper's Scheme 6, CDCL without L_contr), cdcl
 (L_sup + 0.1 L_contr + w_cons L_cons + 0.01 L_ent). --no-contr, --no-cons, --no-ent, --sampling
-give the ablations. One epoch is ceil(training images / batch) iterations for every method
-(--iters-per-epoch overrides), so budgets compare across methods.
+give the ablations. --target boundary trains three classes (background, nucleus interior, nucleus
+boundary) instead of two, and decodes nuclei from the predicted interiors. One epoch is
+ceil(training images / batch) iterations for every method (--iters-per-epoch overrides), so budgets
+compare across methods.
 Training sees random --input-size crops of each image at its own pixel scale; validation, the test
 and predict.py run the model over overlapping, blended windows at native resolution. --resize gives
 the paper's protocol instead (every image resized to --input-size squared, for Table-1-style runs).

@@ -20,7 +20,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 
 from cdcl_ops import available_backends
 
-from . import baseline, cli, data, imagefiles, instances, losses, models
+from . import baseline, cli, data, imagefiles, instances, losses, models, targets
 from .evaluate import InferenceConfig
 
 ALWAYS = object()  # Spec.before of a setting as old as the checkpoint format
@@ -58,9 +58,13 @@ def flag(name: str) -> str:
 
 _LIB = losses.CONTRAST_DEFAULTS
 _FORMATS = ("auto", *data.READERS)  # before the class: its field `data` hides the module there
-_INSTANCES_HELP = ("how the foreground becomes nuclei in the reports: watershed (the model's probability flooded "
-                   "from its sure cores, chosen on the demo's validation split) or components (4-connected "
-                   "components: touching nuclei stay one)")
+_INSTANCES_HELP = ("how the foreground becomes nuclei in the reports: watershed (--target binary: the model's "
+                   "probability flooded from its sure cores, chosen on the demo's validation split; --target boundary: "
+                   "its predicted interiors grown into the foreground) or components (4-connected components: "
+                   "touching nuclei stay one)")
+_TARGET_HELP = ("what the model learns from the label maps: binary (background / nucleus, the paper's) or boundary "
+                "(background / nucleus interior / nucleus boundary, 1 pixel wide; nuclei are decoded from the "
+                "predicted interiors, so touching nuclei stay apart)")
 _OTSU_HELP = ("foreground side of Otsu's threshold in the classical baseline: minority (the side with fewer pixels, "
               "right for DSB2018), dark (the fair side on H&E tissue such as MoNuSeg, where nuclei and stroma are "
               "the darker majority) or bright")
@@ -80,7 +84,7 @@ _CHANNEL_HELP = ("read this plane (0-based) of multi-plane images (a multi-chann
 class TrainConfig:
     # the records a run's config.json and checkpoints hold beside the settings, derived from these
     # settings (and recomputed from them when a config.json is read back)
-    DERIVED: typing.ClassVar[dict] = {"model": ("preset", "input_size"),
+    DERIVED: typing.ClassVar[dict] = {"model": ("preset", "input_size", "target"),
                                       "inference": ("window", "overlap", "flips", "resize")}
 
     # the benchmark protocol (None: not given; resolve_training fills in BENCHMARK's defaults unless the
@@ -107,6 +111,7 @@ class TrainConfig:
     labeled_fraction: str | None = setting(None, "the benchmark's labeled part of the training images: 1/32, 1/16, "
                                            f"1/8, 1 or any fraction (default: {BENCHMARK['labeled_fraction']})")
     preset: str = setting("small", choices=tuple(sorted(models.PRESETS)))
+    target: str = setting("binary", _TARGET_HELP, choices=targets.TARGETS, before="binary")
     input_size: int | None = setting(None, "side of the training crops, a multiple of 8 x --grid (default: the "
                                      "preset's)", lo=1)
     resize: bool = setting(False, "the paper's protocol: resize every image (MoNuSeg: every 250x250 tile) to "
@@ -177,7 +182,7 @@ class TrainConfig:
                                             "still span --epochs)", lo=1, resume_free=True)
     val_every: int = setting(1, "validate (and update best.pt) every N epochs and after the last", lo=1)
     overlays: int = setting(8, "test images to draw overlays for", lo=0, resume_free=True)
-    instances: str = setting("watershed", _INSTANCES_HELP, choices=tuple(instances.BY_NAME), resume_free=True)
+    instances: str = setting("watershed", _INSTANCES_HELP, choices=instances.INSTANCES, resume_free=True)
     otsu_side: str = setting("minority", _OTSU_HELP, choices=baseline.SIDES, resume_free=True)
     no_test: bool = setting(False, "skip the final test evaluation", resume_free=True)
     no_progress: bool = setting(False, resume_free=True)
@@ -195,8 +200,8 @@ class PredictConfig:
     out: str = setting()
     label_format: str = setting("png", "label images: uint16 PNG, or TIFF (uint16; uint32 above 65,535 nuclei, "
                                 "which a PNG cannot hold)", choices=("png", "tif"))
-    instances: str | None = setting(None, _INSTANCES_HELP + " (default: the checkpoint's run's, else watershed)",
-                                    choices=tuple(instances.BY_NAME))
+    instances: str | None = setting(None, _INSTANCES_HELP + " (default: the checkpoint's run's, else watershed; "
+                                    "the target is the checkpoint's)", choices=instances.INSTANCES)
     otsu_side: str | None = setting(None, _OTSU_HELP + " (default: the checkpoint's run's, else minority)",
                                     choices=baseline.SIDES)
     channel: int | None = setting(None, _CHANNEL_HELP, lo=0)
@@ -408,7 +413,7 @@ def resolve_training(s: TrainConfig, names) -> TrainRun:
     if size % (8 * s.grid) or size % 32:
         raise ValueError(f"{names['input_size']}: expected a multiple of {math.lcm(8 * s.grid, 32)} (stride-8 "
                          f"features cut into a {s.grid}x{s.grid} grid, a stride-32 encoder), got {size}")
-    model = models.model_config(s.preset, input_size=s.input_size)
+    model = models.model_config(s.preset, input_size=s.input_size, num_classes=targets.NUM_CLASSES[s.target])
     try:
         inference = InferenceConfig(window=s.window, overlap=s.overlap, flips=s.flips,
                                     resize=model.input_size if s.resize else None)

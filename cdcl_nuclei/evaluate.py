@@ -16,7 +16,7 @@ from .data import resize_image, stretch_contrast
 from .imagefiles import write_labels as save_label_map  # noqa: F401  (the name tests/test_nuclei_imagefiles.py imports)
 from .instances import CLASSICAL, COMPONENTS, DEFAULT, Decoding, decode
 from .metrics import NOTE, SegmentationMeter
-from .tiling import check_window, foreground_probability
+from .tiling import check_window, probability_maps
 
 GREEN, RED, YELLOW = (0, 255, 0), (255, 0, 0), (255, 255, 0)
 # the rows of every report: the model decoded its way and as components, and the classical pipeline
@@ -50,16 +50,25 @@ def inference_config(d: dict) -> InferenceConfig:
 
 
 @torch.no_grad()
+def predict_maps(model, image: np.ndarray, cfg: InferenceConfig, device="cpu", progress=False,
+                 interior=False) -> tuple[np.ndarray, np.ndarray | None]:
+    """(P(foreground), P(interior) or None) float32 (H, W) for a raw uint8 RGB image (H, W, 3) of any
+    size; the interior (class 1 of a boundary-target model) only when asked for."""
+    x = stretch_contrast(image)
+    if cfg.resize is None:
+        maps = probability_maps(model, x, cfg.window, cfg.overlap, cfg.batch, device, progress, cfg.flips, interior)
+    else:
+        small = probability_maps(model, resize_image(x, cfg.resize), cfg.resize, 0, 1, device, flips=cfg.flips,
+                                 interior=interior)
+        maps = F.interpolate(torch.from_numpy(small)[None], size=image.shape[:2], mode="bilinear",
+                             align_corners=False)[0].numpy()
+    return maps[0], (maps[1] if interior else None)
+
+
 def predict_probability(model, image: np.ndarray, cfg: InferenceConfig, device="cpu",
                         progress=False) -> np.ndarray:
     """P(foreground) float32 (H, W) for a raw uint8 RGB image (H, W, 3) of any size."""
-    x = stretch_contrast(image)
-    if cfg.resize is None:
-        return foreground_probability(model, x, cfg.window, cfg.overlap, cfg.batch, device, progress, cfg.flips)
-    small = foreground_probability(model, resize_image(x, cfg.resize), cfg.resize, 0, 1, device, flips=cfg.flips)
-    prob = F.interpolate(torch.from_numpy(small)[None, None], size=image.shape[:2], mode="bilinear",
-                         align_corners=False)
-    return prob[0, 0].numpy()
+    return predict_maps(model, image, cfg, device, progress)[0]
 
 
 def overlay(image: np.ndarray, pred_mask: np.ndarray, gt_mask: np.ndarray | None = None, alpha=0.6,
@@ -104,10 +113,11 @@ class Comparison:
         return self.meters["otsu"]
 
     def update(self, pred: np.ndarray, image: np.ndarray, labels: np.ndarray, name: str, probability=None,
-               instances=None):
-        """pred: the model's foreground (H, W); probability: its foreground probability, which the
-        decoding may need; instances: the model's nuclei when the caller decoded them already
-        (`decode(pred, probability, self.decoding)`). Returns the model's nuclei (int32 (H, W))."""
+               instances=None, interior=None):
+        """pred: the model's foreground (H, W); probability and interior: its foreground and interior
+        probabilities, which the decoding may need; instances: the model's nuclei when the caller
+        decoded them already (`decode(pred, probability, self.decoding, interior=interior)`). Returns
+        the model's nuclei (int32 (H, W))."""
         pred = np.asarray(pred) > 0
         fg = otsu_mask(image, self.otsu_side)
         if not self.instances:
@@ -115,7 +125,7 @@ class Comparison:
             self.meters["otsu"].update(fg, labels, name)
             return None
         if instances is None:
-            instances = decode(pred, probability, self.decoding)
+            instances = decode(pred, probability, self.decoding, interior=interior)
         maps = {"model": instances, "otsu": decode(fg, decoding=CLASSICAL),
                 "otsu_components": decode(fg, decoding=COMPONENTS)}
         if "model_components" in self.meters:
@@ -137,9 +147,9 @@ def evaluate_samples(model, samples, cfg: InferenceConfig, device="cpu", out_dir
     if out_dir and overlays:
         os.makedirs(os.path.join(out_dir, "overlays"), exist_ok=True)
     for k, s in enumerate(tqdm(samples, desc="evaluating", leave=False, disable=not progress)):
-        prob = predict_probability(model, s.image, cfg, device)
+        prob, interior = predict_maps(model, s.image, cfg, device, interior=bool(instances) and decoding.needs_interior)
         pred = prob > cfg.threshold
-        nuclei = comp.update(pred, s.image, s.labels, s.id, probability=prob)
+        nuclei = comp.update(pred, s.image, s.labels, s.id, probability=prob, interior=interior)
         if out_dir and k < overlays:  # the nuclei's foreground: the decoding may drop unsure blobs
             shown = pred if nuclei is None else nuclei > 0
             Image.fromarray(overlay(s.image, shown, s.labels, stretch=True)).save(

@@ -11,6 +11,15 @@ Two decodings of a binary foreground (``Decoding.method``):
     nucleus (``unmarked="keep"``) or is dropped (``"drop"``: what scikit-image's watershed does with
     a mask, so what its users get: specks vanish).
 
+A model trained on the boundary target (targets.py: background / interior / boundary) is decoded
+from its interiors (``markers="interior"``): the markers are the 8-connected regions where the
+interior probability exceeds ``marker_threshold``, those under ``min_marker`` pixels dropped (a
+speck of interior inside a boundary band would split a nucleus), then grown: first by the ring of
+pixels that touch one marker only (the target's boundary is that one-pixel ring), then over the
+relief into the foreground. The target's interiors of two nuclei never touch, even diagonally, so
+that decoding grows, floods and takes components over 8 neighbours, and a perfect prediction decodes
+back into its instance map (tested).
+
 Components, and the watershed that keeps unmarked components, only split: the union of the instances
 is exactly the foreground, so the pixel metrics do not depend on the decoding. The surface is defined
 on the whole image; markers are taken
@@ -31,10 +40,12 @@ from scipy import ndimage
 
 METHODS = ("watershed", "components")
 SURFACES = ("distance", "probability")
-MARKERS = ("h_maxima", "threshold")
+MARKERS = ("h_maxima", "threshold", "interior")
 UNMARKED = ("keep", "drop")
-# 4-connectivity everywhere: nuclei that touch only at a corner are separate, as in the components
+# 4-connectivity, except for interior markers (see the module docstring): nuclei that touch only at
+# a corner are separate, as in the components
 CROSS = ndimage.generate_binary_structure(2, 1)
+SQUARE = ndimage.generate_binary_structure(2, 2)
 TRUNCATE = 4.0  # scipy's gaussian_filter default: the kernel reaches int(4 sigma + 0.5) pixels
 
 
@@ -47,6 +58,7 @@ class Decoding:
     sigma: float = 1.0
     h: float = 2.0
     marker_threshold: float = 0.9
+    min_marker: int = 1  # markers of fewer pixels are dropped (1: none is)
     unmarked: str = "keep"
 
     def __post_init__(self):
@@ -60,16 +72,25 @@ class Decoding:
             raise ValueError(f"h: expected a finite value > 0, got {self.h}")
         if not 0.0 < self.marker_threshold < 1.0:  # also refuses NaN
             raise ValueError(f"marker_threshold: expected a probability in (0, 1), got {self.marker_threshold}")
+        if isinstance(self.min_marker, bool) or not isinstance(self.min_marker, int) or self.min_marker < 1:
+            raise ValueError(f"min_marker: expected an integer >= 1, got {self.min_marker!r}")
 
     @property
     def needs_probability(self) -> bool:
         return self.method == "watershed" and (self.surface == "probability" or self.markers == "threshold")
 
+    @property
+    def needs_interior(self) -> bool:
+        """Whether it decodes the interior probability of a boundary-target model (targets.py)."""
+        return self.method == "watershed" and self.markers == "interior"
+
     def __str__(self) -> str:
         if self.method == "components":
             return "4-connected components"
-        markers = f"h-maxima (h {self.h:g})" if self.markers == "h_maxima" else \
-            f"probability > {self.marker_threshold:g}"
+        markers = {"h_maxima": f"h-maxima (h {self.h:g})", "threshold": f"probability > {self.marker_threshold:g}",
+                   "interior": f"interior probability > {self.marker_threshold:g}, 8-connected"}[self.markers]
+        if self.min_marker > 1:
+            markers += f", at least {self.min_marker} pixels"
         return (f"watershed on the {self.surface} (Gaussian sigma {self.sigma:g}), markers: {markers}, "
                 f"components without a marker {'kept whole' if self.unmarked == 'keep' else 'dropped'}")
 
@@ -78,7 +99,9 @@ class Decoding:
         if self.method == "components":
             return {"method": "components"}
         d = asdict(self)
-        d.pop("h" if self.markers == "threshold" else "marker_threshold")
+        d.pop("marker_threshold" if self.markers == "h_maxima" else "h")
+        if self.min_marker == 1:
+            d.pop("min_marker")
         return d
 
 
@@ -93,43 +116,71 @@ CLASSICAL = Decoding(method="watershed", surface="distance", markers="h_maxima",
 # 0.95, so touching nuclei split where the model is less sure, and blobs never that sure dropped
 DEFAULT = Decoding(method="watershed", surface="probability", markers="threshold", sigma=1.0,
                    marker_threshold=0.95, unmarked="drop")
-# the decodings the commands offer (--instances), by name
-BY_NAME = {"watershed": DEFAULT, "components": COMPONENTS}
+# the decoding of a boundary-target model (not tuned yet: experiments/boundary_target.sh compares it on
+# validation): its interiors where the model puts them first (above 1/2, so the argmax is interior),
+# specks of 1-2 pixels ignored, grown over the foreground probability; a blob without an interior
+# (a nucleus too small to have one) is kept whole
+BOUNDARY = Decoding(method="watershed", surface="probability", markers="interior", sigma=1.0,
+                    marker_threshold=0.5, min_marker=3, unmarked="keep")
+# the decodings the commands offer (--instances), by name: the watershed depends on the model's target
+INSTANCES = ("watershed", "components")
+WATERSHED_OF_TARGET = {"binary": DEFAULT, "boundary": BOUNDARY}
 
 
-def components(mask) -> np.ndarray:
-    """int32 (H, W) ids 1..K of the 4-connected components of mask > 0, in raster order."""
-    labels, _ = ndimage.label(np.asarray(mask) > 0, structure=CROSS, output=np.int32)
+def for_target(instances: str, target: str) -> Decoding:
+    """The decoding `--instances` names for a model trained on `target` (targets.TARGETS)."""
+    if instances not in INSTANCES:
+        raise ValueError(f"instances: expected one of {', '.join(INSTANCES)}, got {instances!r}")
+    if target not in WATERSHED_OF_TARGET:
+        raise ValueError(f"target: expected one of {', '.join(WATERSHED_OF_TARGET)}, got {target!r}")
+    return COMPONENTS if instances == "components" else WATERSHED_OF_TARGET[target]
+
+
+def components(mask, structure=CROSS) -> np.ndarray:
+    """int32 (H, W) ids 1..K of the 4-connected (`structure`) components of mask > 0, in raster order."""
+    labels, _ = ndimage.label(np.asarray(mask) > 0, structure=structure, output=np.int32)
     return labels
 
 
-def decode(mask, probability=None, decoding: Decoding = CLASSICAL, block: int = 1024) -> np.ndarray:
+def _checked_map(name, a, shape):
+    if a is None:
+        return None
+    a = np.asarray(a)
+    if a.shape != shape:
+        raise ValueError(f"{name}: expected the mask's shape {shape}, got {a.shape}")
+    return a
+
+
+def decode(mask, probability=None, decoding: Decoding = CLASSICAL, block: int = 1024, interior=None) -> np.ndarray:
     """int32 (H, W) instance map of the foreground `mask` (0 = background, 1..K = nuclei).
 
     probability: float (H, W) foreground probability; needed when the decoding uses it (the
-    probability surface or threshold markers). block: the side of the blocks that group components
-    for the local passes (memory, not results)."""
+    probability surface or threshold markers). interior: float (H, W) interior probability of a
+    boundary-target model; needed by interior markers. block: the side of the blocks that group
+    components for the local passes (memory, not results)."""
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask: expected a 2-D foreground, got shape {mask.shape}")
     mask = mask > 0
-    if probability is not None:
-        probability = np.asarray(probability)
-        if probability.shape != mask.shape:
-            raise ValueError(f"probability: expected the mask's shape {mask.shape}, got {probability.shape}")
-    elif decoding.needs_probability:
+    probability = _checked_map("probability", probability, mask.shape)
+    interior = _checked_map("interior", interior, mask.shape)
+    if probability is None and decoding.needs_probability:
         raise ValueError(f"probability: the decoding {decoding.describe()} needs the foreground probability")
+    if interior is None and decoding.needs_interior:
+        raise ValueError(f"interior: the decoding {decoding.describe()} needs the interior probability of a "
+                         "boundary-target model")
     if block < 1:
         raise ValueError(f"block: expected >= 1, got {block}")
-    labels = components(mask)
     if decoding.method == "components":
-        return labels
-    return _watershed(mask, labels, probability, decoding, block)
+        return components(mask)
+    return _watershed(mask, probability, interior, decoding, block)
 
 
-def _watershed(mask, labels, probability, d: Decoding, block):
+def _watershed(mask, probability, interior, d: Decoding, block):
     from skimage.segmentation import watershed
 
+    structure = SQUARE if d.needs_interior else CROSS
+    labels = components(mask, structure)
     n = int(labels.max(initial=0))
     out = np.zeros(mask.shape, dtype=np.int32)
     if n == 0:
@@ -156,8 +207,9 @@ def _watershed(mask, labels, probability, d: Decoding, block):
         chosen[group + 1] = False
         relief = _surface(mask[window], None if probability is None else probability[window], d)
         relief[~inside] = 0.0
-        seeds = _markers(relief, None if probability is None else probability[window], inside, d)
-        flooded = watershed(-relief, seeds, mask=inside, connectivity=1)
+        seeds = _markers(relief, None if probability is None else probability[window],
+                         None if interior is None else interior[window], inside, d, structure)
+        flooded = watershed(-relief, seeds, mask=inside, connectivity=2 if d.needs_interior else 1)
         if d.unmarked == "keep":  # a component without a marker: its component id, after the markers'
             alone = inside & (flooded == 0)
             flooded[alone] = labels[window][alone] + int(seeds.max(initial=0))
@@ -181,13 +233,28 @@ def _surface(fg, probability, d: Decoding):
     return s
 
 
-def _markers(relief, probability, inside, d: Decoding):
+def _markers(relief, probability, interior, inside, d: Decoding, structure):
     if d.markers == "h_maxima":
         from skimage.morphology import h_maxima
 
         seeds = h_maxima(relief, d.h, footprint=CROSS).astype(bool)
-    else:
+    elif d.markers == "threshold":
         seeds = probability > d.marker_threshold
+    else:
+        seeds = interior > d.marker_threshold
     seeds &= inside
-    labels, _ = ndimage.label(seeds, structure=CROSS, output=np.int32)
+    labels, _ = ndimage.label(seeds, structure=structure, output=np.int32)
+    if d.min_marker > 1:
+        small = np.bincount(labels.ravel()) < d.min_marker
+        small[0] = False
+        labels[small[labels]] = 0
+    if d.markers == "interior":
+        # the target's boundary is the one-pixel ring around each interior: a pixel beside one
+        # interior only is that nucleus's, whatever the relief says (the flooding would take it from
+        # whichever front arrives first, and a neighbour's front runs ahead where the relief is higher)
+        none = np.iinfo(np.int32).max
+        high = ndimage.maximum_filter(labels, footprint=SQUARE, mode="constant", cval=0)
+        low = ndimage.minimum_filter(np.where(labels > 0, labels, none), footprint=SQUARE, mode="constant", cval=none)
+        ring = inside & (labels == 0) & (high > 0) & (high == low)
+        labels[ring] = high[ring]
     return labels

@@ -30,7 +30,7 @@ class ModelConfig:
     decoder: tuple = (768, 384, 256)
     cls_hidden: int = 64
     proj: tuple = (256, 128)
-    num_classes: int = 2
+    num_classes: int = 2  # 3 for the boundary target (targets.NUM_CLASSES)
     dropout: float = 0.3
     input_size: int = 320
 
@@ -59,7 +59,7 @@ def model_config(preset: str, **overrides) -> ModelConfig:
 # beyond any useful model and only stop a crafted config from allocating terabytes
 INT_FIELDS = {"growth": (None, 1, 1024), "blocks": ((4,), 1, 256), "init_features": (None, 1, 4096),
               "bn_size": (None, 1, 64), "decoder": ((3, 4), 1, 8192), "cls_hidden": (None, 1, 8192),
-              "proj": ((2,), 1, 8192), "num_classes": (None, 2, 2), "input_size": (None, 32, 16384)}
+              "proj": ((2,), 1, 8192), "num_classes": (None, 2, 3), "input_size": (None, 32, 16384)}
 MAX_PARAMETERS = 10 ** 9
 
 

@@ -8,10 +8,10 @@ import os
 from PIL import Image
 from tqdm import tqdm
 
-from . import baseline, cli, data, imagefiles, instances, models
+from . import baseline, cli, data, imagefiles, instances, models, targets
 from .checkpoint import CheckpointError, load_checkpoint, load_into
 from .config import PredictConfig, check_ranges, renamed
-from .evaluate import Comparison, inference_config, overlay, predict_probability, summary_lines, write_report
+from .evaluate import Comparison, inference_config, overlay, predict_maps, summary_lines, write_report
 
 
 def gather_inputs(paths, labels_dir=None, channel=None):
@@ -53,17 +53,22 @@ def gather_inputs(paths, labels_dir=None, channel=None):
     return [(sid, load) for sid, (_, load) in unique.items()]
 
 
-def _reporting(s: PredictConfig, run: dict):
+def _reporting(s: PredictConfig, run: dict, num_classes: int):
     """(decoding, Otsu side): the flags', else the checkpoint's run's (a run before the flags existed
-    decoded with the watershed and took the minority side)."""
+    decoded with the watershed and took the minority side); the watershed of the checkpoint's target
+    (a run before --target existed trained the binary one)."""
     choice = {}
-    for key, options, default in (("instances", instances.BY_NAME, "watershed"),
-                                  ("otsu_side", baseline.SIDES, "minority")):
-        value = getattr(s, key) or run.get(key, default)
+    for key, options, default in (("instances", instances.INSTANCES, "watershed"),
+                                  ("otsu_side", baseline.SIDES, "minority"), ("target", targets.TARGETS, "binary")):
+        value = getattr(s, key, None) or run.get(key, default)
         if value not in options:
             raise CheckpointError(f"{s.checkpoint}: invalid {key} in the checkpoint's settings: {value!r}")
         choice[key] = value
-    return instances.BY_NAME[choice["instances"]], choice["otsu_side"]
+    want = targets.NUM_CLASSES[choice["target"]]
+    if want != num_classes:
+        raise CheckpointError(f"{s.checkpoint}: the {choice['target']} target has {want} classes, but the "
+                              f"checkpoint's model predicts {num_classes}")
+    return instances.for_target(choice["instances"], choice["target"]), choice["otsu_side"]
 
 
 def predict_folder(s: PredictConfig, names) -> None:
@@ -90,7 +95,7 @@ def predict_folder(s: PredictConfig, names) -> None:
         icfg = inference_config({**saved, **given})
     except ValueError as e:  # its messages start with the field name, which is the setting's
         raise renamed(e, names) from None
-    decoding, otsu_side = _reporting(s, st["config"])
+    decoding, otsu_side = _reporting(s, st["config"], cfg.num_classes)
     inputs = gather_inputs(s.images, s.labels, s.channel)
     folders = ["masks", "overlays"] + (["probabilities"] if s.save_probabilities else [])
     for name in folders:
@@ -99,9 +104,10 @@ def predict_folder(s: PredictConfig, names) -> None:
     has_gt = False
     for sid, load in tqdm(inputs, desc="predicting", disable=s.no_progress):
         image, labels = load()
-        prob = predict_probability(model, image, icfg, device, progress=not s.no_progress)
+        prob, interior = predict_maps(model, image, icfg, device, progress=not s.no_progress,
+                                      interior=decoding.needs_interior)
         pred = prob > icfg.threshold
-        nuclei = instances.decode(pred, prob, decoding)
+        nuclei = instances.decode(pred, prob, decoding, interior=interior)
         if s.label_format == "png" and int(nuclei.max(initial=0)) > imagefiles.PNG_MAX_LABEL:
             raise ValueError(f"{names['label_format']}: {sid} has {int(nuclei.max())} nuclei, more than a 16-bit "
                              "PNG holds; use --label-format tif (32-bit ids)")
@@ -114,7 +120,7 @@ def predict_folder(s: PredictConfig, names) -> None:
             os.path.join(s.out, "overlays", f"{sid}.png"))
         if labels is not None:
             has_gt = True
-            comp.update(pred, image, labels, sid, probability=prob, instances=nuclei)
+            comp.update(pred, image, labels, sid, probability=prob, instances=nuclei, interior=interior)
     print(f"{len(inputs)} images -> " + ", ".join(f"{s.out}/{name}" for name in folders))
     if has_gt:
         report = write_report(comp, s.out, "metrics", "Prediction metrics",

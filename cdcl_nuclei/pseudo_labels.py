@@ -38,7 +38,13 @@ class PseudoLabelStats:
     @torch.no_grad()
     def update(self, teacher_logits: torch.Tensor, truth: torch.Tensor | None, kinds: list[str],
                mask: torch.Tensor):
-        """truth: the hidden labels of the batch, or None for images without labels."""
+        """teacher_logits: (B, 2, H, W) background-vs-nucleus logits (targets.foreground_logits of the
+        teacher's, so a boundary-target run is judged on nuclei, not on its classes); truth: the hidden
+        instance maps (B, H, W), or None for images without labels; mask: the pixels counted as
+        confident (B, H, W)."""
+        if teacher_logits.dim() != 4 or teacher_logits.shape[1] != 2:
+            raise ValueError(f"teacher_logits: expected background-vs-nucleus logits (B, 2, H, W), got shape "
+                             f"{tuple(teacher_logits.shape)}")
         pseudo = teacher_logits.argmax(dim=1).cpu() > 0
         mask = mask.cpu()
         for i, kind in enumerate(kinds):

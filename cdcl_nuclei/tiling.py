@@ -1,12 +1,13 @@
 """Native-resolution inference over overlapping, blended windows, for images of any size.
 
-One function, `foreground_probability`, serves validation, the test evaluation and predict.py. The
-image is cut into windows of at most `window` pixels a side (an axis shorter than the window gets a
-window of that length rounded up to the model's stride), the windows run through the model in
-batches, and their foreground probabilities are blended with a weight that falls to nearly zero
-towards each window's edge (where the network sees the least context). Borders are filled by
-mirroring the image. Memory is that of the output map plus one batch of windows, whatever the size
-of the image.
+One function, `probability_maps` (`foreground_probability`: its first map), serves validation, the
+test evaluation and predict.py. The image is cut into windows of at most `window` pixels a side (an
+axis shorter than the window gets a window of that length rounded up to the model's stride), the
+windows run through the model in batches, and their foreground probabilities (and the interior
+probabilities of a boundary-target model, when asked for) are blended with a weight that falls to
+nearly zero towards each window's edge (where the network sees the least context). Borders are filled
+by mirroring the image. Memory is that of the output maps plus one batch of windows, whatever the
+size of the image.
 """
 from __future__ import annotations
 
@@ -54,21 +55,33 @@ def check_window(window: int, overlap: int) -> None:
         raise ValueError(f"overlap: expected 0 <= overlap < window ({window}), got {overlap}")
 
 
-def _window_probability(model, x, flips):
+def _window_maps(model, x, flips, interior):
+    """(B, 1 or 2, h, w): the foreground probability (every class but 0) and, with `interior`, the
+    interior probability (class 1 of a boundary-target model, targets.py)."""
+    def maps(xf):
+        logits = model(xf)["logits"].float()
+        if interior and logits.shape[1] < 3:
+            raise ValueError(f"interior: the model predicts {logits.shape[1]} classes; the interior probability "
+                             "needs a boundary-target model (3 classes)")
+        p = logits.softmax(dim=1)
+        fg = (1.0 - p[:, 0])[:, None]
+        return torch.cat([fg, p[:, 1:2]], dim=1) if interior else fg
+
     if not flips:
-        return 1.0 - model(x)["logits"].float().softmax(dim=1)[:, 0]
+        return maps(x)
     total = 0.0
     for dims in ((), (-1,), (-2,), (-2, -1)):
         xf = x.flip(dims) if dims else x
-        p = 1.0 - model(xf)["logits"].float().softmax(dim=1)[:, 0]
+        p = maps(xf)
         total = total + (p.flip(dims) if dims else p)
     return total / 4
 
 
 @torch.no_grad()
-def foreground_probability(model, image: np.ndarray, window: int = 256, overlap: int = 64,
-                           batch: int = 8, device="cpu", progress: bool = False, flips: bool = False) -> np.ndarray:
-    """P(foreground) as float32 (H, W) for a contrast-stretched uint8 (H, W, 3) image.
+def probability_maps(model, image: np.ndarray, window: int = 256, overlap: int = 64, batch: int = 8, device="cpu",
+                     progress: bool = False, flips: bool = False, interior: bool = False) -> np.ndarray:
+    """float32 (K, H, W) for a contrast-stretched uint8 (H, W, 3) image: P(foreground) and, with
+    `interior` (a boundary-target model), P(interior); K = 1 or 2.
 
     The model is called in eval mode on (batch, 3, h, w) windows normalised as in training and must
     return {'logits': (batch, C, h, w)}; foreground is every class but 0. `flips`: test-time
@@ -83,7 +96,7 @@ def foreground_probability(model, image: np.ndarray, window: int = 256, overlap:
     # mirror padding only where the image is shorter than its window
     padded = np.pad(image, ((0, ph - h), (0, pw - w), (0, 0)), mode="symmetric") if (ph, pw) != (h, w) else image
     src = torch.from_numpy(np.ascontiguousarray(padded)).permute(2, 0, 1)  # uint8 view, no copy of floats
-    acc = torch.zeros(ph, pw, dtype=torch.float32)
+    acc = torch.zeros(2 if interior else 1, ph, pw, dtype=torch.float32)
     wsum = torch.zeros(ph, pw, dtype=torch.float32)
     weight = blend_weight(wh, ww, overlap)
     spots = [(y, x) for y in window_starts(ph, wh, overlap) for x in window_starts(pw, ww, overlap)]
@@ -97,9 +110,9 @@ def foreground_probability(model, image: np.ndarray, window: int = 256, overlap:
         for i in range(0, len(spots), batch):
             part = spots[i:i + batch]
             x = torch.stack([src[:, y:y + wh, x_:x_ + ww] for y, x_ in part]).float().div_(255.0)
-            fg = _window_probability(model, normalize(x).to(device), flips).cpu()
-            for (y, x_), p in zip(part, fg):
-                acc[y:y + wh, x_:x_ + ww] += p * weight
+            maps = _window_maps(model, normalize(x).to(device), flips, interior).cpu()
+            for (y, x_), p in zip(part, maps):
+                acc[:, y:y + wh, x_:x_ + ww] += p * weight
                 wsum[y:y + wh, x_:x_ + ww] += weight
             if bar is not None:
                 bar.update(len(part))
@@ -107,4 +120,10 @@ def foreground_probability(model, image: np.ndarray, window: int = 256, overlap:
         if bar is not None:
             bar.close()
         model.train(was_training)
-    return (acc / wsum)[:h, :w].numpy()
+    return (acc / wsum)[:, :h, :w].numpy()
+
+
+def foreground_probability(model, image: np.ndarray, window: int = 256, overlap: int = 64,
+                           batch: int = 8, device="cpu", progress: bool = False, flips: bool = False) -> np.ndarray:
+    """P(foreground) as float32 (H, W) (`probability_maps` without the interior)."""
+    return probability_maps(model, image, window, overlap, batch, device, progress, flips)[0]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import augment, crops, data, instances, losses, models, schedules
+from . import augment, crops, data, instances, losses, models, schedules, targets
 from .checkpoint import (
     CheckpointError,
     check_compatible,
@@ -178,7 +178,9 @@ class Trainer:
         fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
         if labeled:
             xs, y = augment.labeled_view(x, labels, self.aug, g)
-            return augment.normalize(xs).to(self.device, memory_format=fmt), (y > 0).long().to(self.device)
+            # the target of the warped labels, so that its boundaries are those of the crop the model sees
+            y = targets.make_target(y, self.cfg.target)
+            return augment.normalize(xs).to(self.device, memory_format=fmt), y.to(self.device)
         # the hidden labels (None for the user's own unlabeled images) ride along for the pseudo-label log
         # only; nothing trains on them
         if labels is None:
@@ -224,8 +226,10 @@ class Trainer:
             s_logits = logits[self.bl:]
             with torch.no_grad(), cast:
                 t_out = self.teacher_forward(weak, s.contr)
-                confident = t_out["logits"].float().softmax(dim=1).amax(dim=1) >= REPORT_CONFIDENCE
-                self.pseudo.update(t_out["logits"], hidden, kinds, confident)
+                # the log judges nucleus against background, whatever the target's classes
+                t_fg = targets.foreground_logits(t_out["logits"]).float()
+                confident = t_fg.softmax(dim=1).amax(dim=1) >= REPORT_CONFIDENCE
+                self.pseudo.update(t_fg, hidden, kinds, confident)
                 if s.strong_cutmix:  # the targets of the mixed strong view; the log above judged the unmixed ones
                     t_out = {k: augment.cutmix(v, boxes) for k, v in t_out.items()}
             if s.cons:
@@ -236,8 +240,11 @@ class Trainer:
                 parts["ent"] = losses.entropy(s_logits)
                 loss = loss + s.w_ent * parts["ent"]
             if s.contr:
+                # nucleus against background pseudo labels: interior and boundary pixels of the boundary
+                # target are one class here, never each other's negatives
                 parts["contr"], st = self.contr(out["proj"][self.bl:], t_out["proj"],
-                                                out["logits_low"][self.bl:], t_out["logits_low"], return_stats=True)
+                                                targets.foreground_logits(out["logits_low"][self.bl:]),
+                                                targets.foreground_logits(t_out["logits_low"]), return_stats=True)
                 loss = loss + s.w_contr * parts["contr"]
                 parts.update(losses.contrast_shares(st, out["proj"][self.bl:], s.grid))
         terms = {k: v for k, v in parts.items() if isinstance(v, torch.Tensor)}
@@ -349,7 +356,7 @@ class Trainer:
         print(f"testing the model of {tested}", flush=True)
         samples = data.load_full(self.d["test_entries"], self.d["tile"])
         comp = evaluate_samples(self.student, samples, self.run.inference, self.device, s.out, s.overlays,
-                                progress=not s.no_progress, decoding=instances.BY_NAME[s.instances],
+                                progress=not s.no_progress, decoding=instances.for_target(s.instances, s.target),
                                 otsu_side=s.otsu_side)
         labeled = (f"{s.labeled_fraction} labeled" if s.labeled is None else
                    f"{len(self.d['labeled'])} labeled + {len(self.d['unlabeled'])} unlabeled images")

@@ -17,7 +17,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cdcl_nuclei import data, models  # noqa: E402
+from cdcl_nuclei import data, instances, models  # noqa: E402
 from cdcl_nuclei.checkpoint import load_checkpoint  # noqa: E402
 from cdcl_nuclei.evaluate import evaluate_samples, inference_config, summary_lines, write_report  # noqa: E402
 
@@ -36,8 +36,9 @@ def main(argv=None):
     model.load_state_dict(st["student"])
     bundled = {e.id for e in data.read_folder(args.sample)}
     entries = [e for e in data.read_folder(args.data) if e.id not in bundled]
+    decoding = instances.for_target("watershed", st["config"].get("target", "binary"))  # the checkpoint's target's
     comp = evaluate_samples(model, data.load_full(entries), inference_config(st["config"]["inference"]),
-                            progress=False)
+                            progress=False, decoding=decoding)
     report = write_report(comp, args.out, "metrics", f"{len(entries)} DSB2018 images outside the bundled sample",
                           extra={"checkpoint": args.checkpoint, "data": args.data})
     print("\n".join(summary_lines(report)))

@@ -2,7 +2,8 @@
 
     # 1. the grid on the validation images of the run's own split (the demo's: dsb, split seed 0)
     python experiments/tune_instances.py --checkpoint runs/demo/best.pt --out experiments/results/instances
-    # 2. after `instances.DEFAULT` holds the chosen decoding: the test images, once
+    # 2. after `instances.DEFAULT` holds the chosen decoding: the test images, once (a --target boundary
+    #    checkpoint: with the decoding of its target, instances.BOUNDARY)
     python experiments/tune_instances.py --checkpoint runs/demo/best.pt --out experiments/results/instances --test
 
 Step 1 computes the model's foreground probability on every validation image once, decodes it with
@@ -41,7 +42,7 @@ from cdcl_nuclei.evaluate import (  # noqa: E402
     summary_lines,
     write_report,
 )
-from cdcl_nuclei.instances import COMPONENTS, DEFAULT, Decoding, decode  # noqa: E402
+from cdcl_nuclei.instances import COMPONENTS, Decoding, decode, for_target  # noqa: E402
 from cdcl_nuclei.metrics import SegmentationMeter  # noqa: E402
 
 GOAL = ("AJI", "PQ", "F1", "DSB")  # the metrics the model must beat the classical pipeline on
@@ -97,7 +98,8 @@ def main(argv=None):
     p.add_argument("--data", default=os.path.join(ROOT, "data", "dsb2018_sample"),
                    help="the run's data folder (default: the bundled sample, the demo's)")
     p.add_argument("--out", required=True)
-    p.add_argument("--test", action="store_true", help="evaluate instances.DEFAULT on the test split")
+    p.add_argument("--test", action="store_true",
+                   help="evaluate the watershed of the checkpoint's target (binary: instances.DEFAULT) on the test")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -113,7 +115,8 @@ def main(argv=None):
 
     if args.test:
         samples = data.load_full(splits["test"], tile)
-        comp = evaluate_samples(model, samples, icfg, progress=False, decoding=DEFAULT)
+        decoding = for_target("watershed", cfg.get("target", "binary"))
+        comp = evaluate_samples(model, samples, icfg, progress=False, decoding=decoding)
         report = write_report(comp, args.out, f"test-seed{seed}",
                               f"Demo test split, seed {seed}, decoding chosen on validation", extra=stamp)
         print("\n".join(summary_lines(report)))

@@ -52,7 +52,7 @@ def test_resume_compares_every_setting_not_marked_free():
     assert free == {"out", "threads", "no_progress", "stop_after_epochs", "device", "resume", "overlays", "no_test",
                     "test", "instances", "otsu_side"}
     assert set(checked) == {f.name for f in fields(config.TrainConfig)} - free | {"model", "inference"}
-    assert checked["model"] == "--preset/--input-size"
+    assert checked["model"] == "--preset/--input-size/--target"
     assert checked["inference"] == "--window/--overlap/--flips/--resize"
     assert checked["w_contr"] == "--w-contr"
 

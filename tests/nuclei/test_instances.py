@@ -1,14 +1,16 @@
-"""Nuclei as instances: the watershed and components decodings, the classical pipeline, and the
-decoding of a 4000 x 4000 prediction in bounded memory."""
+"""Nuclei as instances: the watershed and components decodings, the decoding of a boundary-target
+model's interiors, the classical pipeline, and the decoding of a 4000 x 4000 prediction in bounded
+memory."""
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
-from cdcl_nuclei import baseline
-from cdcl_nuclei.instances import CLASSICAL, COMPONENTS, DEFAULT, Decoding, components, decode
+from cdcl_nuclei import baseline, instances, targets
+from cdcl_nuclei.instances import BOUNDARY, CLASSICAL, COMPONENTS, DEFAULT, Decoding, components, decode
 
 
 def _discs(shape, centres, radius):
@@ -82,6 +84,90 @@ def test_blockwise_decoding_equals_one_pass_over_the_image(decoding):
         assert sorted(np.unique(part)) == list(range(part.max() + 1))  # ids 1..K, none skipped
 
 
+def _touching_nuclei(shape=(72, 96)):
+    """An instance map of touching nuclei: two discs cut by the line halfway between their centres,
+    two squares side by side and two offset ones, a disc that touches a square only at a corner, a
+    lone disc and a lone 3 x 3 nucleus (one interior pixel)."""
+    labels = np.zeros(shape, np.int32)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    centres = [(14, 14), (14, 30)]
+    d = np.stack([np.hypot(yy - r, xx - c) for r, c in centres])
+    inside = d.min(0) <= 9
+    labels[inside] = 1 + d.argmin(0)[inside]
+    labels[4:12, 46:54], labels[4:12, 54:62] = 3, 4
+    labels[30:38, 4:12], labels[34:42, 12:20] = 5, 6
+    labels[44:52, 20:28] = 7
+    (corner,) = _discs(shape, [(55, 31)], 4.5)  # its pixel (52, 28) meets the square's (51, 27) diagonally
+    labels[corner & (labels == 0)] = 8
+    (lone,) = _discs(shape, [(50, 70)], 8)
+    labels[lone] = 9
+    labels[64:67, 88:91] = 10
+    return labels
+
+
+def _perfect_prediction(labels):
+    """(foreground, interior) probabilities of a model that predicts the boundary target exactly."""
+    t = targets.boundary_target(torch.from_numpy(labels)[None])[0].numpy()
+    return (t != targets.BACKGROUND).astype(np.float32), (t == targets.INTERIOR).astype(np.float32)
+
+
+@pytest.mark.parametrize("decoding", [BOUNDARY, Decoding(surface="distance", markers="interior", marker_threshold=0.5,
+                                                         min_marker=3),
+                                      Decoding(surface="probability", markers="interior", sigma=0.0,
+                                               marker_threshold=0.5)],
+                         ids=lambda d: "-".join(map(str, d.describe().values())))
+def test_boundary_decoding_of_a_perfect_prediction_gives_back_the_instance_map(decoding):
+    labels = _touching_nuclei()
+    assert components(labels > 0).max() == 7  # three pairs of touching nuclei are single blobs
+    fg, interior = _perfect_prediction(labels)
+    got = decode(fg > 0.5, fg, decoding, interior=interior)
+    # every nucleus comes back, the 3 x 3 one too: its one interior pixel is a marker, or below
+    # min_marker it is a component without a marker, kept whole
+    assert _partition(got) == _partition(labels)
+
+
+def test_interior_markers_below_the_minimum_size_are_dropped():
+    labels = np.zeros((12, 20), np.int32)
+    labels[2:9, 2:9], labels[2:9, 9:16] = 1, 2  # touching 7 x 7 squares: 5 x 5 interiors
+    fg, interior = _perfect_prediction(labels)
+    interior[3:8, 10:15] = 0.0  # the right interior shrunk to a one-pixel speck
+    interior[5, 12] = 1.0
+
+    def decoded(min_marker):
+        d = Decoding(surface="probability", markers="interior", marker_threshold=0.5, min_marker=min_marker)
+        return decode(fg > 0.5, fg, d, interior=interior)
+    assert decoded(1).max() == 2
+    merged = decoded(2)
+    assert merged.max() == 1 and np.array_equal(merged > 0, labels > 0)  # the left interior floods both
+
+
+def test_blockwise_boundary_decoding_equals_one_pass_over_the_image():
+    rng = np.random.default_rng(5)
+    field = ndimage.gaussian_filter(rng.random((180, 230)), 3)
+    fg = np.clip(2.5 * (field - field.min()) / (field.max() - field.min()) - 0.65, 0, 1).astype(np.float32)
+    interior = np.clip(2.0 * fg - 1.0, 0, 1)  # cores of the blobs, a few of them several per blob
+    whole = decode(fg > 0.3, fg, BOUNDARY, block=10 ** 6, interior=interior)
+    assert whole.max() > components(fg > 0.3, instances.SQUARE).max()  # something to split
+    for block in (16, 41):
+        part = decode(fg > 0.3, fg, BOUNDARY, block=block, interior=interior)
+        assert _partition(part) == _partition(whole)
+        assert sorted(np.unique(part)) == list(range(part.max() + 1))
+
+
+def test_the_watershed_follows_the_models_target():
+    assert set(instances.WATERSHED_OF_TARGET) == set(targets.TARGETS)
+    assert instances.for_target("watershed", "binary") is DEFAULT and not DEFAULT.needs_interior
+    assert instances.for_target("watershed", "boundary") is BOUNDARY and BOUNDARY.needs_interior
+    assert instances.for_target("components", "boundary") is COMPONENTS
+    with pytest.raises(ValueError, match="^instances:"):
+        instances.for_target("blobs", "binary")
+    with pytest.raises(ValueError, match="^target:"):
+        instances.for_target("watershed", "edges")
+    assert BOUNDARY.describe() == {"method": "watershed", "surface": "probability", "markers": "interior",
+                                   "sigma": 1.0, "marker_threshold": 0.5, "min_marker": 3, "unmarked": "keep"}
+    assert "interior probability > 0.5" in str(BOUNDARY) and "at least 3 pixels" in str(BOUNDARY)
+
+
 def test_unmarked_components_are_kept_whole_or_dropped():
     shape = (40, 60)
     (disc,) = _discs(shape, [(20, 20)], 10)
@@ -106,7 +192,9 @@ def test_decoding_checks_name_the_argument():
                       (dict(markers="peaks"), "markers"), (dict(sigma=-1), "sigma"),
                       (dict(sigma=float("nan")), "sigma"), (dict(h=0), "h"),
                       (dict(marker_threshold=1.0), "marker_threshold"),
-                      (dict(marker_threshold=float("nan")), "marker_threshold"), (dict(unmarked="no"), "unmarked")):
+                      (dict(marker_threshold=float("nan")), "marker_threshold"), (dict(unmarked="no"), "unmarked"),
+                      (dict(min_marker=0), "min_marker"), (dict(min_marker=2.5), "min_marker"),
+                      (dict(min_marker=True), "min_marker")):
         with pytest.raises(ValueError, match=f"^{name}:"):
             Decoding(**bad)
     fg = np.ones((4, 4), bool)
@@ -118,6 +206,10 @@ def test_decoding_checks_name_the_argument():
         decode(np.ones((2, 2, 2)))
     with pytest.raises(ValueError, match="^block:"):
         decode(fg, block=0)
+    with pytest.raises(ValueError, match="^interior:"):
+        decode(fg, np.ones((4, 4)), BOUNDARY)
+    with pytest.raises(ValueError, match="^interior:"):
+        decode(fg, np.ones((4, 4)), BOUNDARY, interior=np.ones((5, 4)))
     assert COMPONENTS.describe() == {"method": "components"}
     assert "marker_threshold" not in CLASSICAL.describe() and CLASSICAL.describe()["h"] == 2.0
 

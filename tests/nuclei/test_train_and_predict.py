@@ -74,10 +74,10 @@ def test_checkpoint_errors(tmp_path, capsys):
         assert err.count("\n") == 1 and flag in err and value in err and old in err, err
     # where and how it runs may change
     assert train.main([*common, "--threads", "2", "--no-progress", "--resume", str(ckpt)]) == 0
-    # and how the test is decoded and compared; a checkpoint from before those settings (and --channel)
-    # existed resumes as one that left them at their defaults
+    # and how the test is decoded and compared; a checkpoint from before those settings (and --channel,
+    # --target) existed resumes as one that left them at their defaults
     st = load_checkpoint(ckpt)
-    for key in ("instances", "otsu_side", "channel"):
+    for key in ("instances", "otsu_side", "channel", "target"):
         del st["config"][key]
     old = tmp_path / "old.pt"
     save_checkpoint(old, st)

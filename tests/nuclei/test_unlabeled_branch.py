@@ -110,7 +110,7 @@ def test_settings_added_after_the_format_compare_as_their_before_values():
     before = before_settings()
     assert before == {"cons_threshold": 0.0, "cons_target": "hard", "teacher_bn": "eval",
                       "strong_photometric": True, "strong_cutmix": False, "bn_momentum": 0.1,
-                      "labeled": None, "unlabeled": None, "val": None}
+                      "labeled": None, "unlabeled": None, "val": None, "target": "binary"}
     checked = resume_checked()
     assert set(before) <= set(checked)  # they change what a run computes: never free on resume
     old = {"epochs": 10}  # a checkpoint written before these settings existed
