@@ -35,6 +35,8 @@ METRICS = tuple(c for c, _, _ in COLUMNS)
 HEADERS = ("Dice over the set", "Dice mean per image", "AJI over the set", "AJI mean per image", "PQ over the set",
            "F1@0.5 over the set", "DSB score over the set")
 # the no-learning rows, from the same runs' reports (identical in every run of one split)
+# the same runs' nuclei as 4-connected components of the foreground: the decoding before the watershed
+COMPONENTS = ("aji_set", "aji_image", "pq_set", "f1_set", "dsb_set")
 CLASSICAL = (("otsu", "Otsu + watershed (classical, no learning)"),
              ("otsu_components", "Otsu threshold as components (no learning)"))
 # paired differences: (method, against)
@@ -107,7 +109,8 @@ def read_run(args, method, seed):
         vals = [float(r[k]) for r in log if r.get(k)]
         seen[k] = round(statistics.mean(vals), 4) if vals else ""
     grid = cfg.get("grid", 8)
-    return {"method": method, "seed": seed, **scores("model"),
+    components = {"components_" + k: v for k, v in scores("model_components").items() if k in COMPONENTS}
+    return {"method": method, "seed": seed, **scores("model"), **components,
             **{k: v for name, _ in CLASSICAL for k, v in scores(name, name + "_").items()},
             "checkpoint": m.get("checkpoint", ""), "test_images": m["images"], "steps": int(log[-1]["step"]),
             "crop": cfg["model"]["input_size"],
@@ -155,6 +158,10 @@ def write_results(args, rows):
         summary[m] = {k: [r[k] for r in rs] for k in METRICS}
         lines.append(f"| {m} | {len(rs)} | " + " | ".join(_ms(summary[m][k]) for k in METRICS)
                      + f" | {statistics.mean(r['train_seconds'] for r in rs):.0f} |")
+    for m in methods:
+        rs = [r for r in rows if r["method"] == m]
+        cells = [_ms([r["components_" + k] for r in rs]) if k in COMPONENTS else "-" for k in METRICS]
+        lines.append(f"| {m}, nuclei as components | {len(rs)} | " + " | ".join(cells) + " | - |")
     for name, label in CLASSICAL:
         lines.append(f"| {label} | - | " + " | ".join(f"{r0[name + '_' + k]:.2f}" for k in METRICS) + " | - |")
     lines += ["", "Every seed (Dice over the set / mean per image; AJI over the set / mean per image):", "",
