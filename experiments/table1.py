@@ -110,7 +110,10 @@ def read_run(args, method, seed):
         seen[k] = round(statistics.mean(vals), 4) if vals else ""
     grid = cfg.get("grid", 8)
     components = {"components_" + k: v for k, v in scores("model_components").items() if k in COMPONENTS}
-    return {"method": method, "seed": seed, **scores("model"), **components,
+    # pixel Dice of the foreground itself (the probability thresholded, before any decoding: the paper's
+    # metric); the watershed drops blobs without a confident core, which would count against the pixels
+    pixels = {k: v for k, v in scores("model_components").items() if k.startswith("dice")}
+    return {"method": method, "seed": seed, **scores("model"), **pixels, **components,
             **{k: v for name, _ in CLASSICAL for k, v in scores(name, name + "_").items()},
             "checkpoint": m.get("checkpoint", ""), "test_images": m["images"], "steps": int(log[-1]["step"]),
             "crop": cfg["model"]["input_size"],
@@ -147,7 +150,8 @@ def write_results(args, rows):
              f"Split seed {args.split_seed}, {r0['test_images']} test images; "
              f"{'images resized to' if r0['resize'] else 'native-resolution crops of'} {r0['crop']} px; "
              f"{r0['steps']} steps per run; train.py arguments `{' '.join(args.extra) or '(none)'}`.", "",
-             "Test scores (%), mean ± sample sd over the seeds: Dice of the foreground, and the instance metrics "
+             "Test scores (%), mean ± sample sd over the seeds: Dice of the foreground (the probability "
+             "thresholded, before any decoding), and the instance metrics "
              "of the nuclei as the run decodes them (`--instances`, the watershed by default); over the set = "
              "one ratio of sums over all test images, per image = the mean of per-image ratios. The no-learning "
              "rows come from the same test images.", "",

@@ -240,7 +240,7 @@ def test_table1_protocol_runs_and_writes_the_table(tmp_path):
     assert set(res["summary"]) == {"suponly", "meanteacher", "cdcl"}
     for m in ("suponly", "cdcl"):
         run = json.loads((out / f"{m}-seed1" / "metrics.json").read_text())
-        assert res["summary"][m]["dice_set"][1] == pytest.approx(100 * run["model"]["over_set"]["DC"])
+        assert res["summary"][m]["dice_set"][1] == pytest.approx(100 * run["model_components"]["over_set"]["DC"])
     d = [r["dice_set"] for r in res["runs"] if r["method"] == "cdcl"]
     s = [r["dice_set"] for r in res["runs"] if r["method"] == "suponly"]
     pair = res["paired"]["cdcl - suponly"]
