@@ -1,5 +1,7 @@
 """The bundled sample the application tests train on, the tiny settings of their runs, and the
-bit-for-bit comparison of two training states."""
+bit-for-bit comparison of two training states, and the one-thread fixture of the modules that
+import it."""
+import pytest
 import torch
 
 from paths import ROOT
@@ -24,3 +26,13 @@ def assert_same_state(a, b, path=""):
             assert_same_state(x, y, f"{path}/{i}")
     else:
         assert a == b, path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Imported by a test module, runs each of its tests on one torch thread: tiny tensors, where more
+    threads only contend on a shared box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -22,17 +22,9 @@ from cdcl_nuclei.pseudo_labels import PseudoLabelStats
 from cdcl_nuclei.trainer import Trainer
 from cdcl_ops import CrossPatchInfoNCE
 from cdcl_ops.cross_patch import pseudo_labels
-from nuclei_scripts import SAMPLE, TINY
+from nuclei_scripts import SAMPLE, TINY, one_thread  # noqa: F401 (autouse fixture)
 
 BG, IN, BD = targets.BACKGROUND, targets.INTERIOR, targets.BOUNDARY
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: more threads only contend on a shared box
-    yield
-    torch.set_num_threads(n)
 
 
 def _target(labels):

@@ -13,17 +13,9 @@ from cdcl_nuclei import instances, models
 from cdcl_nuclei.checkpoint import save_checkpoint
 from cdcl_nuclei.evaluate import InferenceConfig, predict_probability
 from cdcl_nuclei.imagefiles import read_labels
-from nuclei_scripts import SAMPLE  # noqa: E402
+from nuclei_scripts import SAMPLE, one_thread  # noqa: E402, F401 (one_thread: autouse fixture)
 
 INFERENCE = {"window": 64, "overlap": 16, "flips": False}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: more threads only contend on a shared box
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
