@@ -1,21 +1,24 @@
 """Choose the model's instance decoding on the validation split only, then report the test split once.
 
-    # 1. the grid on the validation images of the run's own split (the demo's: dsb, split seed 0)
-    python experiments/tune_instances.py --checkpoint runs/demo/best.pt --out experiments/results/instances
-    # 2. after `instances.DEFAULT` holds the chosen decoding: the test images, once (a --target boundary
-    #    checkpoint: with the decoding of its target, instances.BOUNDARY)
-    python experiments/tune_instances.py --checkpoint runs/demo/best.pt --out experiments/results/instances --test
+    # 1. the grid on the validation images of the runs' own split (the demo's: dsb, split seed 0)
+    python experiments/tune_instances.py --checkpoint runs/demo-seed{0,1,2}/best.pt \\
+        --out experiments/results/instances
+    # 2. after `instances.DEFAULT` holds the chosen decoding: the test images, once per run (a --target
+    #    boundary checkpoint: with the decoding of its target, instances.BOUNDARY)
+    python experiments/tune_instances.py --checkpoint runs/demo-seed{0,1,2}/best.pt \\
+        --out experiments/results/instances --test
 
-Step 1 computes the model's foreground probability on every validation image once, decodes it with
+Step 1 computes each model's foreground probability on every validation image once, decodes it with
 every decoding of the grid (the watershed on the distance or the probability, markers from h-maxima
-or a probability threshold, a few Gaussian sigmas, components without a marker kept or dropped) and
-with the 4-connected components, and writes
-OUT/validation-seed<seed>.md / .json with every row and the chosen decoding: the best mean of the
-issue's goal metrics (AJI, PQ, F1 at IoU 0.5 and the DSB score, over the set and per image). The
-classical pipeline (Otsu + the untuned watershed of `instances.CLASSICAL`) is scored beside it and is
-not tuned. Step 2 evaluates `instances.DEFAULT` on the test split with the report of every run
-(`evaluate.write_report`: model watershed / components, Otsu + watershed / components) and writes
-OUT/test-seed<seed>.md / .json.
+or a probability threshold, a few Gaussian sigmas, components without a marker kept, dropped or kept
+only above a peak probability) and with the 4-connected components, and writes
+OUT/validation-seed<seeds>.md / .json with every row and the chosen decoding: the best mean of the
+issue's goal metrics (AJI, PQ, F1 at IoU 0.5 and the DSB score, over the set and per image; with
+several runs, each metric the mean over the runs first). The classical pipeline (Otsu + the untuned
+watershed of `instances.CLASSICAL`) is scored beside it and is not tuned. Step 2 evaluates the
+decoding of each run's target on the test split with the report of every run (`evaluate.write_report`:
+model watershed / components, Otsu + watershed / components) and writes OUT/test-seed<seed>.md / .json.
+`--net teacher` scores the runs' mean teachers instead of their students (files tagged -teacher).
 """
 from __future__ import annotations
 
@@ -56,7 +59,12 @@ def grid() -> list[Decoding]:
     ways += [dict(surface=surf, markers="threshold", sigma=s, marker_threshold=t)
              for surf, s, t in itertools.product(("distance", "probability"), (0.0, 1.0),
                                                  (0.7, 0.8, 0.9, 0.95, 0.98))]
-    return [COMPONENTS] + [Decoding(unmarked=u, **w) for w in ways for u in ("keep", "drop")]
+    unmarked = [dict(unmarked="keep"), dict(unmarked="drop")]
+    # between keeping and dropping: blobs without a marker kept only where the model was fairly sure
+    faint = [dict(unmarked="keep", min_peak=p) for p in (0.6, 0.7, 0.8, 0.9)]
+    return [COMPONENTS] + [Decoding(**w, **u) for w in ways
+                           for u in unmarked + (faint if w["markers"] == "threshold" and w["marker_threshold"] > 0.9
+                                                else [])]
 
 
 def machine() -> str:
@@ -85,72 +93,102 @@ def row(name, summary):
     return f"| {name} | " + " | ".join(cells) + f" | {100 * goal_score(summary):.2f} |"
 
 
-def load_model(path):
+def load_model(path, net="student"):
+    """The checkpoint's student (what the commands predict with) or its mean teacher, in eval mode."""
     st = load_checkpoint(path)
+    if st.get(net) is None:
+        raise SystemExit(f"error: --net: {path} holds no {net} (a supervised run has no teacher)")
     model = models.build_model(models.config_from_dict(st["config"]["model"]))
-    load_into(model, st["student"], path, "student")
-    return model.eval(), st["config"], f"epoch {st['epoch']}, sha256 {st['sha256'][:16]}"
+    load_into(model, st[net], path, net)
+    return model.eval(), st["config"], f"{net}, epoch {st['epoch']}, sha256 {st['sha256'][:16]}"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, nargs="+",
+                   help="one or more runs of the same split (the choice: the best goal mean over them)")
+    p.add_argument("--net", choices=("student", "teacher"), default="student",
+                   help="the network scored: the student (what train.py and predict.py use) or the mean teacher")
     p.add_argument("--data", default=os.path.join(ROOT, "data", "dsb2018_sample"),
-                   help="the run's data folder (default: the bundled sample, the demo's)")
+                   help="the runs' data folder (default: the bundled sample, the demo's)")
     p.add_argument("--out", required=True)
     p.add_argument("--test", action="store_true",
                    help="evaluate the watershed of the checkpoint's target (binary: instances.DEFAULT) on the test")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, cfg, which = load_model(args.checkpoint)
-    icfg = inference_config(cfg["inference"])
+    runs = [load_model(path, args.net) for path in args.checkpoint]
+    cfg = runs[0][1]
+    split = (cfg["dataset"], cfg["split_seed"], cfg["format"], cfg["max_images"])
+    for path, (_, c, _) in zip(args.checkpoint, runs):
+        if (c["dataset"], c["split_seed"], c["format"], c["max_images"]) != split:
+            raise SystemExit(f"error: --checkpoint: {path} was trained on another split than {args.checkpoint[0]}")
     splits = data.dataset_splits(cfg["dataset"], args.data, seed=cfg["split_seed"], fmt=cfg["format"],
                                  max_images=cfg["max_images"])
     tile = 250 if cfg["dataset"] == "monuseg" else None
-    seed = cfg["seed"]
+    seeds = [c["seed"] for _, c, _ in runs]
+    tag = "-".join(str(s) for s in seeds) + ("-teacher" if args.net == "teacher" else "")
     os.makedirs(args.out, exist_ok=True)
-    stamp = {"checkpoint": f"{args.checkpoint} ({which})", "machine": machine(),
-             "date": datetime.date.today().isoformat()}
+    stamp = {"checkpoint": [f"{path} ({which})" for path, (_, _, which) in zip(args.checkpoint, runs)],
+             "machine": machine(), "date": datetime.date.today().isoformat()}
 
     if args.test:
         samples = data.load_full(splits["test"], tile)
-        decoding = for_target("watershed", cfg.get("target", "binary"))
-        comp = evaluate_samples(model, samples, icfg, progress=False, decoding=decoding)
-        report = write_report(comp, args.out, f"test-seed{seed}",
-                              f"Demo test split, seed {seed}, decoding chosen on validation", extra=stamp)
-        print("\n".join(summary_lines(report)))
+        for path, (model, c, which) in zip(args.checkpoint, runs):
+            decoding = for_target("watershed", c.get("target", "binary"))
+            comp = evaluate_samples(model, samples, inference_config(c["inference"]), progress=False,
+                                    decoding=decoding)
+            name = f"test-seed{c['seed']}" + ("-teacher" if args.net == "teacher" else "")
+            report = write_report(comp, args.out, name,
+                                  f"Demo test split, seed {c['seed']} ({args.net}), decoding chosen on validation",
+                                  extra={**stamp, "checkpoint": f"{path} ({which})"})
+            print(f"seed {c['seed']}:", *summary_lines(report), sep="\n")
         return
 
     samples = data.load_full(splits["val"], tile)
-    probs = [predict_probability(model, s.image, icfg) for s in samples]
-    masks = [pr > icfg.threshold for pr in probs]
+    maps = []  # per run: (masks, probabilities) of every validation image
+    for model, c, _ in runs:
+        icfg = inference_config(c["inference"])
+        probs = [predict_probability(model, s.image, icfg) for s in samples]
+        maps.append(([pr > icfg.threshold for pr in probs], probs))
     results = []
     for d in grid():
-        summary = score([decode(m, pr, d) for m, pr in zip(masks, probs)], samples)
-        results.append({"decoding": d.describe(), "summary": summary, "goal": goal_score(summary)})
+        per_run = [score([decode(m, pr, d) for m, pr in zip(masks, probs)], samples) for masks, probs in maps]
+        summary = mean_summary(per_run)
+        results.append({"decoding": d.describe(), "summary": summary, "per_run": per_run,
+                        "goal": goal_score(summary)})
     best = max(results, key=lambda r: r["goal"])  # the first of equals: grid order
     classical = {m: score([classical_instances(s.image, m) for s in samples], samples)
                  for m in ("watershed", "components")}
     header = ("| decoding | " + " | ".join(f"{k} (set)" for k in GOAL) + " | "
               + " | ".join(f"{k} (image)" for k in GOAL) + " | mean |")
-    lines = [f"# Instance decoding chosen on the validation split ({len(samples)} images, seed {seed})", "",
-             f"Model: `{stamp['checkpoint']}` (its own split: {cfg['dataset']}, split seed {cfg['split_seed']}). "
-             f"{stamp['machine']}; {stamp['date']}. `python experiments/tune_instances.py`.", "",
+    models_line = "; ".join(f"`{c}`" for c in stamp["checkpoint"])
+    which_seeds = ", ".join(map(str, seeds))
+    lines = [f"# Instance decoding chosen on the validation split ({len(samples)} images, seed {which_seeds}, "
+             f"{args.net})", "",
+             f"Model{'s' if len(runs) > 1 else ''}: {models_line} (split: {cfg['dataset']}, split seed "
+             f"{cfg['split_seed']}). {stamp['machine']}; {stamp['date']}. `python experiments/tune_instances.py`.", "",
              "Chosen by the mean of the goal metrics (AJI, PQ, F1 at IoU 0.5, DSB score; over the set and "
-             f"per image): **{best['decoding']}**. Values in %.", "",
+             f"per image{', each the mean over the runs' if len(runs) > 1 else ''}): **{best['decoding']}**. "
+             "Values in %.", "",
              header, "|---" * (2 * len(GOAL) + 2) + "|"]
     for r in sorted(results, key=lambda r: -r["goal"]):
         lines.append(row(", ".join(f"{k}={v}" for k, v in r["decoding"].items()), r["summary"]))
     lines += ["", "The classical pipeline on the same images (untuned, not part of the choice):", "",
               header, "|---" * (2 * len(GOAL) + 2) + "|"]
     lines += [row(f"Otsu + {m}", s) for m, s in classical.items()]
-    with open(os.path.join(args.out, f"validation-seed{seed}.md"), "w") as f:
+    with open(os.path.join(args.out, f"validation-seed{tag}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.out, f"validation-seed{seed}.json"), "w") as f:
+    with open(os.path.join(args.out, f"validation-seed{tag}.json"), "w") as f:
         json.dump({**stamp, "images": [s.id for s in samples], "chosen": best["decoding"], "rows": results,
                    "classical": classical}, f, indent=1)
     print(f"chosen on validation: {best['decoding']} (goal mean {100 * best['goal']:.2f})")
+
+
+def mean_summary(summaries):
+    """The mean over runs of each metric of each part (over_set, per_image_mean)."""
+    return {part: {k: sum(s[part][k] for s in summaries) / len(summaries) for k in summaries[0][part]}
+            for part in ("over_set", "per_image_mean")}
 
 
 if __name__ == "__main__":

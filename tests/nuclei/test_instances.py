@@ -180,6 +180,29 @@ def test_unmarked_components_are_kept_whole_or_dropped():
     assert drop.max() == 1 and np.array_equal(drop > 0, disc)
 
 
+def test_min_peak_keeps_unmarked_components_the_model_was_fairly_sure_of():
+    shape = (40, 90)
+    discs = _discs(shape, [(20, 15), (20, 45), (20, 75)], 8)
+    fg = np.logical_or.reduce(discs)
+    prob = np.zeros(shape)
+    for disc, peak in zip(discs, (0.99, 0.85, 0.6)):  # sure (a marker), fairly sure, barely
+        prob[disc] = peak
+    rule = dict(surface="probability", markers="threshold", marker_threshold=0.95)
+    kept = decode(fg, prob, Decoding(**rule, unmarked="keep", min_peak=0.7))
+    assert kept.max() == 2 and np.array_equal(kept > 0, discs[0] | discs[1])
+    assert np.array_equal(decode(fg, prob, Decoding(**rule, unmarked="keep")) > 0, fg)
+    assert np.array_equal(decode(fg, prob, Decoding(**rule, unmarked="drop")) > 0, discs[0])
+    # a peak exactly at min_peak is not above it; the same partition whatever the blocks
+    assert decode(fg, prob, Decoding(**rule, unmarked="keep", min_peak=0.85)).max() == 1
+    assert np.array_equal(decode(fg, prob, Decoding(**rule, unmarked="keep", min_peak=0.7), block=16), kept)
+    # it needs the probability even where the relief and the markers do not
+    with_distance = Decoding(unmarked="keep", min_peak=0.7)
+    assert with_distance.needs_probability and with_distance.describe()["min_peak"] == 0.7
+    assert "else dropped" in str(with_distance) and "min_peak" not in Decoding().describe()
+    with pytest.raises(ValueError, match="^probability:"):
+        decode(fg, None, with_distance)
+
+
 def test_empty_and_full_foregrounds():
     z = np.zeros((7, 9), bool)
     assert decode(z).max() == 0 and decode(z, decoding=COMPONENTS).max() == 0
@@ -194,7 +217,9 @@ def test_decoding_checks_name_the_argument():
                       (dict(marker_threshold=1.0), "marker_threshold"),
                       (dict(marker_threshold=float("nan")), "marker_threshold"), (dict(unmarked="no"), "unmarked"),
                       (dict(min_marker=0), "min_marker"), (dict(min_marker=2.5), "min_marker"),
-                      (dict(min_marker=True), "min_marker")):
+                      (dict(min_marker=True), "min_marker"), (dict(min_peak=1.0), "min_peak"),
+                      (dict(min_peak=float("nan")), "min_peak"), (dict(min_peak=-0.1), "min_peak"),
+                      (dict(min_peak=0.5, unmarked="drop"), "min_peak")):
         with pytest.raises(ValueError, match=f"^{name}:"):
             Decoding(**bad)
     fg = np.ones((4, 4), bool)
