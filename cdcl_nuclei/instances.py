@@ -91,6 +91,12 @@ class Decoding:
                                                or self.min_peak > 0)
 
     @property
+    def keeps_every_component(self) -> bool:
+        """Whether every component of the foreground becomes at least one nucleus (none is dropped),
+        so the nuclei cover the foreground exactly."""
+        return self.method == "components" or (self.unmarked == "keep" and self.min_peak == 0)
+
+    @property
     def needs_interior(self) -> bool:
         """Whether it decodes the interior probability of a boundary-target model (targets.py)."""
         return self.method == "watershed" and self.markers == "interior"

@@ -199,6 +199,8 @@ def test_min_peak_keeps_unmarked_components_the_model_was_fairly_sure_of():
     with_distance = Decoding(unmarked="keep", min_peak=0.7)
     assert with_distance.needs_probability and with_distance.describe()["min_peak"] == 0.7
     assert "else dropped" in str(with_distance) and "min_peak" not in Decoding().describe()
+    assert not with_distance.keeps_every_component and not CLASSICAL.keeps_every_component
+    assert Decoding(unmarked="keep").keeps_every_component and COMPONENTS.keeps_every_component
     with pytest.raises(ValueError, match="^probability:"):
         decode(fg, None, with_distance)
 

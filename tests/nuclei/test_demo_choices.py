@@ -1,0 +1,67 @@
+"""The scripts that choose the demo's decoding and training budget on the validation split
+(experiments/tune_instances.py, experiments/demo_budget.py), on tiny runs."""
+import csv
+import json
+
+import pytest
+
+from cdcl_nuclei import cli_train, instances
+from experiments import demo_budget, tune_instances
+from nuclei_scripts import TINY, one_thread  # noqa: F401 (autouse fixture)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two finished one-epoch CDCL runs of one split (seeds 0 and 1), named as demo_budget.sh names them."""
+    folder = tmp_path_factory.mktemp("runs")
+    for seed in (0, 1):
+        out = folder / f"e1-seed{seed}"
+        assert cli_train.main(TINY + ["--method", "cdcl", "--epochs", "1", "--seed", str(seed), "--no-test",
+                                      "--overlays", "0", "--out", str(out)]) == 0
+        (out / "done").touch()
+    return folder
+
+
+def test_the_decoding_is_chosen_over_runs_among_those_that_keep_every_component(runs, tmp_path, capsys):
+    out = tmp_path / "res" / "e1"
+    ckpts = [str(runs / f"e1-seed{s}" / "best.pt") for s in (0, 1)]
+    tune_instances.main(["--checkpoint", *ckpts, "--out", str(out), "--threads", "1"])
+    res = json.loads((out / "validation-seed0-1.json").read_text())
+    val = json.loads((runs / "e1-seed0" / "splits.json").read_text())["val"]
+    assert res["images"] == val and len(res["rows"]) == len(tune_instances.grid())
+    for r in res["rows"]:  # each metric the mean over the two runs
+        assert len(r["per_run"]) == 2
+        assert r["keeps_every_component"] == instances.Decoding(**r["decoding"]).keeps_every_component
+        for part in ("over_set", "per_image_mean"):
+            for k in tune_instances.GOAL:
+                assert r["summary"][part][k] == pytest.approx((r["per_run"][0][part][k] + r["per_run"][1][part][k]) / 2)
+    eligible = [r for r in res["rows"] if r["keeps_every_component"]]
+    assert res["chosen"] == max(eligible, key=lambda r: r["goal"])["decoding"]
+    assert res["best_of_all"] == max(res["rows"], key=lambda r: r["goal"])["decoding"]
+    assert any(not r["keeps_every_component"] for r in res["rows"])  # the rule has something to exclude
+    md = (out / "validation-seed0-1.md").read_text()
+    assert "Otsu + watershed" in md and "(d) method=watershed" in md
+    assert "chosen on validation" in capsys.readouterr().out
+
+    # the mean teacher is scored on request; a run of another split is refused
+    tune_instances.main(["--checkpoint", ckpts[0], "--net", "teacher", "--out", str(out), "--threads", "1"])
+    assert "teacher" in (out / "validation-seed0-teacher.md").read_text()
+    other = tmp_path / "other"
+    assert cli_train.main(TINY + ["--method", "suponly", "--epochs", "1", "--split-seed", "1", "--no-test",
+                                  "--overlays", "0", "--out", str(other)]) == 0
+    with pytest.raises(SystemExit, match="another split"):
+        tune_instances.main(["--checkpoint", ckpts[0], str(other / "best.pt"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="no teacher"):
+        tune_instances.main(["--checkpoint", str(other / "best.pt"), "--net", "teacher", "--out", str(out)])
+
+    # the budgets side by side: every finished run's best validation Dice and the tuned decodings
+    (runs / "e2-seed0").mkdir(exist_ok=True)  # unfinished: left out
+    assert demo_budget.main(["--runs", str(runs), "--out", str(tmp_path / "res")]) == 0
+    summary = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert list(summary) == ["1"] and summary["1"]["seeds"] == [0, 1]
+    best = [max(float(r["val_dice"]) for r in csv.DictReader(open(runs / f"e1-seed{s}" / "log.csv")))
+            for s in (0, 1)]
+    assert summary["1"]["best_val_dice"] == pytest.approx(sum(best) / 2)
+    assert summary["1"]["chosen"] == res["chosen"]
+    assert "| 1 | 0, 1 |" in (tmp_path / "res" / "results.md").read_text()
+    assert demo_budget.main(["--runs", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
