@@ -21,14 +21,14 @@ $(DEV_STAMP): $(RUN_STAMP) requirements-dev.txt
 
 setup: $(DEV_STAMP)
 
-# CDCL with the small preset on the bundled DSB2018 sample (1/2 labeled): 450 steps on 128-pixel
+# CDCL with the small preset on the bundled DSB2018 sample (1/2 labeled): 900 steps on 128-pixel
 # crops at native resolution, then the held-out test images with Otsu's threshold beside the model:
 # runs/demo/metrics.md, metrics.json and overlays/ (see docs/training.md). SEED=1 make demo: another seed.
 SEED ?= 0
 DEMO_OUT ?= runs/demo
 demo: $(RUN_STAMP)
 	$(BIN)/python train.py --data data/dsb2018_sample --preset small --method cdcl --seed $(SEED) \
-		--labeled-fraction 1/2 --epochs 45 --iters-per-epoch 10 --unsup-start-epoch 4 --lr 1e-3 \
+		--labeled-fraction 1/2 --epochs 90 --iters-per-epoch 10 --unsup-start-epoch 4 --lr 1e-3 \
 		--ema-alpha 0.99 --threads 2 --out $(DEMO_OUT)
 
 test: $(DEV_STAMP) lint

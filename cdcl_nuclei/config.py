@@ -59,7 +59,7 @@ def flag(name: str) -> str:
 _LIB = losses.CONTRAST_DEFAULTS
 _FORMATS = ("auto", *data.READERS)  # before the class: its field `data` hides the module there
 _INSTANCES_HELP = ("how the foreground becomes nuclei in the reports: watershed (--target binary: the model's "
-                   "probability flooded from its sure cores, chosen on the demo's validation split; --target boundary: "
+                   "foreground split along its distance transform, chosen on validation splits; --target boundary: "
                    "its predicted interiors grown into the foreground) or components (4-connected components: "
                    "touching nuclei stay one)")
 _TARGET_HELP = ("what the model learns from the label maps: binary (background / nucleus, the paper's) or boundary "

@@ -95,7 +95,7 @@ class Comparison:
     those), Otsu's foreground (`otsu_side`, baseline.py) split by the untuned watershed
     (`instances.CLASSICAL`) and into its components. The decoding defaults to the components, all
     that a caller holding only the foreground mask can decode; evaluate_samples passes
-    `instances.DEFAULT` with the probability."""
+    `instances.DEFAULT` and the probability (which decodings may use)."""
 
     def __init__(self, instances=True, decoding: Decoding = COMPONENTS, otsu_side: str = "minority"):
         self.instances, self.decoding, self.otsu_side = instances, decoding, otsu_side

@@ -6,8 +6,8 @@ Reads every budget's runs (RUNS/e<epochs>-seed<seed>/log.csv: the best validatio
 seconds) and its tune_instances.py choice (OUT/e<epochs>/validation-seed<seeds>.json), and writes
 OUT/results.md and OUT/results.json: per budget the mean over seeds of the best validation Dice and of
 the training time, the goal mean (AJI, PQ, F1, DSB; over the set and per image) of the decoding
-chosen for it, and the goal mean of each decoding chosen for any budget, so that the budgets are
-compared with one decoding as well as each with its own.
+chosen for it, of each decoding chosen for any budget and of instances.DEFAULT, so that the budgets
+are compared with one decoding as well as each with its own.
 """
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ import json
 import os
 import re
 import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from cdcl_nuclei.instances import DEFAULT  # noqa: E402
 
 RUN_NAME = re.compile(r"e(\d+)-seed(\d+)")
 
@@ -70,6 +75,7 @@ def main(argv=None):
             "seconds": sum(r["seconds"] for r in seeds.values()) / len(seeds),
             "chosen": chosen[b],
             "goal": {key(d): rows[b][key(d)]["goal"] for d in chosen.values()},
+            "default_goal": rows[b][key(DEFAULT.describe())]["goal"],
             "classical_goal": sum(tunes[b]["classical"]["watershed"][part][k] for part in ("over_set", "per_image_mean")
                                   for k in ("AJI", "PQ", "F1", "DSB")) / 8,
         }
@@ -80,16 +86,20 @@ def main(argv=None):
              "of AJI, PQ, F1 at IoU 0.5 and the DSB score, over the set and per image; training seconds as "
              "logged (runs that shared the CPU with other jobs ran slower).", "",
              "| epochs (x 10 steps) | seeds | best validation Dice, each seed | mean | training s (mean) | "
-             + " | ".join(f"goal mean, decoding chosen at {b}" for b in budgets) + " | Otsu + watershed |",
-             "|---" * (6 + len(budgets)) + "|"]
+             + " | ".join(f"goal mean, decoding chosen at {b}" for b in budgets)
+             + " | goal mean, instances.DEFAULT | Otsu + watershed |",
+             "|---" * (7 + len(budgets)) + "|"]
     for b in budgets:
         r = results[b]
         each = " / ".join(f"{100 * r['runs'][s]['best_val_dice']:.2f}" for s in r["seeds"])
-        goals = " | ".join(f"{100 * r['goal'][key(chosen[c])]:.2f}" for c in budgets)
+        goals = " | ".join(f"{100 * g:.2f}" for g in [r["goal"][key(chosen[c])] for c in budgets]
+                           + [r["default_goal"], r["classical_goal"]])
         lines.append(f"| {b} | {', '.join(map(str, r['seeds']))} | {each} | {100 * r['best_val_dice']:.2f} | "
-                     f"{r['seconds']:.0f} | {goals} | {100 * r['classical_goal']:.2f} |")
+                     f"{r['seconds']:.0f} | {goals} |")
     lines += ["", "Decodings chosen (the best goal mean among those that keep every component):", ""]
     lines += [f"- at {b} epochs: `{json.dumps(chosen[b])}`" for b in budgets]
+    lines += [f"- instances.DEFAULT (the commands' decoding, chosen on more than this split: "
+              f"experiments/choose_decoding.py): `{json.dumps(DEFAULT.describe())}`"]
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -115,6 +115,9 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--test", action="store_true",
                    help="evaluate the watershed of the checkpoint's target (binary: instances.DEFAULT) on the test")
+    p.add_argument("--exclude", nargs="*", default=[], metavar="FOLDER",
+                   help="leave out the validation images whose ids a dataset folder holds (for example the "
+                        "bundled sample, so that a choice made on another split never sees the demo's test images)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -146,7 +149,10 @@ def main(argv=None):
             print(f"seed {c['seed']}:", *summary_lines(report), sep="\n")
         return
 
-    samples = data.load_full(splits["val"], tile)
+    excluded = {e.id for folder in args.exclude for e in data.read_folder(folder)}
+    samples = data.load_full([e for e in splits["val"] if e.id not in excluded], tile)
+    if not samples:
+        raise SystemExit("error: --exclude: no validation image is left")
     maps = []  # per run: (masks, probabilities) of every validation image
     for model, c, _ in runs:
         icfg = inference_config(c["inference"])

@@ -7,7 +7,7 @@ import pytest
 
 from cdcl_nuclei import cli_train, instances
 from experiments import demo_budget, tune_instances
-from nuclei_scripts import TINY, one_thread  # noqa: F401 (autouse fixture)
+from nuclei_scripts import SAMPLE, TINY, one_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,8 @@ def test_the_decoding_is_chosen_over_runs_among_those_that_keep_every_component(
                                   "--overlays", "0", "--out", str(other)]) == 0
     with pytest.raises(SystemExit, match="another split"):
         tune_instances.main(["--checkpoint", ckpts[0], str(other / "best.pt"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="no validation image is left"):  # the runs' images are the sample's
+        tune_instances.main(["--checkpoint", ckpts[0], "--exclude", str(SAMPLE), "--out", str(out)])
     with pytest.raises(SystemExit, match="no teacher"):
         tune_instances.main(["--checkpoint", str(other / "best.pt"), "--net", "teacher", "--out", str(out)])
 
@@ -65,3 +67,33 @@ def test_the_decoding_is_chosen_over_runs_among_those_that_keep_every_component(
     assert summary["1"]["chosen"] == res["chosen"]
     assert "| 1 | 0, 1 |" in (tmp_path / "res" / "results.md").read_text()
     assert demo_budget.main(["--runs", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+
+
+def _tune(path, goals, classical=0.5):
+    """A tune_instances result whose decodings score `goals` ({Decoding: goal mean})."""
+    summary = {part: dict.fromkeys(tune_instances.GOAL, classical) for part in ("over_set", "per_image_mean")}
+    path.write_text(json.dumps({"checkpoint": [str(path)], "machine": "m", "date": "d", "classical": {
+        "watershed": summary}, "rows": [{"decoding": d.describe(), "goal": g} for d, g in goals.items()]}))
+    return str(path)
+
+
+def test_one_decoding_is_chosen_on_the_mean_over_validation_splits(tmp_path, capsys):
+    from experiments import choose_decoding
+
+    keep, drop = instances.Decoding(unmarked="keep", h=0.5), instances.Decoding(unmarked="drop", h=0.5)
+    prob = instances.Decoding(surface="probability", h=0.01)
+    # drop is best on both splits but may not be chosen; prob wins split 1, keep wins the mean
+    a = _tune(tmp_path / "a.json", {keep: 0.70, drop: 0.80, prob: 0.74})
+    b = _tune(tmp_path / "b.json", {keep: 0.58, drop: 0.60, prob: 0.52, instances.CLASSICAL: 0.1})
+    assert choose_decoding.main([a, b, "--out", str(tmp_path / "out")]) == 0
+    res = json.loads((tmp_path / "out" / "choice.json").read_text())
+    assert res["chosen"] == keep.describe() and len(res["rows"]) == 3  # CLASSICAL is not in both: left out
+    assert [r["mean"] for r in res["rows"]] == pytest.approx([0.70, 0.64, 0.63])
+    assert res["classical"] == pytest.approx([0.5, 0.5])
+    md = (tmp_path / "out" / "choice.md").read_text()
+    assert "(d) method=watershed" in md and "Otsu + watershed" in md and "| 70.00 | 58.00 | 64.00 |" in md
+    assert "chosen:" in capsys.readouterr().out
+    assert choose_decoding.main([a, str(tmp_path / "missing.json"), "--out", str(tmp_path / "x")]) == 2
+    c = _tune(tmp_path / "c.json", {instances.CLASSICAL: 0.3})
+    assert choose_decoding.main([a, c, "--out", str(tmp_path / "x")]) == 2
+    assert "share no decoding" in capsys.readouterr().err

@@ -33,6 +33,8 @@ def _partition(a):
 
 
 DECODINGS = [CLASSICAL, DEFAULT, Decoding(surface="probability", h=0.1, sigma=1.0),
+             Decoding(surface="probability", markers="threshold", marker_threshold=0.95, unmarked="drop"),
+             Decoding(surface="probability", markers="threshold", marker_threshold=0.95, min_peak=0.7),
              Decoding(markers="threshold", marker_threshold=0.8),
              Decoding(surface="probability", markers="threshold", sigma=0.0, marker_threshold=0.9)]
 
