@@ -18,7 +18,9 @@ several runs, each metric the mean over the runs first) among the decodings that
 of the foreground (the best of all is reported beside it). The classical pipeline (Otsu + the untuned
 watershed of `instances.CLASSICAL`) is scored beside it and is not tuned. Step 2 evaluates the
 decoding of each run's target on the test split with the report of every run (`evaluate.write_report`:
-model watershed / components, Otsu + watershed / components) and writes OUT/test-seed<seed>.md / .json.
+model watershed / components, Otsu + watershed / components) and writes OUT/test-seed<seed>.md / .json,
+and, as a control, Otsu's foreground split by the binary model's decoding (instances.DEFAULT) into
+OUT/test-otsu-model-decoding.json: what the model gains beyond it is its foreground's.
 `--net teacher` scores the runs' mean teachers instead of their students (files tagged -teacher).
 """
 from __future__ import annotations
@@ -37,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from cdcl_nuclei import data, models  # noqa: E402
-from cdcl_nuclei.baseline import classical_instances  # noqa: E402
+from cdcl_nuclei.baseline import classical_instances, otsu_mask  # noqa: E402
 from cdcl_nuclei.checkpoint import load_checkpoint, load_into  # noqa: E402
 from cdcl_nuclei.evaluate import (  # noqa: E402
     evaluate_samples,
@@ -147,6 +149,15 @@ def main(argv=None):
                                   f"Demo test split, seed {c['seed']} ({args.net}), decoding chosen on validation",
                                   extra={**stamp, "checkpoint": f"{path} ({which})"})
             print(f"seed {c['seed']}:", *summary_lines(report), sep="\n")
+        # a control for the choice of decoding: the classical pipeline's Otsu foreground, split as the
+        # model's is. What the model leads by beyond it comes from its foreground, not its decoding
+        side = cfg.get("otsu_side", "minority")
+        model_decoding = for_target("watershed", "binary")
+        control = score([decode(otsu_mask(s.image, side), decoding=model_decoding) for s in samples], samples)
+        with open(os.path.join(args.out, "test-otsu-model-decoding.json"), "w") as f:
+            json.dump({**stamp, "otsu_side": side, "decoding": model_decoding.describe(),
+                       "images": [s.id for s in samples], "summary": control}, f, indent=1)
+        print("Otsu, split as the model's foreground:", row("", control))
         return
 
     excluded = {e.id for folder in args.exclude for e in data.read_folder(folder)}

@@ -56,6 +56,14 @@ def test_the_decoding_is_chosen_over_runs_among_those_that_keep_every_component(
     with pytest.raises(SystemExit, match="no teacher"):
         tune_instances.main(["--checkpoint", str(other / "best.pt"), "--net", "teacher", "--out", str(out)])
 
+    # the test split, once per run, and the control: Otsu's foreground with the model's decoding
+    tune_instances.main(["--checkpoint", *ckpts, "--out", str(out), "--test", "--threads", "1"])
+    test = json.loads((out / "test-seed1.json").read_text())
+    control = json.loads((out / "test-otsu-model-decoding.json").read_text())
+    assert test["decoding"]["model"] == instances.DEFAULT.describe() == control["decoding"]
+    assert control["images"] == json.loads((runs / "e1-seed0" / "splits.json").read_text())["test"]
+    assert set(control["summary"]["over_set"]) >= set(tune_instances.GOAL)
+
     # the budgets side by side: every finished run's best validation Dice and the tuned decodings
     (runs / "e2-seed0").mkdir(exist_ok=True)  # unfinished: left out
     assert demo_budget.main(["--runs", str(runs), "--out", str(tmp_path / "res")]) == 0
