@@ -9,11 +9,10 @@ Two decodings of a binary foreground (``Decoding.method``):
     probability for the probability) or the 4-connected regions where the probability exceeds
     ``marker_threshold``. A component without a marker (too small or too flat to hold one) stays one
     nucleus (``unmarked="keep"``) or is dropped (``"drop"``: what scikit-image's watershed does with
-    a mask, so what its users get: specks vanish). Between the two, ``min_peak`` keeps such a
-    component whole only where the model was somewhat sure of it (its highest foreground probability
-    above ``min_peak``): specks the model barely believes vanish, while a model that is never
-    sure enough for a marker (early in training, or on unfamiliar images) still finds its nuclei
-    instead of none.
+    a mask, so what its users get: specks vanish). Independently of the markers, ``min_peak`` drops
+    every component whose highest foreground probability does not exceed it: the specks a model
+    barely believes (hundreds of them on unfamiliar images) vanish, while a model sure of a nucleus
+    only below a marker threshold still finds it.
 
 A model trained on the boundary target (targets.py: background / interior / boundary) is decoded
 from its interiors (``markers="interior"``): the markers are the 8-connected regions where the
@@ -64,7 +63,7 @@ class Decoding:
     marker_threshold: float = 0.9
     min_marker: int = 1  # markers of fewer pixels are dropped (1: none is)
     unmarked: str = "keep"
-    min_peak: float = 0.0  # unmarked="keep": only components whose highest probability exceeds it (0: all)
+    min_peak: float = 0.0  # components whose highest probability does not exceed it are dropped (0: none)
 
     def __post_init__(self):
         for name, allowed in (("method", METHODS), ("surface", SURFACES), ("markers", MARKERS),
@@ -81,9 +80,6 @@ class Decoding:
             raise ValueError(f"min_marker: expected an integer >= 1, got {self.min_marker!r}")
         if not 0.0 <= self.min_peak < 1.0:  # also refuses NaN
             raise ValueError(f"min_peak: expected a probability in [0, 1), got {self.min_peak}")
-        if self.min_peak > 0 and self.unmarked != "keep":
-            raise ValueError(f"min_peak: only applies to components kept whole (unmarked='keep'), got "
-                             f"unmarked={self.unmarked!r}")
 
     @property
     def needs_probability(self) -> bool:
@@ -109,10 +105,9 @@ class Decoding:
         if self.min_marker > 1:
             markers += f", at least {self.min_marker} pixels"
         unmarked = "dropped" if self.unmarked == "drop" else "kept whole"
-        if self.min_peak > 0:
-            unmarked += f" if their probability exceeds {self.min_peak:g} somewhere, else dropped"
+        faint = f"; components never above probability {self.min_peak:g} dropped" if self.min_peak > 0 else ""
         return (f"watershed on the {self.surface} (Gaussian sigma {self.sigma:g}), markers: {markers}, "
-                f"components without a marker {unmarked}")
+                f"components without a marker {unmarked}{faint}")
 
     def describe(self) -> dict:
         """The fields that matter for this method (what reports record)."""
@@ -220,24 +215,25 @@ def _watershed(mask, probability, interior, d: Decoding, block):
     order = np.argsort(cell, kind="stable")
     cuts = np.flatnonzero(np.diff(cell[order])) + 1
     chosen = np.zeros(n + 1, dtype=bool)
-    faint = np.zeros(n + 1, dtype=bool)  # components never above min_peak: dropped if unmarked
     next_id = 0
     for group in np.split(order, cuts):
         r0, c0 = np.maximum(lo[group].min(0) - pad, 0)
         r1, c1 = np.minimum(hi[group].max(0) + pad, mask.shape)
         window = (slice(r0, r1), slice(c0, c1))
+        if d.min_peak > 0:  # components never above it are dropped (each lies whole in the window)
+            group = group[np.asarray(ndimage.maximum(probability[window], labels[window], group + 1)) > d.min_peak]
+            if len(group) == 0:
+                continue
         chosen[group + 1] = True
         inside = chosen[labels[window]]
         chosen[group + 1] = False
-        if d.min_peak > 0:  # each component of the group lies whole in the window
-            faint[group + 1] = ndimage.maximum(probability[window], labels[window], group + 1) <= d.min_peak
         relief = _surface(mask[window], None if probability is None else probability[window], d)
         relief[~inside] = 0.0
         seeds = _markers(relief, None if probability is None else probability[window],
                          None if interior is None else interior[window], inside, d, structure)
         flooded = watershed(-relief, seeds, mask=inside, connectivity=2 if d.needs_interior else 1)
         if d.unmarked == "keep":  # a component without a marker: its component id, after the markers'
-            alone = inside & (flooded == 0) & ~faint[labels[window]]
+            alone = inside & (flooded == 0)
             flooded[alone] = labels[window][alone] + int(seeds.max(initial=0))
         ids, inverse = np.unique(flooded[inside], return_inverse=True)
         unflooded = ids[0] == 0  # dropped components: they stay background

@@ -63,11 +63,13 @@ def grid() -> list[Decoding]:
              for surf, s, t in itertools.product(("distance", "probability"), (0.0, 1.0),
                                                  (0.7, 0.8, 0.9, 0.95, 0.98))]
     unmarked = [dict(unmarked="keep"), dict(unmarked="drop")]
-    # between keeping and dropping: blobs without a marker kept only where the model was fairly sure
+    # every blob kept, but those the model was never fairly sure of (specks on unfamiliar images)
     faint = [dict(unmarked="keep", min_peak=p) for p in (0.6, 0.7, 0.8, 0.9)]
-    return [COMPONENTS] + [Decoding(**w, **u) for w in ways
-                           for u in unmarked + (faint if w["markers"] == "threshold" and w["marker_threshold"] > 0.9
-                                                else [])]
+
+    def filtered(w):
+        return ((w["markers"] == "threshold" and w["marker_threshold"] > 0.9)
+                or (w["surface"] == "distance" and w["markers"] == "h_maxima" and w["sigma"] >= 1 and w["h"] <= 1))
+    return [COMPONENTS] + [Decoding(**w, **u) for w in ways for u in unmarked + (faint if filtered(w) else [])]
 
 
 def machine() -> str:

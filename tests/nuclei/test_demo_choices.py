@@ -90,13 +90,17 @@ def test_one_decoding_is_chosen_on_the_mean_over_validation_splits(tmp_path, cap
 
     keep, drop = instances.Decoding(unmarked="keep", h=0.5), instances.Decoding(unmarked="drop", h=0.5)
     prob = instances.Decoding(surface="probability", h=0.01)
-    # drop is best on both splits but may not be chosen; prob wins split 1, keep wins the mean
-    a = _tune(tmp_path / "a.json", {keep: 0.70, drop: 0.80, prob: 0.74})
+    # prob wins split 1 and drop split 2; keep wins the mean
+    a = _tune(tmp_path / "a.json", {keep: 0.70, drop: 0.62, prob: 0.74})
     b = _tune(tmp_path / "b.json", {keep: 0.58, drop: 0.60, prob: 0.52, instances.CLASSICAL: 0.1})
     assert choose_decoding.main([a, b, "--out", str(tmp_path / "out")]) == 0
     res = json.loads((tmp_path / "out" / "choice.json").read_text())
     assert res["chosen"] == keep.describe() and len(res["rows"]) == 3  # CLASSICAL is not in both: left out
-    assert [r["mean"] for r in res["rows"]] == pytest.approx([0.70, 0.64, 0.63])
+    assert [r["mean"] for r in res["rows"]] == pytest.approx([0.64, 0.63, 0.61])
+    # a decoding that drops components may win
+    b = _tune(tmp_path / "b.json", {keep: 0.58, drop: 0.70, prob: 0.52})
+    assert choose_decoding.main([a, b, "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "choice.json").read_text())["chosen"] == drop.describe()
     assert res["classical"] == pytest.approx([0.5, 0.5])
     md = (tmp_path / "out" / "choice.md").read_text()
     assert "(d) method=watershed" in md and "Otsu + watershed" in md and "| 70.00 | 58.00 | 64.00 |" in md

@@ -182,7 +182,7 @@ def test_unmarked_components_are_kept_whole_or_dropped():
     assert drop.max() == 1 and np.array_equal(drop > 0, disc)
 
 
-def test_min_peak_keeps_unmarked_components_the_model_was_fairly_sure_of():
+def test_min_peak_drops_the_components_the_model_was_never_fairly_sure_of():
     shape = (40, 90)
     discs = _discs(shape, [(20, 15), (20, 45), (20, 75)], 8)
     fg = np.logical_or.reduce(discs)
@@ -197,10 +197,15 @@ def test_min_peak_keeps_unmarked_components_the_model_was_fairly_sure_of():
     # a peak exactly at min_peak is not above it; the same partition whatever the blocks
     assert decode(fg, prob, Decoding(**rule, unmarked="keep", min_peak=0.85)).max() == 1
     assert np.array_equal(decode(fg, prob, Decoding(**rule, unmarked="keep", min_peak=0.7), block=16), kept)
+    # whatever the markers: a disc with a dome of the distance but no probability above 0.7 is dropped
+    with_distance = Decoding(unmarked="keep", h=0.5, min_peak=0.7)
+    assert decode(fg, prob, Decoding(unmarked="keep", h=0.5)).max() == 3
+    assert np.array_equal(decode(fg, prob, with_distance), kept)
+    assert np.array_equal(decode(fg, prob, with_distance, block=16), kept)
+    assert decode(fg, prob, Decoding(unmarked="keep", h=0.5, min_peak=0.99)).max() == 0  # none: all dropped
     # it needs the probability even where the relief and the markers do not
-    with_distance = Decoding(unmarked="keep", min_peak=0.7)
     assert with_distance.needs_probability and with_distance.describe()["min_peak"] == 0.7
-    assert "else dropped" in str(with_distance) and "min_peak" not in Decoding().describe()
+    assert "never above probability 0.7 dropped" in str(with_distance) and "min_peak" not in Decoding().describe()
     assert not with_distance.keeps_every_component and not CLASSICAL.keeps_every_component
     assert Decoding(unmarked="keep").keeps_every_component and COMPONENTS.keeps_every_component
     with pytest.raises(ValueError, match="^probability:"):
@@ -222,8 +227,7 @@ def test_decoding_checks_name_the_argument():
                       (dict(marker_threshold=float("nan")), "marker_threshold"), (dict(unmarked="no"), "unmarked"),
                       (dict(min_marker=0), "min_marker"), (dict(min_marker=2.5), "min_marker"),
                       (dict(min_marker=True), "min_marker"), (dict(min_peak=1.0), "min_peak"),
-                      (dict(min_peak=float("nan")), "min_peak"), (dict(min_peak=-0.1), "min_peak"),
-                      (dict(min_peak=0.5, unmarked="drop"), "min_peak")):
+                      (dict(min_peak=float("nan")), "min_peak"), (dict(min_peak=-0.1), "min_peak")):
         with pytest.raises(ValueError, match=f"^{name}:"):
             Decoding(**bad)
     fg = np.ones((4, 4), bool)
