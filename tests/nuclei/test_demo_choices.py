@@ -109,3 +109,26 @@ def test_one_decoding_is_chosen_on_the_mean_over_validation_splits(tmp_path, cap
     c = _tune(tmp_path / "c.json", {instances.CLASSICAL: 0.3})
     assert choose_decoding.main([a, c, "--out", str(tmp_path / "x")]) == 2
     assert "share no decoding" in capsys.readouterr().err
+
+
+def test_table1_instance_metrics_under_two_decodings(tmp_path, capsys):
+    from experiments import table1_decodings
+
+    def results(path, aji, methods=("suponly", "cdcl")):
+        runs = [{"method": m, "seed": s, "aji_set": aji + s, "aji_image": 1.0, "pq_set": 2.0, "f1_set": 3.0,
+                 "dsb_set": 4.0, **{f"components_{c}": 0.5 for c, _ in table1_decodings.COLUMNS},
+                 **{f"otsu_{c}": 9.0 for c, _ in table1_decodings.COLUMNS}} for m in methods for s in (0, 1)]
+        path.write_text(json.dumps({"runs": runs}))
+        return str(path)
+
+    old, new = results(tmp_path / "old.json", 10.0), results(tmp_path / "new.json", 20.0)
+    assert table1_decodings.main(["--old", old, "--new", new, "--out", str(tmp_path / "t.md")]) == 0
+    md = (tmp_path / "t.md").read_text()
+    assert "| cdcl, decoding of 2026-12-04 | 10.50 ± 0.71 |" in md
+    assert "| cdcl, decoding of 2026-12-05 | 20.50 ± 0.71 |" in md
+    assert "| suponly, components | 0.50 ± 0.00 |" in md and "| Otsu + watershed (no learning) | 9.00 |" in md
+    fewer = results(tmp_path / "fewer.json", 20.0, ("cdcl",))
+    assert table1_decodings.main(["--old", old, "--new", fewer, "--out", str(tmp_path / "t.md")]) == 2
+    missing = str(tmp_path / "none.json")
+    assert table1_decodings.main(["--old", missing, "--new", new, "--out", str(tmp_path / "t.md")]) == 2
+    assert "different runs" in capsys.readouterr().err
