@@ -127,13 +127,14 @@ COMPONENTS = Decoding(method="components")
 # Otsu's foreground (a component without an h-maximum stays background, as skimage's watershed leaves it)
 CLASSICAL = Decoding(method="watershed", surface="distance", markers="h_maxima", sigma=1.0, h=2.0,
                      unmarked="drop")
-# the model's decoding in reports and predictions, chosen on validation splits only, among the decodings
-# that keep every component (experiments/choose_decoding.py, experiments/results/instances/choice.md: the
-# best mean goal over the demo's 90-epoch models and the CPU Table 1's DSB 1/32 CDCL models): the
-# classical split of the model's foreground, with lower domes (h 0.5) as markers. The model's
-# probability as relief or markers (the choice of 2026-12-04, on one demo model) scored 5-7 points
-# lower on the weak 1/32 models, whose probability is flat where nuclei touch.
-DEFAULT = Decoding(method="watershed", surface="distance", markers="h_maxima", sigma=1.0, h=0.5, unmarked="keep")
+# the model's decoding in reports and predictions, chosen on validation splits only
+# (experiments/choose_decoding.py, experiments/results/instances/choice.md: the best mean goal over the
+# demo's 90-epoch models and the CPU Table 1's DSB 1/32 CDCL models): the classical split of the
+# model's foreground with lower domes (h 0.5) as markers, less the blobs the model never believed
+# above 0.8 (specks: hundreds per image on unfamiliar images). The model's probability as relief or
+# markers (the choice of 2026-12-04, on one demo model) scored 5-8 points lower on the weak 1/32 models.
+DEFAULT = Decoding(method="watershed", surface="distance", markers="h_maxima", sigma=1.0, h=0.5, unmarked="keep",
+                   min_peak=0.8)
 # the decoding of a boundary-target model (not tuned yet: experiments/boundary_target.sh compares it on
 # validation): its interiors where the model puts them first (above 1/2, so the argmax is interior),
 # specks of 1-2 pixels ignored, grown over the foreground probability; a blob without an interior

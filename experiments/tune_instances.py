@@ -33,6 +33,7 @@ import os
 import platform
 import sys
 
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,10 +153,12 @@ def main(argv=None):
                                   extra={**stamp, "checkpoint": f"{path} ({which})"})
             print(f"seed {c['seed']}:", *summary_lines(report), sep="\n")
         # a control for the choice of decoding: the classical pipeline's Otsu foreground, split as the
-        # model's is. What the model leads by beyond it comes from its foreground, not its decoding
+        # model's is (a threshold has no probability: the min_peak filter keeps all of Otsu's blobs).
+        # What the model leads by beyond it comes from its foreground, not its decoding
         side = cfg.get("otsu_side", "minority")
         model_decoding = for_target("watershed", "binary")
-        control = score([decode(otsu_mask(s.image, side), decoding=model_decoding) for s in samples], samples)
+        masks = [otsu_mask(s.image, side) for s in samples]  # as its probability: sure of every blob
+        control = score([decode(m, m.astype(np.float32), model_decoding) for m in masks], samples)
         with open(os.path.join(args.out, "test-otsu-model-decoding.json"), "w") as f:
             json.dump({**stamp, "otsu_side": side, "decoding": model_decoding.describe(),
                        "images": [s.id for s in samples], "summary": control}, f, indent=1)
