@@ -103,6 +103,7 @@ class Comparison:
         if decoding.method == "components":
             names = tuple(n for n in names if n != "model_components")
         self.meters = {n: SegmentationMeter(instances) for n in names}
+        self.emptied = []  # images whose foreground had blobs the decoding dropped every one of
 
     @property
     def model(self):
@@ -126,6 +127,8 @@ class Comparison:
             return None
         if instances is None:
             instances = decode(pred, probability, self.decoding, interior=interior)
+        if pred.any() and not instances.any():
+            self.emptied.append(name)
         maps = {"model": instances, "otsu": decode(fg, decoding=CLASSICAL),
                 "otsu_components": decode(fg, decoding=COMPONENTS)}
         if "model_components" in self.meters:
@@ -209,7 +212,7 @@ def write_report(comp: Comparison, out_dir, name="metrics", title="Test metrics"
                  for rows in zip(*(m.per_image for m in comp.meters.values()))]
     decodings = {"model": comp.decoding.describe(), "otsu": {"side": comp.otsu_side, **CLASSICAL.describe()}}
     report = {**(extra or {}), "images": summaries["model"]["images"], "decoding": decodings, **summaries,
-              **diffs,
+              **diffs, "emptied": comp.emptied,
               "note": "over_set: counts/terms summed over all images then one ratio (DSB: one ratio per IoU "
                       "threshold, then their mean); per_image_mean: mean of per-image ratios; 0/0 counts as "
                       "1. model: the model's foreground decoded into nuclei as 'decoding' says; "
@@ -227,6 +230,9 @@ def write_report(comp: Comparison, out_dir, name="metrics", title="Test metrics"
     lines = [f"## {title}", "", f"{summaries['model']['images']} images. {NOTE}", "",
              f"Nuclei of the model: {comp.decoding}. Nuclei of the classical pipeline: Otsu's threshold "
              f"({comp.otsu_side} side), {CLASSICAL} (untuned). Values in %.", ""]
+    if comp.emptied:
+        lines += [emptied_note(len(comp.emptied), summaries["model"]["images"]) + ": "
+                  + ", ".join(comp.emptied), ""]
     for part, label in (("over_set", "Over the set"), ("per_image_mean", "Mean per image")):
         lines += [f"### {label}", ""] + _table(rows, part) + ["", f"{label}, model - Otsu (points of %):", ""]
         lines += _table(diff_rows, part, points=True) + [""]
@@ -261,5 +267,15 @@ def summary_lines(report: dict) -> list[str]:
 
     how = f", {report['decoding']['model']['method']}" if "decoding" in report else ""
     otsu_how = "Otsu + watershed, " if "AJI" in m["over_set"] else ""
-    return [f"model: {scores(m)} (over the set / mean per image{how}) on {report['images']} images",
-            f"Otsu:  {scores(o)} ({otsu_how}no learning); model - Otsu: {diffs()} points"]
+    lines = [f"model: {scores(m)} (over the set / mean per image{how}) on {report['images']} images",
+             f"Otsu:  {scores(o)} ({otsu_how}no learning); model - Otsu: {diffs()} points"]
+    if report.get("emptied"):
+        lines.append(emptied_note(len(report["emptied"]), report["images"]))
+    return lines
+
+
+def emptied_note(emptied: int, images: int) -> str:
+    """What to say when the decoding dropped every blob of the model's foreground on some images (a
+    model too unsure of its nuclei: too short a training, or images unlike its own)."""
+    return (f"note: on {emptied} of {images} images the decoding dropped every blob the model found (none "
+            "sure enough); --instances components keeps them")

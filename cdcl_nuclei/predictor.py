@@ -11,7 +11,7 @@ from tqdm import tqdm
 from . import baseline, cli, data, imagefiles, instances, models, targets
 from .checkpoint import CheckpointError, load_checkpoint, load_into
 from .config import PredictConfig, check_ranges, renamed
-from .evaluate import Comparison, inference_config, overlay, predict_maps, summary_lines, write_report
+from .evaluate import Comparison, emptied_note, inference_config, overlay, predict_maps, summary_lines, write_report
 
 
 def gather_inputs(paths, labels_dir=None, channel=None):
@@ -101,13 +101,14 @@ def predict_folder(s: PredictConfig, names) -> None:
     for name in folders:
         os.makedirs(os.path.join(s.out, name), exist_ok=True)
     comp = Comparison(decoding=decoding, otsu_side=otsu_side)
-    has_gt = False
+    has_gt, emptied = False, 0
     for sid, load in tqdm(inputs, desc="predicting", disable=s.no_progress):
         image, labels = load()
         prob, interior = predict_maps(model, image, icfg, device, progress=not s.no_progress,
                                       interior=decoding.needs_interior)
         pred = prob > icfg.threshold
         nuclei = instances.decode(pred, prob, decoding, interior=interior)
+        emptied += bool(pred.any() and not nuclei.any())
         if s.label_format == "png" and int(nuclei.max(initial=0)) > imagefiles.PNG_MAX_LABEL:
             raise ValueError(f"{names['label_format']}: {sid} has {int(nuclei.max())} nuclei, more than a 16-bit "
                              "PNG holds; use --label-format tif (32-bit ids)")
@@ -122,6 +123,8 @@ def predict_folder(s: PredictConfig, names) -> None:
             has_gt = True
             comp.update(pred, image, labels, sid, probability=prob, instances=nuclei, interior=interior)
     print(f"{len(inputs)} images -> " + ", ".join(f"{s.out}/{name}" for name in folders))
+    if emptied and not has_gt:  # with ground truth the report's last lines say it
+        print(emptied_note(emptied, len(inputs)))
     if has_gt:
         report = write_report(comp, s.out, "metrics", "Prediction metrics",
                               extra={"checkpoint": s.checkpoint, "inputs": list(s.images)})

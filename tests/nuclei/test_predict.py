@@ -10,6 +10,7 @@ from PIL import Image
 
 from cdcl_nuclei import cli_predict as predict
 from cdcl_nuclei import instances, models
+from cdcl_nuclei import predictor as predictor_module
 from cdcl_nuclei.checkpoint import save_checkpoint
 from cdcl_nuclei.evaluate import InferenceConfig, predict_probability
 from cdcl_nuclei.imagefiles import read_labels
@@ -104,6 +105,21 @@ def test_more_nuclei_than_a_png_holds(tmp_path, checkpoint, capsys, monkeypatch)
     back = tifffile.imread(tmp_path / "tif" / "masks" / f"{sid}.tif")
     assert back.dtype == np.uint32
     np.testing.assert_array_equal(back, many)
+
+
+def test_images_whose_every_blob_the_decoding_dropped_are_counted(tmp_path, checkpoint, capsys, monkeypatch):
+    ckpt, _ = checkpoint
+    _crops(tmp_path / "in", 2)
+    decode = instances.decode
+    # the first image's blobs all dropped (as the decoding does where the model is never sure), the other's kept
+    calls = iter((True, False))
+    monkeypatch.setattr(instances, "decode", lambda mask, *a, **k: (
+        np.zeros(np.shape(mask), np.int32) if next(calls) else decode(np.ones(np.shape(mask), bool))))
+    monkeypatch.setattr(predictor_module, "predict_maps", lambda model, image, *a, **k: (
+        np.full(image.shape[:2], 0.6, np.float32), None))
+    assert _run(ckpt, tmp_path / "out", str(tmp_path / "in")) == 0
+    out = capsys.readouterr().out
+    assert "note: on 1 of 2 images the decoding dropped every blob the model found" in out
 
 
 @pytest.mark.parametrize("make,needles", [

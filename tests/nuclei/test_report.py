@@ -96,3 +96,21 @@ def test_update_returns_the_models_nuclei_and_takes_them_decoded(tmp_path):
     assert a.model.summary() == b.model.summary()
     with pytest.raises(ValueError, match="^probability:"):
         a.update(prob > 0.5, image, labels, "y")
+
+
+def test_a_decoding_that_drops_every_blob_of_an_image_is_reported(tmp_path):
+    comp = Comparison(decoding=DEFAULT)
+    image, labels, prob = _touching_pair()
+    comp.update(prob > 0.5, image, labels, "sure", probability=prob)  # peaks of 1.0: kept
+    unsure = np.where(prob > 0.5, 0.6, 0.0).astype(np.float32)  # blobs, never above DEFAULT.min_peak
+    assert unsure.max() <= DEFAULT.min_peak
+    comp.update(unsure > 0.5, image, labels, "unsure", probability=unsure)
+    comp.update(np.zeros_like(prob, bool), image, labels, "nothing", probability=np.zeros_like(prob))
+    assert comp.emptied == ["unsure"]  # an empty foreground has nothing to drop
+    report = write_report(comp, tmp_path)
+    assert report["emptied"] == ["unsure"]
+    lines = summary_lines(report)
+    assert len(lines) == 3 and lines[2].startswith("note: on 1 of 3 images") and "--instances components" in lines[2]
+    assert "dropped every blob the model found (none sure enough); --instances components keeps them: unsure" in (
+        tmp_path / "metrics.md").read_text()
+    assert len(summary_lines(write_report(_comparison(decoding=DEFAULT), tmp_path))) == 2
