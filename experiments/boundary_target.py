@@ -39,6 +39,7 @@ from cdcl_nuclei.baseline import classical_instances  # noqa: E402
 from cdcl_nuclei.evaluate import inference_config, predict_maps  # noqa: E402
 from cdcl_nuclei.instances import COMPONENTS, Decoding, decode  # noqa: E402
 from cdcl_nuclei.targets import TARGETS  # noqa: E402
+from experiments import run_folders  # noqa: E402
 from experiments.tune_instances import GOAL, goal_score, load_model, machine, score  # noqa: E402
 
 METRICS = ("DC", "AJI", "AJI+", "PQ", "F1", "DSB")
@@ -54,13 +55,8 @@ def interior_grid() -> list[Decoding]:
 
 def finished_runs(folder) -> dict:
     """{(target, seed): run folder} of the runs that finished (boundary_target.sh's `done`) with a best.pt."""
-    runs = {}
-    for name in sorted(os.listdir(folder)):
-        m = RUN_NAME.fullmatch(name)
-        path = os.path.join(folder, name)
-        if m and os.path.isfile(os.path.join(path, "done")) and os.path.isfile(os.path.join(path, "best.pt")):
-            runs[m.group(1), int(m.group(2))] = path
-    return runs
+    runs = run_folders.finished_runs(folder, RUN_NAME, ("best.pt",))
+    return {(target, int(seed)): path for (target, seed), path in runs.items()}
 
 
 def validation_samples(cfg, data_root, cache):

@@ -23,6 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from cdcl_nuclei.instances import DEFAULT  # noqa: E402
+from experiments.choose_decoding import key  # noqa: E402
+from experiments.run_folders import finished_runs  # noqa: E402
 
 RUN_NAME = re.compile(r"e(\d+)-seed(\d+)")
 
@@ -42,10 +44,6 @@ def tuned(out, epochs):
     return json.load(open(files[0]))
 
 
-def key(decoding):
-    return json.dumps(decoding, sort_keys=True)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="runs/demo_budget")
@@ -55,10 +53,8 @@ def main(argv=None):
         print(f"error: --runs: no folder {a.runs}", file=sys.stderr)
         return 2
     runs = {}
-    for name in sorted(os.listdir(a.runs)):
-        m = RUN_NAME.fullmatch(name)
-        if m and os.path.isfile(os.path.join(a.runs, name, "done")):
-            runs.setdefault(int(m.group(1)), {})[int(m.group(2))] = run_log(os.path.join(a.runs, name))
+    for (epochs, seed), path in finished_runs(a.runs, RUN_NAME).items():
+        runs.setdefault(int(epochs), {})[int(seed)] = run_log(path)
     if not runs:
         print(f"error: --runs: no finished run (e<epochs>-seed<N>/ with done) in {a.runs}", file=sys.stderr)
         return 2

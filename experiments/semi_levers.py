@@ -10,8 +10,12 @@ import csv
 import json
 import math
 import os
-import re
 import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from experiments.run_folders import finished_runs  # noqa: E402
 
 
 def read_log(path):
@@ -87,11 +91,8 @@ def main(argv=None):
         print(f"error: --runs: no folder {a.runs}", file=sys.stderr)
         return 2
     runs = {}
-    for name in sorted(os.listdir(a.runs)):
-        m = re.fullmatch(r"(.+)-seed(\d+)", name)
-        log = os.path.join(a.runs, name, "log.csv")
-        if m and os.path.exists(os.path.join(a.runs, name, "done")) and os.path.exists(log):
-            runs.setdefault(m.group(1), {})[int(m.group(2))] = run_summary(read_log(log))
+    for (lever, seed), path in finished_runs(a.runs, r"(.+)-seed(\d+)", ("log.csv",)).items():
+        runs.setdefault(lever, {})[int(seed)] = run_summary(read_log(os.path.join(path, "log.csv")))
     kept = keep_earlier(runs, os.path.join(a.out, "results.json"))
     if not runs:
         print(f"error: --runs: no finished run in {a.runs}", file=sys.stderr)
